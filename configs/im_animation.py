@@ -1,0 +1,112 @@
+"""IM-Animation configs. Variants: `paper` (sizes and schedules of the paper), `demo` (CPU, minutes),
+`tiny` (tests, seconds).
+
+  python train.py --config configs/im_animation.py:paper --workdir W
+  python train.py --config configs/im_animation.py:demo --workdir W --config.stage1.lr=3e-4
+Every field can be overridden with --config.<path>=<value>.
+"""
+import ml_collections
+
+VARIANTS = ("paper", "demo", "tiny")
+
+# Logical axis -> mesh axis. Params are sharded ZeRO-3 style over `fsdp` and by heads/mlp over
+# `tensor`; activations carry the batch over (data, fsdp) and long sequences over `context`.
+MESH_RULES = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_frames", None),
+    ("act_length", "context"),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("head_dim", None),
+    ("joints", None),
+    ("codebook", None),
+    ("conv_in", None),
+    ("conv_out", "tensor"),
+)
+
+
+def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown config variant {variant!r}; choose one of {VARIANTS}")
+    c = ml_collections.ConfigDict()
+    c.variant = variant
+    c.seed = 0
+    c.stages = (1, 2, 3)
+
+    # ---- data: the synthetic character set unless data.path points at an ingested dataset ----
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""  # empty: WORKDIR/data/synthetic, generated on first use
+    c.data.synthetic = ml_collections.ConfigDict(dict(
+        seed=0, num_train_identities=48, num_heldout_identities=8, num_train_motions=16,
+        num_heldout_motions=4, clip_frames=17, image_size=256, shards_per_split=4))
+    c.data.heatmap_sigma = 2.0       # in heatmap pixels
+    c.data.conf_threshold = 0.3      # joints below it get zero heatmap weight
+    c.data.num_workers = 0           # grain worker processes (0: in the training process)
+    c.data.read_threads = 2
+
+    # ---- model ----
+    c.model = ml_collections.ConfigDict()
+    c.model.dtype = "float32"        # compute dtype; params are float32
+    c.model.attention_impl = "auto"  # xla | cudnn | auto (cuDNN flash on GPU in half precision)
+    c.model.remat_policy = "none"    # none | full | dots | dots_no_batch
+    c.model.motion_tokenizer = ml_collections.ConfigDict(dict(
+        image_size=256, patch_size=16, width=1024, depth=24, num_heads=16, num_latent_tokens=32,
+        token_size=12, is_legacy=True))  # TiTok-L-32 (its released checkpoint is legacy)
+    c.model.quantizer = ml_collections.ConfigDict(dict(
+        codebook_size=4096, commitment_cost=0.25, use_l2_norm=True))
+    c.model.motion_decoder = ml_collections.ConfigDict(dict(width=512, depth=8, num_heads=8))
+    c.model.joint_decoder = ml_collections.ConfigDict(dict(
+        num_joints=62, heatmap_size=64, channels=(256, 128, 64, 32)))
+
+    # ---- stages (paper sec. 4.1 / supplement sec. 6) ----
+    c.stage1 = ml_collections.ConfigDict(dict(
+        steps=5000, lr=1e-4, warmup_steps=500, weight_decay=0.01, grad_clip=1.0,
+        batch_size=16, clip_frames=1, vq_loss_weight=1.0,
+        log_every=50, checkpoint_every=500))
+    c.stage2 = ml_collections.ConfigDict(dict(steps=10000, lr=1e-4))
+    c.stage3 = ml_collections.ConfigDict(dict(steps=30000, lr_dit=1e-5, lr_other=5e-5,
+                                              clip_frames=81))
+
+    # ---- sharding (mesh axes: data, fsdp, context, tensor; one size may be -1 = the rest) ----
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
+    c.mesh.rules = MESH_RULES
+
+    c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2, async_save=True))
+    c.eval = ml_collections.ConfigDict(dict(
+        split="test", pck_thresholds=(0.05, 0.1), subpixel=True, batch_size=8, num_vis_frames=4))
+
+    if variant in ("demo", "tiny"):
+        _small(c, variant)
+    return c
+
+
+def _small(c, variant):
+    """CPU-sized variants: same structure, small widths and a small synthetic set."""
+    demo = variant == "demo"
+    c.model.attention_impl = "xla"
+    c.model.motion_tokenizer.update(dict(
+        image_size=64 if demo else 32, patch_size=8, width=128 if demo else 32,
+        depth=4 if demo else 1, num_heads=4 if demo else 2,
+        num_latent_tokens=32 if demo else 8, is_legacy=False))
+    c.model.quantizer.codebook_size = 1024 if demo else 64
+    c.model.motion_decoder.update(dict(width=128 if demo else 32, depth=2 if demo else 1,
+                                       num_heads=4 if demo else 2))
+    c.model.joint_decoder.update(dict(heatmap_size=32 if demo else 16,
+                                      channels=(64, 32, 16) if demo else (16, 8)))
+    c.data.heatmap_sigma = 1.0
+    c.data.synthetic.update(dict(
+        image_size=c.model.motion_tokenizer.image_size, shards_per_split=2 if demo else 1,
+        num_train_identities=40 if demo else 6, num_heldout_identities=8 if demo else 2,
+        num_train_motions=16 if demo else 3, num_heldout_motions=4 if demo else 1,
+        clip_frames=17 if demo else 5))
+    c.stage1.update(dict(steps=1500 if demo else 30, warmup_steps=100 if demo else 5,
+                         batch_size=16 if demo else 4, log_every=50 if demo else 5,
+                         checkpoint_every=500 if demo else 10))
+    c.stage2.steps = 1000 if demo else 20
+    c.stage3.update(dict(steps=500 if demo else 10, clip_frames=17 if demo else 5))
+    c.eval.batch_size = 8 if demo else 2

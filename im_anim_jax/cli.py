@@ -1,0 +1,37 @@
+"""What train.py and evaluate.py share: stage lists and turning bad input into one line + exit 2."""
+from __future__ import annotations
+
+import functools
+import sys
+
+from absl import logging
+
+EXIT_BAD_INPUT = 2
+IMPLEMENTED_STAGES = (1,)
+PENDING = {2: "stage 2 (mask-token retargeter)", 3: "stage 3 (DiT generation and animation)"}
+
+
+def parse_stages(text: str | None, default) -> tuple[int, ...]:
+    if text is None or text == "":
+        return tuple(int(s) for s in default)
+    try:
+        stages = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise ValueError(f"--stages must be a comma-separated list of stage numbers, got {text!r}")
+    bad = [s for s in stages if s not in (1, 2, 3)]
+    if bad:
+        raise ValueError(f"--stages: unknown stage(s) {bad}; the stages are 1, 2, 3")
+    return stages
+
+
+def user_errors(main):
+    """Bad configs, paths or checkpoints end with `error: <message>` on stderr and exit code 2."""
+    @functools.wraps(main)
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+            logging.flush()
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
+    return wrapped

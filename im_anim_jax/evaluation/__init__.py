@@ -1,0 +1,1 @@
+"""Evaluation of each stage on held-out identities (evaluate.py calls these)."""

@@ -1,0 +1,96 @@
+"""Stage-1 evaluation on held-out identities: PCK, heatmap MSE, codebook usage and perplexity.
+
+Writes WORKDIR/eval/stage1.json and WORKDIR/eval/stage1.png (driving | GT | predicted heatmaps).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipelines import pipeline
+from im_anim_jax import keypoints as kp
+from im_anim_jax import visualize
+from im_anim_jax.models.quantizer import codebook_stats
+from im_anim_jax.models.stage1 import build_stage1
+from im_anim_jax.training import checkpointing
+from im_anim_jax.training import stage1 as stage1_training
+
+
+def load_params(config, stage_dir: str):
+    """Params of the newest stage-1 checkpoint, checked against the configured architecture."""
+    if not os.path.isdir(stage_dir):
+        raise FileNotFoundError(f"no stage-1 checkpoint: {stage_dir} does not exist; run "
+                                f"`python train.py --config ... --workdir ... --stages 1` first")
+    ckpt = checkpointing.Checkpointer(stage_dir, async_save=False)
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no finished stage-1 checkpoint in {stage_dir}")
+    model = build_stage1(config.model)
+    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                       stage1_training.dummy_frames(config.model))["params"])
+    want = checkpointing.param_shapes(abstract)
+    have = ckpt.meta(step)["param_shapes"]
+    diffs = [f"{k}: checkpoint {have.get(k)} vs config {want.get(k)}"
+             for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+    if diffs:
+        raise ValueError(f"the stage-1 checkpoint in {stage_dir} has a different architecture than "
+                         f"the config ({len(diffs)} params differ), e.g. " + "; ".join(diffs[:3]))
+    params = ckpt.restore_params(step, abstract)
+    ckpt.close()
+    return model, params, step
+
+
+def evaluate(config, workdir: str, data_path: str) -> dict:
+    model, params, step = load_params(config, os.path.join(workdir, "stage1"))
+    targets = stage1_training.targets(config)
+    ds = pipeline.eval_dataset(data_path, config.eval.split, clip_frames=None,
+                               batch_size=config.eval.batch_size, targets=targets)
+    size = targets.heatmap_size
+    thresholds = tuple(config.eval.pck_thresholds)
+
+    @jax.jit
+    def forward(batch):
+        heatmaps, aux = model.apply({"params": params}, batch["frames"])
+        pred = kp.argmax_keypoints(heatmaps, subpixel=config.eval.subpixel)
+        gt = kp.image_to_heatmap(batch["keypoints"][..., :2], targets.image_size, size)
+        w = batch["joint_weights"]
+        dist = jnp.linalg.norm((pred - gt) / size, axis=-1)
+        hits = {a: jnp.sum((dist <= a) * w) for a in thresholds}
+        sq = jnp.mean((heatmaps - batch["heatmaps"]) ** 2, axis=(-2, -1))
+        return heatmaps, aux["indices"], hits, jnp.sum(sq * w), jnp.sum(w)
+
+    hits = {a: 0.0 for a in thresholds}
+    sq_sum = w_sum = 0.0
+    indices, vis, identities, frames = [], None, set(), 0
+    for batch in ds:
+        jb = {k: batch[k] for k in ("frames", "keypoints", "heatmaps", "joint_weights")}
+        heatmaps, idx, h, sq, w = jax.device_get(forward(jb))
+        for a in thresholds:
+            hits[a] += float(h[a])
+        sq_sum, w_sum = sq_sum + float(sq), w_sum + float(w)
+        indices.append(np.asarray(idx).reshape(-1))
+        identities.update(int(i) for i in batch["identity_id"])
+        frames += int(np.prod(batch["frames"].shape[:2]))
+        if vis is None:
+            n = config.eval.num_vis_frames
+            vis = visualize.frames_heatmaps_grid(batch["frames"][0][:n], batch["heatmaps"][0][:n],
+                                                 np.asarray(heatmaps[0][:n]))
+    stats = codebook_stats(jnp.asarray(np.concatenate(indices)), config.model.quantizer.codebook_size)
+    result = {f"pck@{a}": hits[a] / max(w_sum, 1.0) for a in thresholds}
+    result.update(heatmap_mse=sq_sum / max(w_sum, 1.0),
+                  **{k: float(v) for k, v in stats.items()},
+                  step=int(step), split=config.eval.split, num_frames=frames,
+                  num_identities=len(identities), visible_joints=int(w_sum))
+    out = os.path.join(workdir, "eval")
+    os.makedirs(out, exist_ok=True)
+    visualize.write_png(os.path.join(out, "stage1.png"), vis)
+    tmp = os.path.join(out, "stage1.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, os.path.join(out, "stage1.json"))
+    return result

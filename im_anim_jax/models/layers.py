@@ -1,0 +1,163 @@
+"""Shared transformer building blocks: attention, pre-LN residual block, scanned/remat stacks.
+
+Logical axes: params `embed`, `mlp`, `heads`, `head_dim`, `layers`; activations `act_batch`,
+`act_length`, `act_embed`, `act_heads`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+REMAT_POLICIES = {
+    "none": None,
+    "full": "full",
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def axes(init_fn, *names):
+    """`init_fn` whose parameter carries the logical axis `names`."""
+    return nn.with_logical_partitioning(init_fn, names)
+
+
+def attention(q, k, v, implementation: str = "xla"):
+    """Softmax attention. q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
+
+    `implementation`: "xla" everywhere; "cudnn" (flash, GPU, bf16/fp16 only); "auto" picks cuDNN
+    on GPU for half-precision inputs and XLA otherwise.
+    """
+    if implementation not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {implementation!r} not in {ATTENTION_IMPLS}")
+    if implementation == "auto":
+        on_gpu = jax.default_backend() == "gpu"
+        implementation = "cudnn" if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+def layer_norm(name: str, dtype: Dtype, eps: float = 1e-5) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name,
+                        scale_init=axes(nn.initializers.ones, "embed"),
+                        bias_init=axes(nn.initializers.zeros, "embed"))
+
+
+def dense(features: int, in_axis: str, out_axis: str, name: str, dtype: Dtype) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, name=name,
+                    kernel_init=axes(nn.initializers.xavier_uniform(), in_axis, out_axis),
+                    bias_init=axes(nn.initializers.zeros, out_axis))
+
+
+class Projection(nn.Module):
+    """y = einsum(equation, x, kernel) + bias with an explicitly shaped, logically named kernel.
+
+    (nn.DenseGeneral initialises a flattened kernel, which breaks logical sharding constraints.)
+    """
+    equation: str
+    kernel_shape: tuple
+    kernel_axes: tuple
+    bias_shape: tuple
+    bias_axes: tuple
+    fan_in: tuple
+    fan_out: tuple
+    batch: tuple = ()
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.xavier_uniform(in_axis=self.fan_in, out_axis=self.fan_out,
+                                              batch_axis=self.batch)
+        kernel = self.param("kernel", axes(init, *self.kernel_axes), self.kernel_shape)
+        bias = self.param("bias", axes(nn.initializers.zeros, *self.bias_axes), self.bias_shape)
+        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        return y + bias.astype(self.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention with a fused q,k,v in-projection (PyTorch nn.MultiheadAttention maths).
+
+    in_proj kernel [W, 3, H, D] (q, k, v order), out_proj kernel [H, D, W].
+    """
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x):  # [B, L, W] -> [B, L, W]
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+        head_dim = width // self.num_heads
+        qkv = Projection("blw,wkhd->blkhd", (width, 3, self.num_heads, head_dim),
+                         ("embed", None, "heads", "head_dim"), (3, self.num_heads, head_dim),
+                         (None, "heads", "head_dim"),
+                         fan_in=(0,), fan_out=(2, 3), batch=(1,), dtype=self.dtype,
+                         name="in_proj")(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
+        out = attention(q, k, v, self.attention_impl)
+        return Projection("blhd,hdw->blw", (self.num_heads, head_dim, width),
+                          ("heads", "head_dim", "embed"), (width,), ("embed",),
+                          fan_in=(0, 1), fan_out=(2,),
+                          dtype=self.dtype, name="out_proj")(out)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN block: x += MHA(ln_1(x)); x += MLP(ln_2(x)), MLP = W -> 4W, exact GELU, -> W."""
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        width = x.shape[-1]
+        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+        x = x + MultiHeadAttention(self.num_heads, self.dtype, self.attention_impl, name="attn")(
+            layer_norm("ln_1", self.dtype)(x))
+        h = layer_norm("ln_2", self.dtype)(x)
+        h = dense(int(width * self.mlp_ratio), "embed", "mlp", "c_fc", self.dtype)(h)
+        h = nn.gelu(h, approximate=False)
+        x = x + dense(width, "mlp", "embed", "c_proj", self.dtype)(h)
+        return x, None
+
+
+class Transformer(nn.Module):
+    """`depth` ResidualAttentionBlocks stacked with nn.scan (params get a leading `layers` axis),
+    each rematerialised by `remat_policy` (a key of REMAT_POLICIES)."""
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(self, x):  # [B, L, W]
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {self.remat_policy!r} not in {sorted(REMAT_POLICIES)}")
+        block = ResidualAttentionBlock
+        policy = REMAT_POLICIES[self.remat_policy]
+        if policy is not None:
+            block = nn.remat(block, prevent_cse=False,
+                             policy=None if policy == "full" else policy)
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = stack(self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl,
+                     name="blocks")(x, None)
+        return x
+
+
+def embedding_param(module: nn.Module, name: str, shape, scale: float, *names):
+    """A learned embedding initialised as scale * N(0, 1) (TiTok's convention)."""
+    init = functools.partial(_scaled_normal, scale=scale)
+    return module.param(name, axes(init, *names), shape)
+
+
+def _scaled_normal(key, shape, dtype=jnp.float32, scale=1.0):
+    return scale * jax.random.normal(key, shape, dtype)

@@ -1,0 +1,1 @@
+"""Training: checkpoints, metric writing, the generic loop and one module per stage."""

@@ -1,0 +1,77 @@
+"""Orbax checkpoints of a stage: items `state` (params, opt state, step, rng), `data` (the Grain
+iterator state) and `meta` (config JSON, stage, code version, param shapes)."""
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+import im_anim_jax
+
+
+class Checkpointer:
+    def __init__(self, directory: str, *, max_to_keep: int = 2, save_every: int = 0,
+                 async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, save_interval_steps=max(save_every, 1),
+            enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_iter, meta: dict, force: bool = False) -> bool:
+        args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if data_iter is not None:
+            args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+    def restore(self, step: int, abstract_state, data_iter=None):
+        """Restores `state` onto the shardings in `abstract_state` (and the iterator in place)."""
+        args = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        return self.manager.restore(step, args=ocp.args.Composite(**args)).state
+
+    def restore_params(self, step: int, abstract_params):
+        """Only `state.params` (no optimizer state): for evaluation and later stages.
+
+        Use a fresh Checkpointer: Orbax binds the `state` item to its first handler."""
+        target = {"params": abstract_params}
+        args = ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)
+        return self.manager.restore(step, args=ocp.args.Composite(state=args)).state["params"]
+
+    def meta(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs carrying `shardings`: the target of a resharding restore."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def param_shapes(params) -> dict:
+    """{'a/b/kernel': [shape]}: recorded in `meta` so a later stage can check the architecture."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): list(np.shape(v))
+            for path, v in flat}
+
+
+def meta_for(config, stage: int, params) -> dict:
+    return {"stage": stage, "code_version": im_anim_jax.__version__,
+            "config": config.to_json_best_effort(), "param_shapes": param_shapes(params)}

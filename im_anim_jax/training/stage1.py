@@ -1,0 +1,152 @@
+"""Stage 1: train motion encoder + quantizer + motion decoder + joint decoder on heatmaps.
+
+loss = mean over visible (clip, frame, joint) of ||H_pred - H_gt||^2 (summed over heatmap pixels,
+paper eqs. 5-6) + vq_loss_weight * (commitment + codebook loss).
+"""
+from __future__ import annotations
+
+import os
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from data_pipelines import pipeline
+from im_anim_jax import keypoints as kp
+from im_anim_jax import sharding
+from im_anim_jax.models.quantizer import codebook_stats
+from im_anim_jax.models.stage1 import Stage1Model, build_stage1
+from im_anim_jax.training import checkpointing, loop
+
+STAGE = 1
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    rng: jax.Array  # raw uint32 key data
+
+
+def heatmap_loss(pred, target, weights):
+    """pred/target [B, T, J, Hh, Wh], weights [B, T, J] -> scalar (masked joints excluded)."""
+    sq = jnp.sum((pred.astype(jnp.float32) - target) ** 2, axis=(-2, -1))
+    return jnp.sum(sq * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    """AdamW (decay on matrices only, never on the codebook) after global-norm clipping."""
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)), optax.constant_schedule(cfg.lr)],
+        [max(cfg.warmup_steps, 1)])
+
+    def decay_mask(params):
+        flat = flax.traverse_util.flatten_dict(params)
+        return flax.traverse_util.unflatten_dict(
+            {k: v.ndim >= 2 and k[-1] != "embedding" for k, v in flat.items()})
+
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                       optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask))
+
+
+def dummy_frames(model_cfg):
+    s = model_cfg.motion_tokenizer.image_size
+    return jnp.zeros((1, 1, s, s, 3), jnp.uint8)
+
+
+def init_state(model: Stage1Model, tx, config, mesh, axis_rules):
+    """Sharded TrainState, its abstract twin (for restores) and its shardings."""
+    frames = dummy_frames(config.model)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), frames)["params"]
+    params_sh = sharding.param_shardings(boxed, mesh, axis_rules)
+    abstract_params = nn.unbox(boxed)
+    opt_sh = sharding.opt_state_shardings(tx, jax.eval_shape(tx.init, abstract_params),
+                                          params_sh, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_sh = TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated)
+
+    def create(seed):
+        key = jax.random.key(seed)
+        params = nn.unbox(model.init(key, frames)["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+
+    with jax.set_mesh(mesh):
+        state = jax.jit(create, out_shardings=state_sh)(config.seed)
+    return state, checkpointing.abstract_like(state, state_sh), state_sh
+
+
+def forward_metrics(model: Stage1Model, params, batch, cfg_model, vq_weight: float):
+    """Loss and metrics of one batch (used by training and evaluation)."""
+    heatmaps, aux = model.apply({"params": params}, batch["frames"])
+    hm = heatmap_loss(heatmaps, batch["heatmaps"], batch["joint_weights"])
+    size = cfg_model.joint_decoder.heatmap_size
+    pred_xy = kp.argmax_keypoints(jax.lax.stop_gradient(heatmaps))
+    gt_xy = kp.image_to_heatmap(batch["keypoints"][..., :2], cfg_model.motion_tokenizer.image_size,
+                                size)
+    pck = kp.pck(pred_xy, gt_xy, batch["joint_weights"], size, (0.1,))
+    metrics = {"loss": hm + vq_weight * aux["loss"], "heatmap_loss": hm, "vq_loss": aux["loss"],
+               "commitment_loss": aux["commitment_loss"], "codebook_loss": aux["codebook_loss"],
+               "train_pck@0.1": pck[0.1],
+               **codebook_stats(aux["indices"], cfg_model.quantizer.codebook_size)}
+    return metrics, heatmaps, aux
+
+
+def make_train_step(model, tx, config, mesh, axis_rules, state_sh):
+    def step(state: TrainState, batch):
+        def loss_fn(params):
+            metrics, _, _ = forward_metrics(model, params, batch, config.model,
+                                            config.stage1.vq_loss_weight)
+            return metrics["loss"], metrics
+
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state), metrics
+
+    jitted = jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                     out_shardings=(state_sh, None), donate_argnums=0)
+
+    def run_step(state, batch):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+            return jitted(state, batch)
+    return run_step
+
+
+def targets(config) -> pipeline.Targets:
+    return pipeline.Targets(image_size=config.model.motion_tokenizer.image_size,
+                            heatmap_size=config.model.joint_decoder.heatmap_size,
+                            sigma=config.data.heatmap_sigma,
+                            conf_threshold=config.data.conf_threshold)
+
+
+def train(config, workdir: str, data_path: str, log=print) -> dict:
+    """Runs (or resumes) stage 1 into WORKDIR/stage1. Returns the last logged metrics."""
+    cfg = config.stage1
+    mesh = sharding.make_mesh(config.mesh)
+    axis_rules = sharding.rules(config.mesh)
+    sharding.check_batch_size(cfg.batch_size, mesh, "stage1.batch_size")
+    model = build_stage1(config.model)
+    tx = make_optimizer(cfg)
+    state, abstract_state, state_sh = init_state(model, tx, config, mesh, axis_rules)
+    data_iter = iter(pipeline.train_dataset(
+        data_path, "train", clip_frames=cfg.clip_frames,
+        batch_size=cfg.batch_size // jax.process_count(), targets=targets(config),
+        seed=config.seed, read_threads=config.data.read_threads,
+        num_workers=config.data.num_workers))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    log(f"[stage1] {n_params / 1e6:.2f}M params on mesh {dict(mesh.shape)}; "
+        f"{cfg.steps} steps of {cfg.batch_size} clips x {cfg.clip_frames} frames")
+    _, last = loop.run(
+        name="stage1", stage_dir=os.path.join(workdir, "stage1"), state=state,
+        abstract_state=abstract_state,
+        train_step=make_train_step(model, tx, config, mesh, axis_rules, state_sh),
+        data_iter=data_iter, mesh=mesh, total_steps=cfg.steps, log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every, ckpt_cfg=config.checkpoint,
+        meta=checkpointing.meta_for(config, STAGE, state.params), log=log,
+        console_keys=("loss", "heatmap_loss", "vq_loss", "train_pck@0.1", "codebook_perplexity"))
+    return last

@@ -1,0 +1,35 @@
+"""Pictures for reports: frames next to heatmaps, written as PNG."""
+from __future__ import annotations
+
+import imageio.v3 as iio
+import numpy as np
+
+
+def colorize(heat: np.ndarray) -> np.ndarray:
+    """[H, W] in [0, 1] -> uint8 [H, W, 3] (black -> red -> yellow -> white)."""
+    h = np.clip(heat, 0.0, 1.0)[..., None]
+    rgb = np.concatenate([np.clip(3 * h, 0, 1), np.clip(3 * h - 1, 0, 1), np.clip(3 * h - 2, 0, 1)],
+                         -1)
+    return (255 * rgb).astype(np.uint8)
+
+
+def heatmap_panel(heatmaps: np.ndarray, size: int) -> np.ndarray:
+    """[J, Hh, Wh] -> uint8 [size, size, 3]: max over joints, nearest-upsampled."""
+    heat = np.max(heatmaps, axis=0)
+    rep = size // heat.shape[0]
+    return colorize(np.kron(heat, np.ones((rep, rep))))
+
+
+def frames_heatmaps_grid(frames, gt, pred, gap: int = 2) -> np.ndarray:
+    """frames [T, H, W, 3] uint8, gt/pred [T, J, Hh, Wh] -> rows of (frame | gt | pred)."""
+    size = frames.shape[1]
+    rows = []
+    for f, g, p in zip(frames, gt, pred):
+        pad = np.full((size, gap, 3), 255, np.uint8)
+        rows.append(np.concatenate([f, pad, heatmap_panel(g, size), pad, heatmap_panel(p, size)], 1))
+        rows.append(np.full((gap, rows[-1].shape[1], 3), 255, np.uint8))
+    return np.concatenate(rows[:-1], 0)
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+    iio.imwrite(path, image)

@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="im_anim_jax",
+    version="0.1.0",
+    description="IM-Animation (implicit-motion character animation) in JAX/Flax for TPU and GPU",
+    python_requires=">=3.10",
+    packages=find_packages(include=["im_anim_jax", "im_anim_jax.*",
+                                    "data_pipelines", "data_pipelines.*"]),
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "array-record>=0.8,<0.9",
+        "einops>=0.8,<0.9",
+        "tensorflow-datasets>=4.9.10,<5",
+        "ml-collections>=1.1,<2",
+        "clu>=0.0.12,<0.1",
+        "numpy>=2.0,<3",
+        "absl-py>=2.0,<3",
+        "tensorboardX>=2.6,<3",
+        "imageio>=2.37,<3",
+        "av>=14,<19",
+        "pillow>=10,<13",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10", "torch==2.13.0"],
+    },
+)

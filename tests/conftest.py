@@ -1,0 +1,30 @@
+"""Shared fixtures. Grain worker processes need absl flags parsed."""
+import os
+import sys
+
+# Tiny test programs spend far longer in XLA's CPU backend optimisation than in running
+# (e.g. 7.6 s -> 2.1 s to compile a 2-layer init); tests measure correctness, not speed.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """The `tiny` variant of configs/im_animation.py (a fresh copy per call of .copy_and_resolve)."""
+    import im_animation
+    return im_animation.get_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, tiny_config):
+    """The tiny synthetic character set, rendered once per test session."""
+    from data_pipelines import synthetic
+    path = str(tmp_path_factory.mktemp("data") / "synthetic")
+    synthetic.ensure_dataset(path, **tiny_config.data.synthetic.to_dict())
+    return path

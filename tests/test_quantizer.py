@@ -1,0 +1,79 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from im_anim_jax.models.quantizer import VectorQuantizer, codebook_stats
+
+
+def _setup(l2=True, k=16, c=4, n=(3, 5)):
+    vq = VectorQuantizer(codebook_size=k, token_size=c, use_l2_norm=l2)
+    z = jax.random.normal(jax.random.key(0), n + (c,))
+    params = vq.init(jax.random.key(1), z)
+    params = jax.tree.map(lambda p: jax.random.normal(jax.random.key(2), p.shape),
+                          jax.tree.map(lambda x: getattr(x, "value", x), params,
+                                       is_leaf=lambda x: hasattr(x, "value")))
+    return vq, params, z
+
+
+def _normalize(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("l2", [True, False])
+def test_nearest_code_and_losses_match_numpy(l2):
+    vq, params, z = _setup(l2)
+    zq, aux = vq.apply(params, z)
+    e = np.asarray(params["params"]["embedding"])
+    zn = np.asarray(z)
+    if l2:
+        zn, e = _normalize(zn), _normalize(e)
+    d = ((zn[..., None, :] - e) ** 2).sum(-1)
+    idx = d.argmin(-1)
+    np.testing.assert_array_equal(np.asarray(aux["indices"]), idx)
+    np.testing.assert_allclose(np.asarray(zq), e[idx], atol=1e-6)
+    mse = ((e[idx] - zn) ** 2).mean()
+    assert float(aux["commitment_loss"]) == pytest.approx(0.25 * mse, rel=1e-5)
+    assert float(aux["codebook_loss"]) == pytest.approx(mse, rel=1e-5)
+    assert float(aux["loss"]) == pytest.approx(1.25 * mse, rel=1e-5)
+
+
+def test_straight_through_gradient_is_identity():
+    vq, params, z = _setup(l2=False)
+    c = jax.random.normal(jax.random.key(3), z.shape)
+    g = jax.grad(lambda z: jnp.sum(vq.apply(params, z)[0] * c))(z)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(c), atol=1e-6)
+
+
+def test_straight_through_gradient_through_l2_normalisation():
+    vq, params, z = _setup(l2=True)
+    c = jax.random.normal(jax.random.key(3), z.shape)
+    g = jax.grad(lambda z: jnp.sum(vq.apply(params, z)[0] * c))(z)
+    g_ref = jax.grad(lambda z: jnp.sum(z / jnp.linalg.norm(z, axis=-1, keepdims=True) * c))(z)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-5)
+
+
+def test_codebook_learns_only_from_codebook_loss_and_encoder_only_from_commitment():
+    vq, params, z = _setup(l2=False)
+    commit = lambda p, z: vq.apply(p, z)[1]["commitment_loss"]
+    book = lambda p, z: vq.apply(p, z)[1]["codebook_loss"]
+    gp_commit, gz_commit = jax.grad(commit, argnums=(0, 1))(params, z)
+    gp_book, gz_book = jax.grad(book, argnums=(0, 1))(params, z)
+    assert float(jnp.abs(gp_commit["params"]["embedding"]).max()) == 0.0
+    assert float(jnp.abs(gz_book).max()) == 0.0
+    assert float(jnp.abs(gp_book["params"]["embedding"]).max()) > 0.0
+    assert float(jnp.abs(gz_commit).max()) > 0.0
+
+
+def test_codebook_stats():
+    s = codebook_stats(jnp.array([0, 0, 1, 1]), 4)
+    assert float(s["codebook_usage"]) == 0.5
+    assert float(s["codebook_perplexity"]) == pytest.approx(2.0)
+    s = codebook_stats(jnp.array([3, 3, 3]), 8)
+    assert float(s["codebook_usage"]) == 1 / 8 and float(s["codebook_perplexity"]) == pytest.approx(1.0)
+
+
+def test_wrong_token_size_is_a_clear_error():
+    vq = VectorQuantizer(codebook_size=8, token_size=4)
+    with pytest.raises(ValueError, match="token size 4"):
+        vq.init(jax.random.key(0), jnp.zeros((2, 5)))
