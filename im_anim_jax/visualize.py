@@ -20,8 +20,16 @@ def heatmap_panel(heatmaps: np.ndarray, size: int) -> np.ndarray:
     return colorize(np.kron(heat, np.ones((rep, rep))))
 
 
-def frames_heatmaps_grid(frames, gt, pred, gap: int = 2) -> np.ndarray:
-    """frames [T, H, W, 3] uint8, gt/pred [T, J, Hh, Wh] -> rows of (frame | gt | pred)."""
+def upscale(image: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour upscaling of [H, W, C] by an integer factor."""
+    return image.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def frames_heatmaps_grid(frames, gt, pred, gap: int = 4, min_panel: int = 192) -> np.ndarray:
+    """frames [T, H, W, 3] uint8, gt/pred [T, J, Hh, Wh] -> rows of (frame | gt | pred); panels
+    are upscaled (nearest) to at least `min_panel` pixels."""
+    factor = max(1, -(-min_panel // frames.shape[1]))
+    frames = np.stack([upscale(f, factor) for f in frames])
     size = frames.shape[1]
     rows = []
     for f, g, p in zip(frames, gt, pred):

@@ -23,7 +23,8 @@ class VectorQuantizer(nn.Module):
     def __call__(self, z):
         """z [..., C] -> (z_q [..., C] straight-through, aux dict).
 
-        aux: indices [...] (int32), commitment_loss = cost * mean((sg(z_q) - z)^2),
+        aux: indices [...] (int32), z (the inputs as searched, l2-normalised if so configured),
+        commitment_loss = cost * mean((sg(z_q) - z)^2),
         codebook_loss = mean((z_q - sg(z))^2), loss = their sum. With use_l2_norm both z and the
         codes are l2-normalised before the nearest-code search (argmin squared distance).
         """
@@ -45,7 +46,7 @@ class VectorQuantizer(nn.Module):
         commitment = self.commitment_cost * jnp.mean((jax.lax.stop_gradient(z_q) - z) ** 2)
         codebook_loss = jnp.mean((z_q - jax.lax.stop_gradient(z)) ** 2)
         z_st = z + jax.lax.stop_gradient(z_q - z)
-        return z_st, {"indices": indices, "commitment_loss": commitment,
+        return z_st, {"indices": indices, "commitment_loss": commitment, "z": z,
                       "codebook_loss": codebook_loss, "loss": commitment + codebook_loss}
 
 
@@ -55,3 +56,20 @@ def codebook_stats(indices, codebook_size: int):
     p = counts / jnp.maximum(counts.sum(), 1.0)
     entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
     return {"codebook_usage": jnp.mean(counts > 0), "codebook_perplexity": jnp.exp(entropy)}
+
+
+def restart_dead_codes(codebook, usage, indices, z, key, *, decay: float, threshold: float):
+    """Jukebox/SoundStream-style dead-code restart (a training-time remedy for codebook collapse).
+
+    usage [K] is an EMA of how often each code is picked per batch; codes whose EMA falls below
+    `threshold` are replaced by randomly chosen encoder outputs z [..., C] of this batch and their
+    EMA reset to 1. Returns (codebook, usage, number restarted).
+    """
+    k = codebook.shape[0]
+    counts = jnp.bincount(indices.reshape(-1), length=k).astype(jnp.float32)
+    usage = decay * usage + (1 - decay) * counts
+    dead = usage < threshold
+    flat = jax.lax.stop_gradient(z).reshape(-1, z.shape[-1])
+    pick = jax.random.randint(key, (k,), 0, flat.shape[0])
+    codebook = jnp.where(dead[:, None], flat[pick].astype(codebook.dtype), codebook)
+    return codebook, jnp.where(dead, 1.0, usage), jnp.sum(dead)

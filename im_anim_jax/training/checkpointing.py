@@ -13,11 +13,13 @@ import im_anim_jax
 
 
 class Checkpointer:
-    def __init__(self, directory: str, *, max_to_keep: int = 2, save_every: int = 0,
-                 async_save: bool = True):
+    """Every save() call writes a checkpoint: the caller decides when (Orbax's own interval
+    policy also saves the first step, and consulting it every step costs seconds on CPU)."""
+
+    def __init__(self, directory: str, *, max_to_keep: int = 2, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, save_interval_steps=max(save_every, 1),
+            max_to_keep=max_to_keep, save_interval_steps=1,
             enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "meta"))
@@ -25,11 +27,11 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_iter, meta: dict, force: bool = False) -> bool:
+    def save(self, step: int, state, data_iter, meta: dict) -> bool:
         args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iter)
-        return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+        return self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
     def restore(self, step: int, abstract_state, data_iter=None):
         """Restores `state` onto the shardings in `abstract_state` (and the iterator in place)."""
