@@ -42,7 +42,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.data.path = ""  # empty: WORKDIR/data/synthetic, generated on first use
     c.data.synthetic = ml_collections.ConfigDict(dict(
         seed=0, num_train_identities=48, num_heldout_identities=8, num_train_motions=16,
-        num_heldout_motions=4, clip_frames=17, image_size=256, shards_per_split=4))
+        num_heldout_motions=4, clip_frames=81, image_size=256, shards_per_split=16))
     c.data.heatmap_sigma = 2.0       # in heatmap pixels
     c.data.conf_threshold = 0.3      # joints below it get zero heatmap weight
     c.data.num_workers = 0           # grain worker processes (0: in the training process)

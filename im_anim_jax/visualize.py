@@ -4,20 +4,16 @@ from __future__ import annotations
 import imageio.v3 as iio
 import numpy as np
 
-
-def colorize(heat: np.ndarray) -> np.ndarray:
-    """[H, W] in [0, 1] -> uint8 [H, W, 3] (black -> red -> yellow -> white)."""
-    h = np.clip(heat, 0.0, 1.0)[..., None]
-    rgb = np.concatenate([np.clip(3 * h, 0, 1), np.clip(3 * h - 1, 0, 1), np.clip(3 * h - 2, 0, 1)],
-                         -1)
-    return (255 * rgb).astype(np.uint8)
+from im_anim_jax import skeleton
 
 
 def heatmap_panel(heatmaps: np.ndarray, size: int) -> np.ndarray:
-    """[J, Hh, Wh] -> uint8 [size, size, 3]: max over joints, nearest-upsampled."""
-    heat = np.max(heatmaps, axis=0)
-    rep = size // heat.shape[0]
-    return colorize(np.kron(heat, np.ones((rep, rep))))
+    """[J, Hh, Wh] -> uint8 [size, size, 3], nearest-upsampled: the max over body and face joints
+    in red, over the left hand in green and over the right hand in blue."""
+    groups = (slice(0, skeleton.NUM_BODY), skeleton.LEFT_HAND, skeleton.RIGHT_HAND)
+    rgb = np.stack([np.clip(heatmaps[g].max(axis=0), 0.0, 1.0) for g in groups], -1)
+    rep = size // rgb.shape[0]
+    return (255 * rgb.repeat(rep, axis=0).repeat(rep, axis=1)).astype(np.uint8)
 
 
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:

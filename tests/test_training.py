@@ -47,6 +47,9 @@ def test_evaluation_writes_report_and_png(trained, tiny_dataset):
     for key in ("pck@0.05", "pck@0.1", "heatmap_mse", "codebook_usage", "codebook_perplexity"):
         assert np.isfinite(result[key]), key
     assert 0 <= result["pck@0.05"] <= result["pck@0.1"] <= 1
+    groups = [result[f"pck@0.1/{g}"] for g in ("body", "face", "feet", "hands")]
+    assert all(0 <= g <= 1 for g in groups)
+    assert min(groups) <= result["pck@0.1"] <= max(groups)  # the overall figure is their mix
     assert result["pck@0.1"] > 0.2  # far above chance (~0.03) after a short run
     assert result["step"] == LEARN_STEPS and result["split"] == "test"
     assert result["num_identities"] == config.data.synthetic.num_heldout_identities

@@ -14,11 +14,15 @@ import numpy as np
 
 from data_pipelines import pipeline
 from im_anim_jax import keypoints as kp
-from im_anim_jax import visualize
+from im_anim_jax import skeleton, visualize
 from im_anim_jax.models.quantizer import codebook_stats
 from im_anim_jax.models.stage1 import build_stage1
 from im_anim_jax.training import checkpointing
 from im_anim_jax.training import stage1 as stage1_training
+
+
+GROUPS = {"body": slice(0, 14), "face": slice(14, 18), "feet": slice(18, 20),
+          "hands": slice(skeleton.LEFT_HAND.start, skeleton.NUM_JOINTS)}
 
 
 def load_params(config, stage_dir: str):
@@ -60,19 +64,20 @@ def evaluate(config, workdir: str, data_path: str) -> dict:
         gt = kp.image_to_heatmap(batch["keypoints"][..., :2], targets.image_size, size)
         w = batch["joint_weights"]
         dist = jnp.linalg.norm((pred - gt) / size, axis=-1)
-        hits = {a: jnp.sum((dist <= a) * w) for a in thresholds}
+        hits = {a: jnp.sum((dist <= a) * w, axis=(0, 1)) for a in thresholds}  # per joint
         sq = jnp.mean((heatmaps - batch["heatmaps"]) ** 2, axis=(-2, -1))
-        return heatmaps, aux["indices"], hits, jnp.sum(sq * w), jnp.sum(w)
+        return heatmaps, aux["indices"], hits, jnp.sum(sq * w), jnp.sum(w, axis=(0, 1))
 
-    hits = {a: 0.0 for a in thresholds}
-    sq_sum = w_sum = 0.0
+    hits = {a: np.zeros(skeleton.NUM_JOINTS) for a in thresholds}
+    joint_w = np.zeros(skeleton.NUM_JOINTS)
+    sq_sum = 0.0
     indices, vis, identities, frames = [], None, set(), 0
     for batch in ds:
         jb = {k: batch[k] for k in ("frames", "keypoints", "heatmaps", "joint_weights")}
         heatmaps, idx, h, sq, w = jax.device_get(forward(jb))
         for a in thresholds:
-            hits[a] += float(h[a])
-        sq_sum, w_sum = sq_sum + float(sq), w_sum + float(w)
+            hits[a] += np.asarray(h[a])
+        sq_sum, joint_w = sq_sum + float(sq), joint_w + np.asarray(w)
         indices.append(np.asarray(idx).reshape(-1))
         identities.update(int(i) for i in batch["identity_id"])
         frames += int(np.prod(batch["frames"].shape[:2]))
@@ -81,7 +86,11 @@ def evaluate(config, workdir: str, data_path: str) -> dict:
             vis = visualize.frames_heatmaps_grid(batch["frames"][0][:n], batch["heatmaps"][0][:n],
                                                  np.asarray(heatmaps[0][:n]))
     stats = codebook_stats(jnp.asarray(np.concatenate(indices)), config.model.quantizer.codebook_size)
-    result = {f"pck@{a}": hits[a] / max(w_sum, 1.0) for a in thresholds}
+    w_sum = float(joint_w.sum())
+    result = {f"pck@{a}": float(hits[a].sum()) / max(w_sum, 1.0) for a in thresholds}
+    for group, idx in GROUPS.items():  # which joints drive the figure
+        result[f"pck@0.1/{group}"] = (float(hits[0.1][idx].sum()) / max(float(joint_w[idx].sum()), 1.0)
+                                      if 0.1 in hits else None)
     result.update(heatmap_mse=sq_sum / max(w_sum, 1.0),
                   **{k: float(v) for k, v in stats.items()},
                   step=int(step), split=config.eval.split, num_frames=frames,
