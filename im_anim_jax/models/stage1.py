@@ -5,7 +5,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from im_anim_jax.models import layers
 from im_anim_jax.models.joint_decoder import JointDecoder
 from im_anim_jax.models.motion_decoder import MotionDecoder
 from im_anim_jax.models.motion_tokenizer import MotionTokenizer
@@ -69,5 +68,3 @@ def build_stage1(model_cfg: ml_collections.ConfigDict) -> Stage1Model:
                                    dtype=dtype),
     )
 
-
-__all__ = ["Stage1Model", "build_stage1", "layers"]
