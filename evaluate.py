@@ -27,11 +27,12 @@ def _main(argv):
     if FLAGS.stage not in cli.IMPLEMENTED_STAGES:
         raise ValueError(f"--stage {FLAGS.stage}: evaluation of "
                          f"{cli.PENDING.get(FLAGS.stage, 'that stage')} is not implemented yet")
+    config = cli.load_config(FLAGS)
     workdir = os.path.abspath(FLAGS.workdir)
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"--workdir {workdir} does not exist; train first with train.py")
-    data_path = datasets.resolve(FLAGS.config, workdir)
-    result = stage1_eval.evaluate(FLAGS.config, workdir, data_path)
+    data_path = datasets.resolve(config, workdir)
+    result = stage1_eval.evaluate(config, workdir, data_path)
     print(json.dumps(result))
 
 
@@ -45,4 +46,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from im_anim_jax import cli
+    app.run(main, flags_parser=cli.parse_flags)

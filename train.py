@@ -30,7 +30,7 @@ def _main(argv):
     from im_anim_jax.evaluation import stage1 as stage1_eval
     from im_anim_jax.training import stage1
 
-    config, workdir = FLAGS.config, os.path.abspath(FLAGS.workdir)
+    config, workdir = cli.load_config(FLAGS), os.path.abspath(FLAGS.workdir)
     stages = cli.parse_stages(FLAGS.stages, config.stages)
     os.makedirs(workdir, exist_ok=True)
     data_path = datasets.resolve(config, workdir)
@@ -58,4 +58,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from im_anim_jax import cli
+    app.run(main, flags_parser=cli.parse_flags)

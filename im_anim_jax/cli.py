@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import sys
 
-from absl import logging
+from absl import flags, logging
 
 EXIT_BAD_INPUT = 2
 IMPLEMENTED_STAGES = (1,)
@@ -17,7 +17,8 @@ def parse_stages(text: str | None, default) -> tuple[int, ...]:
     try:
         stages = tuple(int(s) for s in text.split(","))
     except ValueError:
-        raise ValueError(f"--stages must be a comma-separated list of stage numbers, got {text!r}")
+        raise ValueError(f"--stages must be a comma-separated list of stage numbers, got {text!r}") \
+            from None
     bad = [s for s in stages if s not in (1, 2, 3)]
     if bad:
         raise ValueError(f"--stages: unknown stage(s) {bad}; the stages are 1, 2, 3")
@@ -35,3 +36,23 @@ def user_errors(main):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_BAD_INPUT)
     return wrapped
+
+
+def parse_flags(argv):
+    """absl flags parser for app.run: a bad flag, config file or override -> one line, exit 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def load_config(flag_values):
+    """FLAGS.config; ml_collections loads the file lazily, so a missing or broken config file
+    surfaces here (as OSError) and becomes a ValueError with a one-line message."""
+    try:
+        config = flag_values.config
+        config.keys()  # the lazy placeholder raises only when used
+        return config
+    except OSError as e:
+        raise ValueError(" ".join(str(e).split())) from None

@@ -142,6 +142,9 @@ def _run(args):
 
 
 @pytest.mark.parametrize("args, message", [
+    (["train.py", "--config=configs/nope.py", "--workdir={tmp}"], "configs/nope.py"),
+    (["train.py", "--config=configs/demo.py", "--workdir={tmp}", "--config.stage1.lr=abc"],
+     "could not convert"),
     (["train.py", "--config=configs/demo.py", "--workdir={tmp}", "--stages=1,7"], "unknown stage"),
     (["train.py", "--config=configs/demo.py", "--workdir={tmp}",
       "--config.data.path={tmp}/nothing"], "is not a clip dataset"),
