@@ -77,3 +77,23 @@ def test_wrong_token_size_is_a_clear_error():
     vq = VectorQuantizer(codebook_size=8, token_size=4)
     with pytest.raises(ValueError, match="token size 4"):
         vq.init(jax.random.key(0), jnp.zeros((2, 5)))
+
+
+def test_dead_code_restart_replaces_only_unused_codes_with_encoder_outputs():
+    from im_anim_jax.models.quantizer import restart_dead_codes
+    book = jnp.arange(8 * 3, dtype=jnp.float32).reshape(8, 3)
+    usage = jnp.array([1.0, 1.0, 0.05, 0.05, 1.0, 0.05, 1.0, 1.0])
+    indices = jnp.array([0, 0, 3, 4])  # code 3 is used in this batch: its EMA recovers
+    z = jnp.full((4, 3), -1.0) - jnp.arange(4.0)[:, None]
+    new_book, new_usage, n = restart_dead_codes(book, usage, indices, z, jax.random.key(0),
+                                                decay=0.5, threshold=0.1)
+    # EMA: 0.5 * usage + 0.5 * counts -> codes 2 and 5 fall to 0.025 < 0.1; code 3 gets 0.525.
+    assert int(n) == 2
+    dead = np.array([2, 5])
+    alive = np.setdiff1d(np.arange(8), dead)
+    np.testing.assert_array_equal(np.asarray(new_book)[alive], np.asarray(book)[alive])
+    for k in dead:  # each restarted code is one of this batch's encoder outputs
+        assert any(np.allclose(new_book[k], z[i]) for i in range(4))
+    np.testing.assert_allclose(np.asarray(new_usage)[dead], 1.0)
+    np.testing.assert_allclose(float(new_usage[3]), 0.525, rtol=1e-6)
+    np.testing.assert_allclose(float(new_usage[0]), 0.5 + 0.5 * 2)
