@@ -2,7 +2,9 @@
 
   python benchmarks/stage1_step.py [--variant demo] [--batch 16] [--steps 10]
 
-FLOPs come from XLA's cost analysis of the compiled step; the peak is a measured float32
+FLOPs come from XLA's cost analysis of the loss's forward + backward (the optimizer update and
+the dead-code restart are not counted, so the figure slightly understates the work); the peak is
+a measured float32
 2048x2048 matmul on the same devices. Prints one line per figure and a final JSON line.
 """
 import argparse

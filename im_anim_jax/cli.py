@@ -52,7 +52,7 @@ def load_config(flag_values):
     surfaces here (as OSError) and becomes a ValueError with a one-line message."""
     try:
         config = flag_values.config
-        config.keys()  # the lazy placeholder raises only when used
+        config.keys()  # the lazily loaded config raises only on first use
         return config
     except OSError as e:
         raise ValueError(" ".join(str(e).split())) from None

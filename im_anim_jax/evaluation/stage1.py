@@ -88,9 +88,10 @@ def evaluate(config, workdir: str, data_path: str) -> dict:
     stats = codebook_stats(jnp.asarray(np.concatenate(indices)), config.model.quantizer.codebook_size)
     w_sum = float(joint_w.sum())
     result = {f"pck@{a}": float(hits[a].sum()) / max(w_sum, 1.0) for a in thresholds}
-    for group, idx in GROUPS.items():  # which joints drive the figure
-        result[f"pck@0.1/{group}"] = (float(hits[0.1][idx].sum()) / max(float(joint_w[idx].sum()), 1.0)
-                                      if 0.1 in hits else None)
+    for a in thresholds:  # per joint group: which joints hold the overall figure down
+        for group, idx in GROUPS.items():
+            result[f"pck@{a}/{group}"] = (float(hits[a][idx].sum())
+                                          / max(float(joint_w[idx].sum()), 1.0))
     result.update(heatmap_mse=sq_sum / max(w_sum, 1.0),
                   **{k: float(v) for k, v in stats.items()},
                   step=int(step), split=config.eval.split, num_frames=frames,
