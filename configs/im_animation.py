@@ -65,6 +65,9 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.model.joint_decoder = ml_collections.ConfigDict(dict(
         num_joints=62, heatmap_size=64, channels=(256, 128, 64, 32)))
 
+    c.model.vae = wan_vae("wan2_2")
+    c.model.dit = wan_dit("wan2_2_ti2v_5b")
+
     # ---- stages (paper sec. 4.1 / supplement sec. 6) ----
     c.stage1 = ml_collections.ConfigDict(dict(
         steps=5000, lr=1e-4, schedule="constant", warmup_steps=500, weight_decay=0.01, grad_clip=1.0,
@@ -88,6 +91,38 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     return c
 
 
+def wan_dit(preset: str) -> ml_collections.ConfigDict:
+    """Wan2.2 DiT sizes. `wan2_2_ti2v_5b`: the released TI2V-5B (~5.0e9 params); `demo`/`tiny`:
+    the same structure at CPU sizes (RoPE split needs head_dim = 2 * (t + h + w) pairs)."""
+    presets = {
+        "wan2_2_ti2v_5b": dict(dim=3072, ffn_dim=14336, num_layers=30, num_heads=24),
+        "demo": dict(dim=128, ffn_dim=256, num_layers=4, num_heads=4),
+        "tiny": dict(dim=32, ffn_dim=64, num_layers=2, num_heads=2),
+    }
+    if preset not in presets:
+        raise ValueError(f"unknown DiT preset {preset!r}; choose one of {sorted(presets)}")
+    text = (4096, 512) if preset == "wan2_2_ti2v_5b" else (32, 16)
+    return ml_collections.ConfigDict(dict(
+        preset=preset, in_dim=48, out_dim=48, patch_size=(1, 2, 2), text_dim=text[0],
+        text_len=text[1], freq_dim=256 if preset == "wan2_2_ti2v_5b" else 32, eps=1e-6,
+        cross_attn_norm=True, **presets[preset]))
+
+
+def wan_vae(preset: str) -> ml_collections.ConfigDict:
+    """Wan2.2 VAE sizes (z 48, 4x temporal and 16x spatial compression). `wan2_2`: the released
+    VAE; `demo`/`tiny`: the same structure (levels, causal convs, resampling) at CPU widths."""
+    presets = {
+        "wan2_2": dict(dim=160, dec_dim=256),
+        "demo": dict(dim=16, dec_dim=16),
+        "tiny": dict(dim=8, dec_dim=8),
+    }
+    if preset not in presets:
+        raise ValueError(f"unknown VAE preset {preset!r}; choose one of {sorted(presets)}")
+    return ml_collections.ConfigDict(dict(
+        preset=preset, z_dim=48, dim_mult=(1, 2, 4, 4), num_res_blocks=2,
+        temporal_downsample=(False, True, True), patch_size=2, **presets[preset]))
+
+
 def _small(c, variant):
     """CPU-sized variants: same structure, small widths and a small synthetic set."""
     demo = variant == "demo"
@@ -104,6 +139,8 @@ def _small(c, variant):
     # memory-bound on CPU (channels (64, 32, 16) at 32x32: 6.6 s per 16-frame step); the light
     # decoder leaves the spatial work to the token -> grid linear map (whole step: 0.56 s).
     c.model.joint_decoder.update(dict(heatmap_size=16, channels=(8, 4)))
+    c.model.vae = wan_vae(variant)
+    c.model.dit = wan_dit(variant)
     c.data.heatmap_sigma = 1.5
     c.data.synthetic.update(dict(
         image_size=c.model.motion_tokenizer.image_size, shards_per_split=2 if demo else 1,
