@@ -72,7 +72,10 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.stage1 = ml_collections.ConfigDict(dict(
         steps=5000, lr=1e-4, schedule="constant", warmup_steps=500, weight_decay=0.01, grad_clip=1.0,
         batch_size=16, clip_frames=1, vq_loss_weight=1.0,
-        log_every=50, checkpoint_every=500))
+        log_every=50, checkpoint_every=500,
+        # A converted TiTok checkpoint (python -m im_anim_jax.convert titok ...) whose encoder and
+        # codebook initialise the motion encoder and quantizer (the paper fine-tunes TiTok-L-32).
+        init_from=""))
     c.stage2 = ml_collections.ConfigDict(dict(steps=10000, lr=1e-4))
     c.stage3 = ml_collections.ConfigDict(dict(steps=30000, lr_dit=1e-5, lr_other=5e-5,
                                               clip_frames=81))
@@ -92,19 +95,22 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
 
 
 def wan_dit(preset: str) -> ml_collections.ConfigDict:
-    """Wan2.2 DiT sizes. `wan2_2_ti2v_5b`: the released TI2V-5B (~5.0e9 params); `demo`/`tiny`:
-    the same structure at CPU sizes (RoPE split needs head_dim = 2 * (t + h + w) pairs)."""
+    """Wan2.2 DiT sizes. `wan2_2_ti2v_5b`: the released TI2V-5B (4,999,787,712 params);
+    `demo`/`tiny`: the same structure at CPU sizes. RoPE splits the c = head_dim/2 rotation pairs
+    over (t, h, w) as (c - 2 (c // 3), c // 3, c // 3): 22/21/21 at head_dim 128 (5B), 6/5/5 at
+    32 (demo), 4/4/4 at 24 (tiny)."""
     presets = {
-        "wan2_2_ti2v_5b": dict(dim=3072, ffn_dim=14336, num_layers=30, num_heads=24),
-        "demo": dict(dim=128, ffn_dim=256, num_layers=4, num_heads=4),
-        "tiny": dict(dim=32, ffn_dim=64, num_layers=2, num_heads=2),
+        "wan2_2_ti2v_5b": dict(dim=3072, ffn_dim=14336, num_layers=30, num_heads=24,
+                               text_dim=4096, text_len=512, freq_dim=256),
+        "demo": dict(dim=128, ffn_dim=256, num_layers=4, num_heads=4,
+                     text_dim=32, text_len=16, freq_dim=32),
+        "tiny": dict(dim=48, ffn_dim=96, num_layers=2, num_heads=2,
+                     text_dim=16, text_len=8, freq_dim=16),
     }
     if preset not in presets:
         raise ValueError(f"unknown DiT preset {preset!r}; choose one of {sorted(presets)}")
-    text = (4096, 512) if preset == "wan2_2_ti2v_5b" else (32, 16)
     return ml_collections.ConfigDict(dict(
-        preset=preset, in_dim=48, out_dim=48, patch_size=(1, 2, 2), text_dim=text[0],
-        text_len=text[1], freq_dim=256 if preset == "wan2_2_ti2v_5b" else 32, eps=1e-6,
+        preset=preset, in_dim=48, out_dim=48, patch_size=(1, 2, 2), eps=1e-6,
         cross_attn_norm=True, **presets[preset]))
 
 

@@ -91,6 +91,24 @@ def init_state(model: Stage1Model, tx, config, mesh, axis_rules):
     return state, checkpointing.abstract_like(state, state_sh), state_sh
 
 
+def init_from_titok(path: str, params: dict, shardings: dict) -> dict:
+    """`params` with motion_encoder and quantize replaced by a converted TiTok checkpoint (cast to
+    the parameter dtype, placed on `shardings`). A size mismatch names the differing params."""
+    from im_anim_jax.convert import common
+    loaded, meta = common.load_converted(path)
+    if meta.get("kind") != "titok":
+        raise ValueError(f"stage1.init_from={path} holds a {meta.get('kind')!r} checkpoint; "
+                         f"expected one written by `python -m im_anim_jax.convert titok`")
+    part = {k: params[k] for k in ("motion_encoder", "quantize")}
+    try:
+        common.check_tree(loaded, part)
+    except AssertionError as e:
+        raise ValueError(f"stage1.init_from={path} does not fit config.model: {e}") from None
+    loaded = jax.tree.map(lambda x, p, s: jax.device_put(np.asarray(x).astype(p.dtype), s),
+                          loaded, part, {k: shardings[k] for k in part})
+    return {**params, **loaded}
+
+
 def forward_metrics(model: Stage1Model, params, batch, cfg_model, vq_weight: float):
     """Loss and metrics of one batch (used by training and evaluation)."""
     heatmaps, aux = model.apply({"params": params}, batch["frames"])
@@ -165,6 +183,9 @@ def train(config, workdir: str, data_path: str, log=print) -> dict:
     model = build_stage1(config.model)
     tx = make_optimizer(cfg)
     state, abstract_state, state_sh = init_state(model, tx, config, mesh, axis_rules)
+    if cfg.init_from:
+        state = state.replace(params=init_from_titok(cfg.init_from, state.params, state_sh.params))
+        log(f"[stage1] motion encoder and codebook initialised from {cfg.init_from}")
     data_iter = iter(pipeline.train_dataset(
         data_path, "train", clip_frames=cfg.clip_frames,
         batch_size=cfg.batch_size // jax.process_count(), targets=targets(config),

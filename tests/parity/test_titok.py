@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,3 +92,33 @@ def test_titok_wrong_shape_and_missing_file_are_one_line_errors(tmp_path):
     done = run_convert("titok", tmp_path / "nope.pth", tmp_path / "out", overrides(True))
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: {tmp_path / 'nope.pth'}: no such file or directory"
+
+
+def test_titok_checkpoint_initialises_stage1(tmp_path, tiny_config):
+    from im_anim_jax.convert import convert
+    from im_anim_jax.training.stage1 import dummy_frames, init_from_titok
+    cfg = tiny_config.copy_and_resolve_references()
+    cfg.model.motion_tokenizer.update(SIZES)
+    cfg.model.quantizer.codebook_size = CODEBOOK
+    ref = TiTok(SIZES["image_size"], SIZES["patch_size"], SIZES["width"], SIZES["depth"],
+                SIZES["num_heads"], SIZES["num_latent_tokens"], SIZES["token_size"], CODEBOOK,
+                is_legacy=False)
+    torch.save(ref.state_dict(), tmp_path / "titok.pth")
+    convert("titok", str(tmp_path / "titok.pth"), str(tmp_path / "out"), cfg.model)
+    model = build_stage1(cfg.model)
+    params = jax.tree.map(np.asarray, nn.unbox(
+        model.init(jax.random.key(0), dummy_frames(cfg.model))["params"]))
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    new = init_from_titok(str(tmp_path / "out"), params, jax.tree.map(lambda _: cpu, params))
+    np.testing.assert_array_equal(new["quantize"]["embedding"],
+                                  ref.quantize.embedding.weight.detach().numpy())
+    np.testing.assert_array_equal(new["motion_encoder"]["latent_tokens"],
+                                  ref.latent_tokens.detach().numpy())
+    for a, b in zip(jax.tree.leaves(new["motion_decoder"]), jax.tree.leaves(params["motion_decoder"])):
+        np.testing.assert_array_equal(a, b)
+
+    cfg.model.motion_tokenizer.depth = 3  # a model the checkpoint does not fit
+    bigger = jax.tree.map(np.asarray, nn.unbox(
+        build_stage1(cfg.model).init(jax.random.key(0), dummy_frames(cfg.model))["params"]))
+    with pytest.raises(ValueError, match="does not fit config.model"):
+        init_from_titok(str(tmp_path / "out"), bigger, jax.tree.map(lambda _: cpu, bigger))
