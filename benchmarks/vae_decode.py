@@ -1,0 +1,127 @@
+"""Wan2.2 VAE decode: JAX (jit; whole clip and chunked) vs PyTorch (eager, optionally
+torch.compile) on this machine's cores, same random weights.
+
+  python benchmarks/vae_decode.py [--variant demo] [--latent-frames 3] [--size 64] [--reps 3]
+      [--torch-compile]
+
+The PyTorch side is the parity tests' reference VAE (tests/parity/torch_wan_vae.py), which decodes
+one latent frame at a time with feature caches, as upstream. FLOPs come from XLA's cost analysis of
+the compiled whole-clip JAX decode (the chunked one does the same convolutions); the peak is a
+measured float32 2048x2048 matmul in JAX. Prints one line per figure and a final JSON line.
+torch.compile is opt-in: on 2 cores its first call took 325 s for the demo decoder.
+"""
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "configs")]
+import im_animation  # noqa: E402
+
+from im_anim_jax.convert import wan_vae  # noqa: E402
+from im_anim_jax.models.wan import vae  # noqa: E402
+from tests.parity import torch_wan_vae  # noqa: E402
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(reps):
+        f(a).block_until_ready()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def best_time(fn, reps: int) -> float:
+    """Fastest of `reps` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variant", default="demo", choices=im_animation.VARIANTS)
+    p.add_argument("--latent-frames", type=int, default=3, help="video frames: 1 + 4 (n - 1)")
+    p.add_argument("--size", type=int, default=64, help="video height and width (pixels)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--torch-compile", action="store_true",
+                   help="also time torch.compile (inductor; slow to compile on a few cores)")
+    args = p.parse_args()
+    cfg = im_animation.get_config(args.variant).model.vae
+    torch.set_num_threads(os.cpu_count())
+
+    ref = torch_wan_vae.WanVAE(cfg.dim, cfg.dec_dim, cfg.z_dim, cfg.dim_mult, cfg.num_res_blocks,
+                               cfg.temporal_downsample).eval()
+    torch_wan_vae.randomise(ref, seed=0)
+    params = jax.tree.map(jnp.asarray, wan_vae.convert(
+        {k: v.numpy() for k, v in ref.state_dict().items()}, cfg))
+    model = vae.build_vae(cfg)
+    shape = (1, args.latent_frames, args.size // 16, args.size // 16, cfg.z_dim)
+    latents = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    mean, inv_std = (torch.from_numpy(a) for a in vae.latent_stats(cfg.z_dim))
+    z_torch = torch.from_numpy(np.moveaxis(latents, -1, 1).copy())
+
+    out = {"variant": args.variant, "backend": jax.default_backend(), "cores": os.cpu_count(),
+           "video_shape": [1, 1 + 4 * (args.latent_frames - 1), args.size, args.size, 3]}
+    for mode, chunked in (("whole", False), ("chunked", True)):
+        t = time.perf_counter()
+        compiled = jax.jit(functools.partial(vae.decode, model, chunked=chunked, clip=False)) \
+            .lower(params, latents).compile()
+        out[f"jax_{mode}_compile_s"] = time.perf_counter() - t
+        out[f"jax_{mode}_s"] = best_time(
+            lambda f=compiled: f(params, latents).block_until_ready(), args.reps)
+        if not chunked:  # XLA counts a loop body once: take the FLOPs of the whole-clip program
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            out["jax_gflop"] = float(cost.get("flops", float("nan"))) / 1e9
+            y = np.asarray(compiled(params, latents))
+        mem = compiled.memory_analysis()
+        out[f"jax_{mode}_temp_mib"] = getattr(mem, "temp_size_in_bytes", 0) / 2 ** 20
+    out["argument_mib"] = getattr(mem, "argument_size_in_bytes", 0) / 2 ** 20
+    out["output_mib"] = getattr(mem, "output_size_in_bytes", 0) / 2 ** 20
+
+    with torch.no_grad():
+        out["torch_eager_s"] = best_time(lambda: ref.decode(z_torch, mean, inv_std), args.reps)
+        y_ref = np.moveaxis(ref.decode(z_torch, mean, inv_std).numpy(), 1, -1)
+        out["max_abs_diff_jax_vs_torch"] = float(np.max(np.abs(y - y_ref)))
+        if args.torch_compile:
+            try:
+                ref.decoder = torch.compile(ref.decoder)
+                t = time.perf_counter()
+                ref.decode(z_torch, mean, inv_std)
+                out["torch_compile_first_call_s"] = time.perf_counter() - t
+                out["torch_compile_s"] = best_time(lambda: ref.decode(z_torch, mean, inv_std),
+                                                   args.reps)
+            except Exception as e:  # inductor needs a working C++ toolchain on CPU
+                out["torch_compile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+
+    peak = matmul_peak()
+    out["matmul_peak_gflops"] = peak / 1e9
+    for mode in ("whole", "chunked"):
+        achieved = out["jax_gflop"] * 1e9 / out[f"jax_{mode}_s"]
+        out[f"jax_{mode}_achieved_gflops"] = achieved / 1e9
+        out[f"jax_{mode}_fraction_of_peak"] = achieved / peak
+        for name in ("eager", "compile"):
+            if f"torch_{name}_s" in out:
+                out[f"torch_{name}_over_jax_{mode}"] = out[f"torch_{name}_s"] / out[f"jax_{mode}_s"]
+    for k, v in out.items():
+        print(f"{k:>32}: {v:.4g}" if isinstance(v, float) else f"{k:>32}: {v}")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
