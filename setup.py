@@ -24,6 +24,8 @@ setup(
         "imageio>=2.37,<3",
         "av>=14,<19",
         "pillow>=10,<13",
+        "safetensors>=0.4,<1",
+        "ml-dtypes>=0.5,<1",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "torch==2.13.0"],

@@ -64,3 +64,14 @@ def test_existing_destination_is_left_alone(tmp_path):
     with pytest.raises(common.ConversionError, match="already exists"):
         common.convert_file(Never, str(tmp_path / "src.pth"), str(dst), None, "titok")
     assert (dst / "keep.txt").read_text() == "mine"
+
+
+def test_cli_with_default_config_names_a_missing_file_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    src = tmp_path / "wan_dit.safetensors"
+    done = subprocess.run([sys.executable, "-m", "im_anim_jax.convert", "wan-dit", f"--src={src}",
+                           f"--dst={tmp_path / 'out'}"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)  # cwd: the default config is found anyway
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"error: {src}: no such file or directory"

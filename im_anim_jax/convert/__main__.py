@@ -5,15 +5,15 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 import im_anim_jax
 from im_anim_jax import cli
 from im_anim_jax.convert import KINDS, convert
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(im_anim_jax.__file__)))), "configs", "im_animation.py") + ":paper"
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    im_anim_jax.__file__))), "configs", "im_animation.py") + ":paper"
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
                                 "Config whose `model` section sizes the target model.")
 flags.DEFINE_string("src", None, "Official checkpoint: .pth/.bin/.safetensors, a sharded "
@@ -26,6 +26,8 @@ USAGE = f"usage: python -m im_anim_jax.convert {{{','.join(KINDS)}}} --src FILE 
 
 @cli.user_errors
 def main(argv):
+    if FLAGS.verbosity <= 0:  # backend/Orbax INFO lines would bury the one result or error line
+        logging.set_verbosity(logging.WARNING)
     if len(argv) != 2 or not FLAGS.src or not FLAGS.dst:
         raise ValueError(f"expected one checkpoint kind and --src/--dst; {USAGE}")
     config = cli.load_config(FLAGS)
