@@ -67,6 +67,7 @@ class Projection(nn.Module):
     fan_out: tuple
     batch: tuple = ()
     dtype: Dtype = jnp.float32
+    precision: Any = None  # jax.lax.Precision for the einsum (None: the backend default)
 
     @nn.compact
     def __call__(self, x):
@@ -74,7 +75,8 @@ class Projection(nn.Module):
                                               batch_axis=self.batch)
         kernel = self.param("kernel", axes(init, *self.kernel_axes), self.kernel_shape)
         bias = self.param("bias", axes(nn.initializers.zeros, *self.bias_axes), self.bias_shape)
-        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype),
+                       precision=self.precision)
         return y + bias.astype(self.dtype)
 
 

@@ -104,13 +104,20 @@ def _modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
+def _precision(dtype):
+    """Matmuls computed in float32 (the time MLP/projection and head always; every layer when
+    `dtype` is float32) run at full precision, as upstream's fp32 maths does; TPU/GPU defaults
+    would use bf16 passes or TF32."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == F32 else None
+
+
 def _modulation_init(key, shape, dtype=F32):
     """Upstream's randn / sqrt(dim)."""
     return jax.random.normal(key, shape, dtype) / np.sqrt(shape[-1])
 
 
 def _dense(features, in_axis, out_axis, name, dtype, init=nn.initializers.xavier_uniform()):
-    return nn.Dense(features, dtype=dtype, name=name,
+    return nn.Dense(features, dtype=dtype, name=name, precision=_precision(dtype),
                     kernel_init=layers.axes(init, in_axis, out_axis),
                     bias_init=layers.axes(nn.initializers.zeros, out_axis))
 
@@ -161,7 +168,7 @@ class Attention(nn.Module):
         def proj(name):
             return layers.Projection("bld,dhk->blhk", (dim, h, d), ("embed", "heads", "head_dim"),
                                      (h, d), ("heads", "head_dim"), fan_in=(0,), fan_out=(1, 2),
-                                     dtype=self.dtype, name=name)
+                                     dtype=self.dtype, precision=_precision(self.dtype), name=name)
 
         src = x if context is None else context
         q = RMSNorm(self.eps, self.dtype, name="norm_q")(proj("q")(x))
@@ -175,7 +182,7 @@ class Attention(nn.Module):
         out = layers.attention(q, k, v, self.attention_impl)
         return layers.Projection("blhk,hkd->bld", (h, d, dim), ("heads", "head_dim", "embed"),
                                  (dim,), ("embed",), fan_in=(0, 1), fan_out=(2,),
-                                 dtype=self.dtype, name="o")(out)
+                                 dtype=self.dtype, precision=_precision(self.dtype), name="o")(out)
 
 
 class WanBlock(nn.Module):
@@ -260,13 +267,13 @@ class WanDiT(nn.Module):
         self.patch_embedding = layers.Projection(
             "bfthpwqc,tpqcd->bfhwd", (pt, ph, pw, self.in_dim, self.dim),
             (None, None, None, "conv_in", "embed"), (self.dim,), ("embed",),
-            fan_in=(0, 1, 2, 3), fan_out=(4,), dtype=self.dtype)
+            fan_in=(0, 1, 2, 3), fan_out=(4,), dtype=self.dtype, precision=_precision(self.dtype))
         normal = nn.initializers.normal(0.02)
         self.text_embedding = Mlp(self.dim, self.dim, gelu_tanh, normal, self.dtype)
         self.time_embedding = Mlp(self.dim, self.dim, nn.silu, normal, F32)
         self.time_projection = layers.Projection(
             "bld,dkm->blkm", (self.dim, 6, self.dim), ("embed", None, "mlp"), (6, self.dim),
-            (None, "mlp"), fan_in=(0,), fan_out=(1, 2), dtype=F32)
+            (None, "mlp"), fan_in=(0,), fan_out=(1, 2), dtype=F32, precision=_precision(F32))
         block = WanBlock
         policy = layers.REMAT_POLICIES[self.remat_policy]
         if policy is not None:
