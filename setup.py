@@ -26,8 +26,9 @@ setup(
         "pillow>=10,<13",
         "safetensors>=0.4,<1",
         "ml-dtypes>=0.5,<1",
+        "scipy>=1.13,<2",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "torch==2.13.0"],
+        "test": ["pytest>=8,<10", "torch==2.13.0", "scikit-image>=0.24,<1"],
     },
 )

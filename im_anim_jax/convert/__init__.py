@@ -1,6 +1,7 @@
-"""PyTorch checkpoint import: TiTok (motion encoder), Wan2.2 DiT, Wan2.2 VAE -> Orbax.
+"""PyTorch checkpoint import -> Orbax: TiTok (motion encoder), Wan2.2 DiT, Wan2.2 VAE, and the
+metric networks (pytorch-fid InceptionV3, I3D for FVD, LPIPS trunk + heads).
 
-  python -m im_anim_jax.convert {titok,wan-dit,wan-vae} --src FILE --dst DIR \\
+  python -m im_anim_jax.convert {titok,wan-dit,wan-vae,inception,i3d,lpips} --src FILE --dst DIR \\
       [--config configs/im_animation.py:paper] [--overwrite]
 
 The same as a function: `convert(kind, src, dst, model_cfg)`; read back with
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import importlib
 
-KINDS = {"titok": "titok", "wan-dit": "wan_dit", "wan-vae": "wan_vae"}
+KINDS = {"titok": "titok", "wan-dit": "wan_dit", "wan-vae": "wan_vae", "inception": "inception",
+         "i3d": "i3d", "lpips": "lpips"}
 
 
 def converter(kind: str):

@@ -5,7 +5,9 @@ A converter module (titok, wan_dit, wan_vae) exposes `MODEL` (its config.model k
 below is `config.model[MODEL]`, or the whole `config.model` when MODEL is None),
 `abstract_params(model_cfg)`, `expected_shapes(model_cfg)` ({torch key: shape}) and
 `convert(state_dict, model_cfg)` (-> nested numpy params, source dtype kept), and optionally
-`select(state_dict)` (drops parts of the source that our model does not use).
+`select(state_dict)` (drops parts of the source that our model does not use) and `load(src)` ->
+(state_dict, model_cfg): reads a source that is more than one file, or whose architecture the
+file itself fixes (the metric networks); its model_cfg replaces the config's.
 """
 from __future__ import annotations
 
@@ -155,6 +157,29 @@ def stack(sd: Mapping[str, np.ndarray], key: str, n: int, fn=lambda w: w) -> np.
     return np.stack([fn(sd[key.format(i)]) for i in range(n)])
 
 
+TORCH_LEAVES = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "running_mean",
+                "var": "running_var"}
+
+
+def mirrored_keys(abstract) -> dict[str, tuple[str, tuple]]:
+    """{torch key: (flax path, torch shape)} of a Flax tree whose module paths are the PyTorch
+    module names (`a/b/conv/kernel` <-> `a.b.conv.weight`; BatchNorm `bn/{scale,bias,mean,var}`
+    <-> `bn.{weight,bias,running_mean,running_var}`; conv kernels [*k, I, O] <-> [O, I, *k])."""
+    out = {}
+    for path, shape in _paths(abstract).items():
+        *modules, leaf = path.split("/")
+        if leaf == "kernel":
+            shape = (shape[-1], shape[-2], *shape[:-2])
+        out[".".join(modules + [TORCH_LEAVES[leaf]])] = (path, shape)
+    return out
+
+
+def convert_mirrored(sd: Mapping[str, np.ndarray], abstract) -> dict:
+    """The params of `abstract` from a state dict named as `mirrored_keys` says."""
+    return unflatten({path: conv(sd[key]) if path.endswith("/kernel") else sd[key]
+                      for key, (path, _) in mirrored_keys(abstract).items()})
+
+
 def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
     """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
     out: dict = {}
@@ -191,7 +216,10 @@ def convert_file(converter, src: str, dst: str, model_cfg, kind: str,
     dst = os.path.abspath(dst)
     if os.path.exists(dst) and not overwrite:
         raise ConversionError(f"{dst} already exists; choose another --dst or pass --overwrite")
-    sd = load_state_dict(src)
+    if hasattr(converter, "load"):
+        sd, model_cfg = converter.load(src)
+    else:
+        sd = load_state_dict(src)
     skipped = len(sd)
     sd = converter.select(sd) if hasattr(converter, "select") else sd
     skipped -= len(sd)
