@@ -1,0 +1,134 @@
+"""Stage-2 augmentation: colour jitter range, crop/scale/pad affine on pixels and keypoints,
+explicit pose augmentation (bone rescale, realignment)."""
+import numpy as np
+import pytest
+
+from data_pipelines import augment as aug
+from data_pipelines import records
+from im_anim_jax import skeleton as sk
+
+PARENT = np.array([p for p, _ in sk.BONES])
+CHILD = np.array([c for _, c in sk.BONES])
+NECK = sk.JOINT_INDEX["neck"]
+
+
+def _bones(kpts):
+    v = kpts[..., CHILD, :2] - kpts[..., PARENT, :2]
+    n = np.linalg.norm(v, axis=-1)
+    return v / n[..., None], n
+
+
+def _blobs(points, size, sigma=1.5):
+    """float image [T, S, S] with a Gaussian blob at each (x, y) of points [T, 2]."""
+    g = np.arange(size, dtype=np.float64)
+    gx = np.exp(-(g - points[:, 0, None]) ** 2 / (2 * sigma ** 2))
+    gy = np.exp(-(g - points[:, 1, None]) ** 2 / (2 * sigma ** 2))
+    return gy[:, :, None] * gx[:, None, :]
+
+
+def test_color_jitter_keeps_uint8_range_and_is_seeded():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    frames[0, 0, 0] = (255, 255, 255)
+    out = aug.color_jitter(frames, np.random.default_rng(1), 0.9, 0.9, 0.9, 0.5)
+    assert out.dtype == np.uint8 and out.shape == frames.shape and not np.array_equal(out, frames)
+    again = aug.color_jitter(frames, np.random.default_rng(1), 0.9, 0.9, 0.9, 0.5)
+    np.testing.assert_array_equal(out, again)
+    np.testing.assert_array_equal(aug.color_jitter(frames, rng, 0, 0, 0, 0), frames)
+    # Hue rotation alone keeps each pixel's luma.
+    hued = aug.color_jitter(frames, np.random.default_rng(2), 0, 0, 0, 0.5).astype(np.float32)
+    luma = lambda x: x.astype(np.float32) @ np.array([0.299, 0.587, 0.114])  # noqa: E731
+    unclipped = (hued > 0).all(-1) & (hued < 255).all(-1)
+    np.testing.assert_allclose(luma(hued)[unclipped], luma(frames)[unclipped], atol=1.0)
+    with pytest.raises(ValueError, match="uint8"):
+        aug.color_jitter(frames.astype(np.float32), rng)
+    with pytest.raises(ValueError, match="hue strength"):
+        aug.color_jitter(frames, rng, hue=0.7)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_keypoints_follow_the_pixels_under_crop_scale_pad(seed):
+    """A blob drawn at each keypoint lands exactly where transform_keypoints puts the keypoint."""
+    size, rng = 48, np.random.default_rng(seed)
+    affine = aug.random_affine(rng, (size, size), scale=(0.6, 1.4), shift=0.1)
+    pts = rng.uniform(18, 30, (3, 2))                 # stays inside after the transform
+    frames = np.repeat((_blobs(pts, size) * 255).round().astype(np.uint8)[..., None], 3, -1)
+    warped = aug.warp_clip(frames, affine)[..., 0].astype(np.float64)
+    kpts = np.concatenate([pts, np.ones((3, 1))], -1)[:, None]          # [T, 1, 3]
+    moved = aug.transform_keypoints(kpts, affine, (size, size))[:, 0]
+    np.testing.assert_allclose(moved[:, :2], pts @ affine[:, :2].T + affine[:, 2], atol=1e-4)
+    ys, xs = np.mgrid[0:size, 0:size]
+    mass = warped.sum(axis=(1, 2))
+    centroid = np.stack([(warped * xs).sum((1, 2)) / mass, (warped * ys).sum((1, 2)) / mass], -1)
+    np.testing.assert_allclose(centroid, moved[:, :2], atol=0.1)
+
+
+def test_pad_fills_and_joints_leaving_the_frame_lose_confidence():
+    frames = np.full((2, 16, 16, 3), 200, np.uint8)
+    shrink = np.array([[0.5, 0.0, 0.0], [0.0, 0.5, 0.0]])            # zoom out to the top-left
+    out = aug.warp_clip(frames, shrink, fill=7)
+    assert np.all(out[:, :7, :7] == 200) and np.all(out[:, 9:, 9:] == 7)
+    shift = np.array([[1.0, 0.0, 10.0], [0.0, 1.0, 0.0]])
+    kpts = np.array([[[2.0, 3.0, 1.0], [8.0, 3.0, 1.0]]], np.float32)
+    moved = aug.transform_keypoints(kpts, shift, (16, 16))
+    np.testing.assert_allclose(moved[0, :, :2], [[12, 3], [18, 3]])
+    np.testing.assert_array_equal(moved[0, :, 2], [1, 0])
+
+
+def test_clip_augment_supervises_with_the_original_keypoints(tiny_dataset):
+    ex = records.open_split(tiny_dataset, "train")[0]
+    out = aug.ClipAugment()(ex["frames"], ex["keypoints"], np.random.default_rng(3))
+    assert out["frames"].shape == ex["frames"].shape and out["frames"].dtype == np.uint8
+    np.testing.assert_array_equal(out["target_keypoints"], ex["keypoints"])
+    size = ex["frames"].shape[1:3]
+    np.testing.assert_allclose(out["keypoints"], aug.transform_keypoints(
+        ex["keypoints"], out["affine"].astype(np.float64), size), atol=1e-4)
+    moved = aug.ClipAugment(supervise_original=False)(ex["frames"], ex["keypoints"],
+                                                      np.random.default_rng(3))
+    np.testing.assert_array_equal(moved["target_keypoints"], moved["keypoints"])
+    with pytest.raises(ValueError, match="scale"):
+        aug.ClipAugment(scale=(1.2, 0.8))(ex["frames"], ex["keypoints"], np.random.default_rng(0))
+
+
+def test_rescale_bones_keeps_directions_and_scales_lengths():
+    rng = np.random.default_rng(0)
+    kpts = np.concatenate([rng.uniform(0, 64, (3, sk.NUM_JOINTS, 2)),
+                           rng.uniform(0, 1, (3, sk.NUM_JOINTS, 1))], -1).astype(np.float32)
+    factors = rng.uniform(0.5, 2.0, len(sk.BONES))
+    out = aug.rescale_bones(kpts, factors)
+    d0, n0 = _bones(kpts)
+    d1, n1 = _bones(out)
+    np.testing.assert_allclose(d1, d0, atol=1e-4)
+    np.testing.assert_allclose(n1, n0 * factors, rtol=1e-4)
+    np.testing.assert_array_equal(out[:, NECK], kpts[:, NECK])
+    np.testing.assert_array_equal(out[..., 2], kpts[..., 2])
+    with pytest.raises(ValueError, match="one per bone"):
+        aug.rescale_bones(kpts, factors[:-1])
+
+
+def test_random_bone_factors_are_per_group():
+    f = aug.random_bone_factors(np.random.default_rng(0), {"arms": 1.5, "head": 1.2}, prob=1.0)
+    arms, head = aug.BONE_GROUPS["arms"], aug.BONE_GROUPS["head"]
+    assert len(arms) == 4 and len(head) == 5
+    assert len(set(f[arms].tolist())) == 1 and 1 / 1.5 <= f[arms][0] <= 1.5
+    assert len(set(f[head].tolist())) == 1 and 1 / 1.2 <= f[head][0] <= 1.2
+    rest = np.setdiff1d(np.arange(len(sk.BONES)), np.concatenate([arms, head]))
+    np.testing.assert_array_equal(f[rest], 1.0)
+    with pytest.raises(ValueError, match="max_factors"):
+        aug.random_bone_factors(np.random.default_rng(0), {"tail": 2.0})
+
+
+def test_realign_moves_a_motion_onto_another_body(tiny_dataset):
+    """Synthetic identities share bone directions per motion: realigning A's keypoints to B's
+    body gives B's pose relative to the neck, with A's bone directions."""
+    src = records.open_split(tiny_dataset, "train")
+    index = records.read_index(tiny_dataset)["splits"]["train"]
+    a = next(i for i, e in enumerate(index) if e["motion_id"] == 0)
+    b = next(i for i, e in enumerate(index) if e["motion_id"] == 0
+             and e["identity_id"] != index[a]["identity_id"])
+    ka, kb = src[a]["keypoints"], src[b]["keypoints"]
+    out = aug.realign_bones(ka, kb)
+    np.testing.assert_allclose(out[..., :2] - out[:, NECK:NECK + 1, :2],
+                               kb[..., :2] - kb[:, NECK:NECK + 1, :2], atol=2e-3)
+    np.testing.assert_allclose(np.median(out[:, NECK, :2], 0), np.median(kb[:, NECK, :2], 0),
+                               atol=1e-4)

@@ -1,0 +1,98 @@
+"""Stage-2 pairing sampler: motion-consistent, identity-inconsistent, deterministic, exact targets."""
+import grain
+import numpy as np
+import pytest
+
+from data_pipelines import pairs, records
+from im_anim_jax import skeleton as sk
+
+PARENT = np.array([p for p, _ in sk.BONES])
+CHILD = np.array([c for _, c in sk.BONES])
+
+
+def _entries(ids_motions, num_frames=5):
+    return [{"identity_id": i, "motion_id": m, "num_frames": num_frames} for i, m in ids_motions]
+
+
+def _bone_dirs(kpts):
+    v = kpts[..., CHILD, :2] - kpts[..., PARENT, :2]
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def test_pairs_are_motion_consistent_and_identity_inconsistent(tiny_dataset):
+    entries = records.read_index(tiny_dataset)["splits"]["train"]
+    p = pairs.load_pairs(tiny_dataset, "train", clip_frames=3, seed=0)
+    assert len(p) == len(entries) and len(p.unpaired) == 0   # every clip has partners
+    e = lambda rec, f: np.array([entries[r][f] for r in rec])  # noqa: E731
+    assert np.all(e(p.driving, "motion_id") == e(p.target, "motion_id"))
+    assert np.all(e(p.driving, "identity_id") != e(p.target, "identity_id"))
+    assert np.all(e(p.reference, "identity_id") == e(p.target, "identity_id"))
+    assert np.all(e(p.reference, "motion_id") != e(p.target, "motion_id"))
+    assert np.all((p.start >= 0) & (p.start <= 5 - 3))
+    assert np.all((p.reference_frame >= 0) & (p.reference_frame < 5))
+    every = pairs.load_pairs(tiny_dataset, "train", clip_frames=3, seed=0, partners_per_clip=None)
+    assert len(every) == len(entries) * 5                    # 6 identities: 5 partners each
+    assert len(set(zip(every.driving.tolist(), every.target.tolist()))) == len(every)
+
+
+def test_deterministic_under_seed():
+    entries = _entries([(i, m) for i in range(4) for m in range(3)])
+    a = pairs.make_pairs(entries, clip_frames=3, seed=1)
+    b = pairs.make_pairs(entries, clip_frames=3, seed=1)
+    c = pairs.make_pairs(entries, clip_frames=3, seed=2)
+    fields = ("driving", "target", "reference", "reference_frame", "start")
+    assert all(np.array_equal(getattr(a, f), getattr(b, f)) for f in fields)
+    assert any(not np.array_equal(getattr(a, f), getattr(c, f)) for f in fields)
+    # A record's pairs do not depend on the rest of the split.
+    more = pairs.make_pairs(entries + _entries([(9, 0)]), clip_frames=3, seed=1)
+    assert np.array_equal(more.driving[:len(a)], a.driving)
+    assert np.array_equal(more.reference_frame[:len(a)], a.reference_frame)
+
+
+def test_source_targets_are_partner_keypoints_at_the_same_frames(tiny_dataset):
+    src = pairs.PairSource(tiny_dataset, "train", clip_frames=3, seed=0)
+    clips = records.open_split(tiny_dataset, "train")
+    for i in (0, len(src) - 1):
+        ex = src[i]
+        drv, tgt, ref = (clips[int(ex[k])] for k in ("driving_record", "target_record",
+                                                      "reference_record"))
+        s = int(ex["start"])
+        assert ex["driving"].shape == (3, 32, 32, 3) and ex["driving"].dtype == np.uint8
+        assert ex["reference"].shape == (32, 32, 3) and ex["reference"].dtype == np.uint8
+        np.testing.assert_array_equal(ex["driving"], drv["frames"][s:s + 3])
+        np.testing.assert_array_equal(ex["driving_keypoints"], drv["keypoints"][s:s + 3])
+        np.testing.assert_array_equal(ex["target_keypoints"], tgt["keypoints"][s:s + 3])
+        np.testing.assert_array_equal(ex["reference"], ref["frames"][int(ex["reference_frame"])])
+        assert ex["driving_identity_id"] != ex["reference_identity_id"] == tgt["identity_id"]
+        assert ex["motion_id"] == tgt["motion_id"] != ex["reference_motion_id"]
+        # Same motion, same frames: every bone points the same way on both bodies ...
+        np.testing.assert_allclose(_bone_dirs(ex["target_keypoints"]),
+                                   _bone_dirs(ex["driving_keypoints"]), atol=2e-3)
+        # ... while the bodies (lengths, placement) differ.
+        assert np.abs(ex["target_keypoints"][..., :2] - ex["driving_keypoints"][..., :2]).max() > 1
+    batch = grain.MapDataset.source(src).seed(0).shuffle().batch(4)[0]
+    assert batch["driving"].shape == (4, 3, 32, 32, 3) and batch["target_keypoints"].shape == (
+        4, 3, sk.NUM_JOINTS, 3)
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="two identities"):
+        pairs.make_pairs(_entries([(0, 0), (1, 1), (0, 2)]), clip_frames=3, seed=0)
+    with pytest.raises(ValueError, match="2 motions per identity"):
+        pairs.make_pairs(_entries([(0, 0), (1, 0), (2, 0)]), clip_frames=3, seed=0)
+    with pytest.raises(ValueError, match="6 frames"):
+        pairs.make_pairs(_entries([(0, 0), (1, 0)]), clip_frames=6, seed=0)
+    with pytest.raises(ValueError, match="lacks \\['num_frames'\\]"):
+        pairs.make_pairs([{"identity_id": 0, "motion_id": 0}], clip_frames=3, seed=0)
+    with pytest.raises(ValueError, match="partners_per_clip"):
+        pairs.make_pairs(_entries([(0, 0)]), clip_frames=3, seed=0, partners_per_clip=0)
+    # Clips whose motion nobody else performs are left out, not an error.
+    p = pairs.make_pairs(_entries([(0, 0), (1, 0), (0, 1), (1, 1), (2, 7)]), clip_frames=3, seed=0)
+    assert p.unpaired.tolist() == [4] and len(p) == 4
+
+
+def test_split_errors_name_the_split(tiny_dataset):
+    with pytest.raises(ValueError, match="split 'test' .*2 motions per identity"):
+        pairs.load_pairs(tiny_dataset, "test", clip_frames=3, seed=0)  # one held-out motion
+    with pytest.raises(ValueError, match="split 'val' not in"):
+        pairs.load_pairs(tiny_dataset, "val", clip_frames=3, seed=0)
