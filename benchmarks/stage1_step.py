@@ -15,26 +15,16 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "configs"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "configs")]
 import im_animation  # noqa: E402
 
 from im_anim_jax import sharding  # noqa: E402
 from im_anim_jax.models.stage1 import build_stage1  # noqa: E402
 from im_anim_jax.training import stage1  # noqa: E402
-
-
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(reps):
-        f(a).block_until_ready()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+from benchmarks.common import matmul_peak  # noqa: E402
 
 
 def main():

@@ -29,16 +29,7 @@ import im_animation  # noqa: E402
 from im_anim_jax.convert import wan_vae  # noqa: E402
 from im_anim_jax.models.wan import vae  # noqa: E402
 from tests.parity import torch_wan_vae  # noqa: E402
-
-
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(reps):
-        f(a).block_until_ready()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+from benchmarks.common import matmul_peak  # noqa: E402
 
 
 def best_time(fn, reps: int) -> float:
