@@ -3,6 +3,10 @@ torch.compile) on this machine's cores, same random weights.
 
   python benchmarks/vae_decode.py [--variant demo] [--latent-frames 3] [--size 64] [--reps 3]
       [--torch-compile]
+  python benchmarks/vae_decode.py --memory-only --variant paper --size 256 --latent-frames 5 13
+
+`--memory-only` compiles encode and decode (whole clip and chunked) abstractly, nothing allocated,
+and prints XLA's temp bytes per latent-frame count: chunked memory must stay flat in clip length.
 
 The PyTorch side is the parity tests' reference VAE (tests/parity/torch_wan_vae.py), which decodes
 one latent frame at a time with feature caches, as upstream. FLOPs come from XLA's cost analysis of
@@ -43,16 +47,43 @@ def best_time(fn, reps: int) -> float:
     return min(times)
 
 
+def memory_table(cfg, size: int, latent_frames):
+    """Compiled temp GiB of encode/decode, whole clip vs chunked, per latent-frame count."""
+    model, params = vae.build_vae(cfg), wan_vae.abstract_params(cfg)
+    print(json.dumps({"params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))}))
+    rows = []
+    for n in latent_frames:
+        video = jax.ShapeDtypeStruct((1, 1 + 4 * (n - 1), size, size, 3), jnp.float32)
+        lat = jax.ShapeDtypeStruct((1, n, size // 16, size // 16, cfg.z_dim), jnp.float32)
+        row = {"latent_frames": n}
+        for name, fn, x in (("encode", vae.encode, video), ("decode", vae.decode, lat)):
+            for mode, chunked in (("whole", False), ("chunked", True)):
+                mem = jax.jit(functools.partial(fn, model, chunked=chunked)).lower(
+                    params, x).compile().memory_analysis()
+                row[f"{name}_{mode}_temp_gib"] = round(mem.temp_size_in_bytes / 2 ** 30, 3)
+        print(json.dumps(row))
+        rows.append(row)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="demo", choices=im_animation.VARIANTS)
-    p.add_argument("--latent-frames", type=int, default=3, help="video frames: 1 + 4 (n - 1)")
+    p.add_argument("--latent-frames", type=int, nargs="+", default=[3],
+                   help="video frames: 1 + 4 (n - 1); several only with --memory-only")
     p.add_argument("--size", type=int, default=64, help="video height and width (pixels)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--torch-compile", action="store_true",
                    help="also time torch.compile (inductor; slow to compile on a few cores)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the compiled temp memory of encode/decode, whole vs chunked")
     args = p.parse_args()
     cfg = im_animation.get_config(args.variant).model.vae
+    if args.memory_only:
+        return memory_table(cfg, args.size, args.latent_frames)
+    if len(args.latent_frames) != 1:
+        p.error("several --latent-frames values need --memory-only")
+    args.latent_frames = args.latent_frames[0]
     torch.set_num_threads(os.cpu_count())
 
     ref = torch_wan_vae.WanVAE(cfg.dim, cfg.dec_dim, cfg.z_dim, cfg.dim_mult, cfg.num_res_blocks,

@@ -75,3 +75,31 @@ def test_cli_with_default_config_names_a_missing_file_in_one_line(tmp_path):
                           cwd=tmp_path, timeout=300)  # cwd: the default config is found anyway
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: {src}: no such file or directory"
+
+
+def test_overwrite_replaces_a_converted_checkpoint(tmp_path):
+    sd = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+
+    class Identity:  # a one-tensor converter
+        MODEL = None
+
+        @staticmethod
+        def expected_shapes(_):
+            return {"w": (2, 3)}
+
+        @staticmethod
+        def convert(sd, _):
+            return {"w": sd["w"]}
+
+        @staticmethod
+        def abstract_params(_):
+            return {"w": np.zeros((2, 3), np.float32)}
+
+    torch.save({"w": torch.from_numpy(sd["w"])}, tmp_path / "a.pth")
+    dst = str(tmp_path / "out")
+    common.convert_file(Identity, str(tmp_path / "a.pth"), dst, None, "test")
+    torch.save({"w": torch.from_numpy(sd["w"] + 1)}, tmp_path / "a.pth")
+    common.convert_file(Identity, str(tmp_path / "a.pth"), dst, None, "test", overwrite=True)
+    params, meta = common.load_converted(dst)
+    np.testing.assert_array_equal(params["w"], sd["w"] + 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pth", "out"]  # no temp dirs left

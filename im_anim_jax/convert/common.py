@@ -232,16 +232,21 @@ def convert_file(converter, src: str, dst: str, model_cfg, kind: str,
             "num_params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
             "model_config": model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg,
             "code_version": im_anim_jax.__version__}
-    tmp = dst + ".partial"
+    tmp, old = dst + ".partial", dst + ".replaced"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(tmp, "params"), params)
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1, default=str)
-    if os.path.exists(dst):
-        shutil.rmtree(dst)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(tmp, "params"), params)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1, default=str)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(dst):  # --overwrite: the old checkpoint goes only once the new one is in place
+        os.replace(dst, old)
     os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
     return meta
 
 
