@@ -88,6 +88,9 @@ def test_encode_decode_match_torch_and_streaming(converted):
     with torch.no_grad():
         z_ref = from_torch(ref.encode(to_torch(video), *stats()))
     assert z.shape == z_ref.shape == (1, 1 + (FRAMES - 1) // 4, SIZE // 16, SIZE // 16, 48)
+    z_image = encode(params, jnp.asarray(video[:, :1]))  # T = 1: the single-frame 2D-conv path
+    with torch.no_grad():
+        z_image_ref = from_torch(ref.encode(to_torch(video[:, :1]), *stats()))
 
     latents = rng.normal(size=z_ref.shape).astype(np.float32)
     decode = jax.jit(lambda p, z: vae.decode(model, p, z, clip=False))
@@ -99,6 +102,8 @@ def test_encode_decode_match_torch_and_streaming(converted):
     assert x.shape == x_ref.shape == video.shape
 
     diffs = {"encode vs torch": (max_diff(z, z_ref), 1e-4, np.abs(z_ref).max()),
+             "image (T=1) encode vs torch": (max_diff(z_image, z_image_ref), 1e-4,
+                                             np.abs(z_image_ref).max()),
              "decode vs torch": (max_diff(x, x_ref), 1e-4, np.abs(x_ref).max()),
              "chunked vs whole encode": (max_diff(z_chunked, z), 1e-5, np.abs(z_ref).max()),
              "chunked vs whole decode": (max_diff(x_chunked, x), 1e-5, np.abs(x_ref).max())}

@@ -52,19 +52,27 @@ def latent_stats(z_dim: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _conv(module: nn.Module, x, features: int, kernel_size: tuple, strides: tuple, padding,
-          dtype):
+          dtype, last_tap_only: bool = False):
     """PyTorch ConvNd (cross-correlation + bias) on channels-last x [N, *spatial, C] with the
-    parameters `kernel` [*kernel_size, C, features] and `bias` [features] of `module`."""
+    parameters `kernel` [*kernel_size, C, features] and `bias` [features] of `module`.
+    last_tap_only (3D kernels, x [N, 1, H, W, C]): only the kernel's last time tap, as a 2D conv
+    (what the full conv computes when every earlier input frame is zero)."""
     names = (None,) * len(kernel_size) + ("conv_in", "conv_out")
     init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # PyTorch's default
     kernel = module.param("kernel", layers.axes(init, *names),
                           (*kernel_size, x.shape[-1], features))
     bias = module.param("bias", layers.axes(nn.initializers.zeros, "conv_out"), (features,))
-    dims = "NDHWC" if len(kernel_size) == 3 else "NHWC"
-    y = jax.lax.conv_general_dilated(
+    if last_tap_only:
+        y = _conv_apply(x[:, 0], kernel[-1], strides[1:], padding[1:], dtype)
+        return (y + bias.astype(dtype))[:, None]
+    return _conv_apply(x, kernel, strides, padding, dtype) + bias.astype(dtype)
+
+
+def _conv_apply(x, kernel, strides, padding, dtype):
+    dims = "NDHWC" if kernel.ndim == 5 else "NHWC"
+    return jax.lax.conv_general_dilated(
         x.astype(dtype), kernel.astype(dtype), strides, padding,
         dimension_numbers=(dims, dims[1:-1] + "IO", dims))
-    return y + bias.astype(dtype)
 
 
 def _cached_frames(module: nn.Module, name: str, x, n: int):
@@ -90,11 +98,17 @@ class CausalConv3d(nn.Module):
     @nn.compact
     def __call__(self, x):
         kt, kh, kw = self.kernel_size
+        # A single frame starting a clip (e.g. an image) sees only zeros through the earlier time
+        # taps: a 2D conv with the last tap gives the same result at 1/kt of the cost.
+        single = kt > 1 and x.shape[1] == 1 and not self.has_variable("cache", "frames")
         if kt > 1:
             x = jnp.concatenate([_cached_frames(self, "frames", x, kt - 1), x], axis=1)
             _remember(self, "frames", x[:, -(kt - 1):])
         pad = ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2))
-        return _conv(self, x, self.features, self.kernel_size, (1, 1, 1), pad, self.dtype)
+        if single:
+            x = x[:, -1:]
+        return _conv(self, x, self.features, self.kernel_size, (1, 1, 1), pad, self.dtype,
+                     last_tap_only=single)
 
 
 class Conv2d(nn.Module):
