@@ -1,7 +1,9 @@
 """Evaluate a trained stage on held-out identities; prints one JSON line.
 
   python evaluate.py --config configs/demo.py --workdir runs/demo --stage 1
-writes WORKDIR/eval/stage1.json and WORKDIR/eval/stage1.png (driving | GT | predicted heatmaps).
+writes WORKDIR/eval/stage1.json and WORKDIR/eval/stage1.png (driving | GT | predicted heatmaps);
+  --stage 2 writes WORKDIR/eval/stage2.json (cross-identity PCK of the retargeter and of every
+baseline, identity-leakage probe) and WORKDIR/eval/stage2.png.
 """
 import json
 import os
@@ -23,6 +25,7 @@ def _main(argv):
     from data_pipelines import datasets
     from im_anim_jax import cli
     from im_anim_jax.evaluation import stage1 as stage1_eval
+    from im_anim_jax.evaluation import stage2 as stage2_eval
 
     if FLAGS.stage not in cli.IMPLEMENTED_STAGES:
         raise ValueError(f"--stage {FLAGS.stage}: evaluation of "
@@ -32,7 +35,8 @@ def _main(argv):
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"--workdir {workdir} does not exist; train first with train.py")
     data_path = datasets.resolve(config, workdir)
-    result = stage1_eval.evaluate(config, workdir, data_path)
+    evaluate = {1: stage1_eval.evaluate, 2: stage2_eval.evaluate}[FLAGS.stage]
+    result = evaluate(config, workdir, data_path)
     print(json.dumps(result))
 
 

@@ -28,13 +28,15 @@ def _main(argv):
     from data_pipelines import datasets  # heavy imports after flag parsing
     from im_anim_jax import cli
     from im_anim_jax.evaluation import stage1 as stage1_eval
-    from im_anim_jax.training import stage1
+    from im_anim_jax.evaluation import stage2 as stage2_eval
+    from im_anim_jax.training import stage1, stage2
 
     config, workdir = cli.load_config(FLAGS), os.path.abspath(FLAGS.workdir)
     stages = cli.parse_stages(FLAGS.stages, config.stages)
     os.makedirs(workdir, exist_ok=True)
     data_path = datasets.resolve(config, workdir)
-    trainers, evaluators = {1: stage1.train}, {1: stage1_eval.evaluate}
+    trainers = {1: stage1.train, 2: stage2.train}
+    evaluators = {1: stage1_eval.evaluate, 2: stage2_eval.evaluate}
     for s in stages:
         if s not in cli.IMPLEMENTED_STAGES:
             print(f"[train] {cli.PENDING[s]} is not implemented in this version: skipped")

@@ -65,6 +65,18 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.model.joint_decoder = ml_collections.ConfigDict(dict(
         num_joints=62, heatmap_size=64, channels=(256, 128, 64, 32)))
 
+    # Stage 2 (paper sec. 3.2): which motion encoder feeds the retargeter ("tokenizer": the 1D
+    # motion tokenizer + quantizer of stage 1; "conv": the plain convolutional baseline, Table 2
+    # exp. A, trained from scratch in stage 2), the retargeter ("mask_token" | "self_attention",
+    # Table 6) and the head reading joint tokens from M_ret for the stage-1 joint decoder.
+    c.model.motion_encoder = "tokenizer"
+    c.model.conv_motion_encoder = ml_collections.ConfigDict(dict(
+        channels=(64, 128, 256, 512), features=512))
+    c.model.retargeter = ml_collections.ConfigDict(dict(
+        mode="mask_token", output_frames="latent", width=1024, depth=8, num_heads=16,
+        out_dim=192))
+    c.model.joint_head = ml_collections.ConfigDict(dict(width=512, depth=2, num_heads=8))
+
     c.model.vae = wan_vae("wan2_2")
     c.model.dit = wan_dit("wan2_2_ti2v_5b")
 
@@ -76,7 +88,26 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
         # A converted TiTok checkpoint (python -m im_anim_jax.convert titok ...) whose encoder and
         # codebook initialise the motion encoder and quantizer (the paper fine-tunes TiTok-L-32).
         init_from=""))
-    c.stage2 = ml_collections.ConfigDict(dict(steps=10000, lr=1e-4))
+    # The reference encoder: without model.vae.init_from (a converted Wan2.2 VAE), the configured
+    # VAE is first trained on the run's frames (reconstruction + KL) into WORKDIR/vae.
+    c.vae_training = ml_collections.ConfigDict(dict(
+        steps=20000, lr=1e-4, schedule="constant", warmup_steps=500, weight_decay=0.0,
+        grad_clip=1.0, batch_size=16, kl_weight=1e-6, log_every=50, checkpoint_every=1000))
+    c.stage2 = ml_collections.ConfigDict(dict(
+        steps=10000, lr=1e-4, schedule="constant", warmup_steps=500, weight_decay=0.01,
+        grad_clip=1.0, batch_size=16, clip_frames=81, vq_loss_weight=1.0,
+        # Pairs: per driving clip, `partners_per_clip` other identities performing the same motion
+        # (target = their keypoints) plus, with self_pairs, the driving identity itself (target =
+        # its own, un-augmented clip: the crop/scale/pad supervision of the paper).
+        partners_per_clip=1, self_pairs=True,
+        augment=ml_collections.ConfigDict(dict(
+            scale=(0.75, 1.25), shift=0.15, brightness=0.2, contrast=0.2, saturation=0.2,
+            hue=0.05)),
+        # False: the `no_middle_supervision` ablation (M_ret gets no heatmap signal; see README).
+        middle_supervision=True,
+        # Ablations trained after the main model, each into WORKDIR/stage2_<name>.
+        baselines=("self_attention", "conv", "no_middle_supervision"),
+        log_every=50, checkpoint_every=1000))
     c.stage3 = ml_collections.ConfigDict(dict(steps=30000, lr_dit=1e-5, lr_other=5e-5,
                                               clip_frames=81))
 
@@ -87,7 +118,8 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2, async_save=True))
     c.eval = ml_collections.ConfigDict(dict(
-        split="test", pck_thresholds=(0.05, 0.1), subpixel=True, batch_size=8, num_vis_frames=4))
+        split="test", pck_thresholds=(0.05, 0.1), subpixel=True, batch_size=8, num_vis_frames=4,
+        pair_seed=1234))
 
     if variant in ("demo", "tiny"):
         _small(c, variant)
@@ -126,7 +158,7 @@ def wan_vae(preset: str) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown VAE preset {preset!r}; choose one of {sorted(presets)}")
     return ml_collections.ConfigDict(dict(
         preset=preset, z_dim=48, dim_mult=(1, 2, 4, 4), num_res_blocks=2,
-        temporal_downsample=(False, True, True), patch_size=2, **presets[preset]))
+        temporal_downsample=(False, True, True), patch_size=2, init_from="", **presets[preset]))
 
 
 def _small(c, variant):
@@ -145,13 +177,21 @@ def _small(c, variant):
     # memory-bound on CPU (channels (64, 32, 16) at 32x32: 6.6 s per 16-frame step); the light
     # decoder leaves the spatial work to the token -> grid linear map (whole step: 0.56 s).
     c.model.joint_decoder.update(dict(heatmap_size=16, channels=(8, 4)))
+    c.model.conv_motion_encoder.update(dict(channels=(32, 64, 128) if demo else (8, 16),
+                                            features=128 if demo else 32))
+    c.model.retargeter.update(dict(width=128 if demo else 32, depth=2 if demo else 1,
+                                   num_heads=4 if demo else 2, out_dim=128 if demo else 32))
+    c.model.joint_head.update(dict(width=128 if demo else 32, depth=1, num_heads=4 if demo else 2))
     c.model.vae = wan_vae(variant)
     c.model.dit = wan_dit(variant)
+    c.vae_training.update(dict(steps=400 if demo else 6, lr=1e-3, schedule="cosine",
+                               warmup_steps=20 if demo else 2, batch_size=16 if demo else 2,
+                               log_every=50 if demo else 3, checkpoint_every=200 if demo else 3))
     c.data.heatmap_sigma = 1.5
     c.data.synthetic.update(dict(
         image_size=c.model.motion_tokenizer.image_size, shards_per_split=2 if demo else 1,
         num_train_identities=64 if demo else 6, num_heldout_identities=8 if demo else 2,
-        num_train_motions=10 if demo else 3, num_heldout_motions=4 if demo else 1,
+        num_train_motions=10 if demo else 3, num_heldout_motions=4 if demo else 2,
         clip_frames=17 if demo else 5))
     # Trained from scratch (the paper fine-tunes pretrained TiTok at 1e-4): a higher peak rate
     # with cosine decay reaches the best pose accuracy within the CPU budget.
@@ -159,6 +199,9 @@ def _small(c, variant):
                          warmup_steps=50 if demo else 10,
                          batch_size=16 if demo else 4, log_every=50 if demo else 5,
                          checkpoint_every=300 if demo else 10))
-    c.stage2.steps = 1000 if demo else 20
+    c.stage2.update(dict(steps=400 if demo else 6, lr=5e-4 if demo else 1e-3, schedule="cosine",
+                         warmup_steps=20 if demo else 2, batch_size=8 if demo else 2,
+                         clip_frames=5, log_every=50 if demo else 3,
+                         checkpoint_every=200 if demo else 3))
     c.stage3.update(dict(steps=500 if demo else 10, clip_frames=17 if demo else 5))
     c.eval.batch_size = 8 if demo else 2

@@ -66,10 +66,14 @@ def _no_pair_error(entries: list, clip_frames: int) -> ValueError:
 
 
 def make_pairs(entries: list, *, clip_frames: int, seed: int,
-               partners_per_clip: int | None = 1) -> Pairs:
+               partners_per_clip: int | None = 1, self_pairs: bool = False) -> Pairs:
     """Pairs over one split's index entries ({"identity_id", "motion_id", "num_frames"}, in
     data-source order). partners_per_clip: partner identities per driving clip (drawn without
-    replacement, fewer when fewer exist); None: every valid partner."""
+    replacement, fewer when fewer exist); None: every valid partner. self_pairs: also one row per
+    driving clip whose partner is its own identity (target = the driving record itself, reference =
+    a frame of another of its motions): the crop/scale/pad examples, supervised by the original
+    clip. Self rows are drawn after the cross rows, so adding them leaves the cross rows as
+    they were."""
     _check_entries(entries, clip_frames)
     if partners_per_clip is not None and partners_per_clip < 1:
         raise ValueError(f"partners_per_clip must be >= 1 or None, got {partners_per_clip}")
@@ -85,15 +89,22 @@ def make_pairs(entries: list, *, clip_frames: int, seed: int,
     for r, e in enumerate(entries):
         a, m = e["identity_id"], e["motion_id"]
         others = {b: [x for x in by_identity[b] if entries[x]["motion_id"] != m]
-                  for b in performers[m] if b != a}
-        partners = sorted(b for b, refs in others.items() if refs)
-        if e["num_frames"] < clip_frames or not partners:
+                  for b in performers[m]}
+        partners = sorted(b for b, refs in others.items() if refs and b != a)
+        chosen = []
+        if e["num_frames"] >= clip_frames:
+            rng = np.random.default_rng([seed, r])
+            if partners:
+                k = len(partners) if partners_per_clip is None else min(partners_per_clip,
+                                                                        len(partners))
+                chosen = rng.choice(partners, size=k, replace=False).tolist()
+            if self_pairs and others.get(a):
+                chosen.append(a)
+        if not chosen:
             unpaired.append(r)
             continue
-        rng = np.random.default_rng([seed, r])
-        k = len(partners) if partners_per_clip is None else min(partners_per_clip, len(partners))
-        for b in rng.choice(partners, size=k, replace=False).tolist():
-            target = int(rng.choice(clips[b, m]))
+        for b in chosen:
+            target = r if b == a else int(rng.choice(clips[b, m]))
             ref = int(rng.choice(others[b]))
             last = min(e["num_frames"], entries[target]["num_frames"]) - clip_frames
             rows.append((r, target, ref, int(rng.integers(entries[ref]["num_frames"])),
@@ -118,13 +129,14 @@ def load_pairs(path: str, split: str, **kwargs) -> Pairs:
 class PairSource:
     """Grain random-access source of pair examples (one per row of `load_pairs`):
     driving [T, H, W, 3] uint8, driving_keypoints [T, 62, 3], reference [H, W, 3] uint8,
+    reference_keypoints [62, 3] (B's own pose in the reference image),
     target_keypoints [T, 62, 3] (B's keypoints, pixels), int32 ids (driving_identity_id,
     reference_identity_id, motion_id, reference_motion_id) and the record/frame indices."""
 
     def __init__(self, path: str, split: str, *, clip_frames: int, seed: int,
-                 partners_per_clip: int | None = 1):
+                 partners_per_clip: int | None = 1, self_pairs: bool = False):
         self.pairs = load_pairs(path, split, clip_frames=clip_frames, seed=seed,
-                                partners_per_clip=partners_per_clip)
+                                partners_per_clip=partners_per_clip, self_pairs=self_pairs)
         self.clip_frames = clip_frames
         self._src = records.open_split(path, split)
 
@@ -138,6 +150,7 @@ class PairSource:
         return {
             "driving": drv["frames"][window], "driving_keypoints": drv["keypoints"][window],
             "reference": ref["frames"][int(p.reference_frame[i])],
+            "reference_keypoints": ref["keypoints"][int(p.reference_frame[i])],
             "target_keypoints": tgt["keypoints"][window],
             "driving_identity_id": np.int32(drv["identity_id"]),
             "reference_identity_id": np.int32(ref["identity_id"]),

@@ -94,6 +94,57 @@ def eval_dataset(path: str, split: str, *, clip_frames: int | None, batch_size: 
             .batch(batch_size, drop_remainder=False))
 
 
+def _pair_source(path, split, clip_frames, targets, **pairing) -> grain.MapDataset:
+    from data_pipelines import pairs
+    src = pairs.PairSource(path, split, clip_frames=clip_frames, **pairing)
+    first = records.open_split(path, split)[0]
+    _check_source([first], path, split, clip_frames, targets)
+    return grain.MapDataset.source(src).map_with_index(lambda i, ex: dict(ex, record=np.int32(i)))
+
+
+def _with_pair_targets(ex: dict, targets: Targets, augment=None, rng=None) -> dict:
+    """Heatmaps of the target keypoints; `augment` (augment.ClipAugment) moves and recolours the
+    driving clip only, so the target stays B's (or, in a self pair, the original clip's) pose."""
+    if augment is not None:
+        moved = augment(ex["driving"], ex["driving_keypoints"], rng)
+        ex = dict(ex, driving=moved["frames"], driving_keypoints=moved["keypoints"])
+    heatmaps, weights = kp.gaussian_heatmaps(ex["target_keypoints"], targets.image_size,
+                                             targets.heatmap_size, targets.sigma,
+                                             targets.conf_threshold)
+    return dict(ex, heatmaps=heatmaps, joint_weights=weights)
+
+
+def pair_train_dataset(path: str, split: str, *, clip_frames: int, batch_size: int,
+                       targets: Targets, seed: int, partners_per_clip: int | None = 1,
+                       self_pairs: bool = True, augment=None, read_threads: int = 2,
+                       num_workers: int = 0) -> grain.IterDataset:
+    """Infinite, shuffled, process-sharded batches of stage-2 pairs (pairs.PairSource fields plus
+    heatmaps [B, T, J, Hh, Wh] / joint_weights [B, T, J] of the target keypoints and `record`,
+    the pair index), the driving clip augmented by `augment` (None: as rendered)."""
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    ds = (_pair_source(path, split, clip_frames, targets, seed=seed,
+                       partners_per_clip=partners_per_clip, self_pairs=self_pairs)
+          .seed(seed).shuffle().repeat()[jax.process_index()::jax.process_count()]
+          .random_map(lambda ex, rng: _with_pair_targets(ex, targets, augment, rng))
+          .batch(batch_size, drop_remainder=True))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                              prefetch_buffer_size=2 * read_threads))
+    if num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return it
+
+
+def pair_eval_dataset(path: str, split: str, *, clip_frames: int, batch_size: int,
+                      targets: Targets, seed: int) -> grain.MapDataset:
+    """Every cross-identity pair of the split (all partners, no self pairs), un-augmented, in
+    order; `seed` fixes the windows and reference frames."""
+    return (_pair_source(path, split, clip_frames, targets, seed=seed, partners_per_clip=None,
+                         self_pairs=False)
+            .map(lambda ex: _with_pair_targets(ex, targets))
+            .batch(batch_size, drop_remainder=False))
+
+
 def fingerprint(batch: dict) -> str:
     """A short id of which clip windows a batch holds (for resume tests and logs)."""
     pairs = np.stack([batch["record"], batch["start"]], -1).astype(np.int64)

@@ -35,5 +35,20 @@ def frames_heatmaps_grid(frames, gt, pred, gap: int = 4, min_panel: int = 192) -
     return np.concatenate(rows[:-1], 0)
 
 
+def pair_grid(driving, reference, gt, pred, gap: int = 4, min_panel: int = 192) -> np.ndarray:
+    """driving [T, H, W, 3] uint8, reference [H, W, 3] uint8, gt/pred [T, J, Hh, Wh] -> rows of
+    (driving frame | reference | ground-truth retargeted pose | predicted heatmaps)."""
+    factor = max(1, -(-min_panel // driving.shape[1]))
+    ref = upscale(np.asarray(reference), factor)
+    size = ref.shape[0]
+    pad = np.full((size, gap, 3), 255, np.uint8)
+    rows = []
+    for f, g, p in zip(driving, gt, pred):
+        rows.append(np.concatenate([upscale(np.asarray(f), factor), pad, ref, pad,
+                                    heatmap_panel(g, size), pad, heatmap_panel(p, size)], 1))
+        rows.append(np.full((gap, rows[-1].shape[1], 3), 255, np.uint8))
+    return np.concatenate(rows[:-1], 0)
+
+
 def write_png(path: str, image: np.ndarray) -> None:
     iio.imwrite(path, image)

@@ -49,6 +49,25 @@ def test_deterministic_under_seed():
     assert np.array_equal(more.reference_frame[:len(a)], a.reference_frame)
 
 
+def test_self_pairs_add_one_own_row_per_clip_and_keep_the_cross_rows():
+    entries = _entries([(i, m) for i in range(3) for m in range(2)] + [(7, 0)])  # 7: one motion
+    cross = pairs.make_pairs(entries, clip_frames=3, seed=3)
+    both = pairs.make_pairs(entries, clip_frames=3, seed=3, self_pairs=True)
+    own = both.driving == both.target
+    assert np.all(own == [entries[r]["identity_id"] == entries[t]["identity_id"]
+                          for r, t in zip(both.driving, both.target)])
+    # one self row per clip whose identity has another motion (identity 7 has none)
+    assert sorted(both.driving[own].tolist()) == [r for r, e in enumerate(entries)
+                                                  if e["identity_id"] != 7]
+    ref_id = np.array([entries[r]["identity_id"] for r in both.reference])
+    ref_motion = np.array([entries[r]["motion_id"] for r in both.reference])
+    drv_motion = np.array([entries[r]["motion_id"] for r in both.driving])
+    assert np.all(ref_id[own] == [entries[r]["identity_id"] for r in both.driving[own]])
+    assert np.all(ref_motion != drv_motion)                    # never the answer frame
+    for f in ("driving", "target", "reference", "reference_frame", "start"):
+        assert np.array_equal(getattr(both, f)[~own], getattr(cross, f))
+
+
 def test_source_targets_are_partner_keypoints_at_the_same_frames(tiny_dataset):
     src = pairs.PairSource(tiny_dataset, "train", clip_frames=3, seed=0)
     clips = records.open_split(tiny_dataset, "train")
@@ -57,6 +76,8 @@ def test_source_targets_are_partner_keypoints_at_the_same_frames(tiny_dataset):
         drv, tgt, ref = (clips[int(ex[k])] for k in ("driving_record", "target_record",
                                                       "reference_record"))
         s = int(ex["start"])
+        np.testing.assert_array_equal(ex["reference_keypoints"],
+                                      ref["keypoints"][int(ex["reference_frame"])])
         assert ex["driving"].shape == (3, 32, 32, 3) and ex["driving"].dtype == np.uint8
         assert ex["reference"].shape == (32, 32, 3) and ex["reference"].dtype == np.uint8
         np.testing.assert_array_equal(ex["driving"], drv["frames"][s:s + 3])
@@ -92,7 +113,7 @@ def test_clear_errors():
 
 
 def test_split_errors_name_the_split(tiny_dataset):
-    with pytest.raises(ValueError, match="split 'test' .*2 motions per identity"):
-        pairs.load_pairs(tiny_dataset, "test", clip_frames=3, seed=0)  # one held-out motion
+    with pytest.raises(ValueError, match="split 'test' .*no clip has the 99 frames"):
+        pairs.load_pairs(tiny_dataset, "test", clip_frames=99, seed=0)
     with pytest.raises(ValueError, match="split 'val' not in"):
         pairs.load_pairs(tiny_dataset, "val", clip_frames=3, seed=0)

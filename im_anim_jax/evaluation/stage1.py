@@ -27,25 +27,12 @@ GROUPS = {"body": slice(0, 14), "face": slice(14, 18), "feet": slice(18, 20),
 
 def load_params(config, stage_dir: str):
     """Params of the newest stage-1 checkpoint, checked against the configured architecture."""
-    if not os.path.isdir(stage_dir):
-        raise FileNotFoundError(f"no stage-1 checkpoint: {stage_dir} does not exist; run "
-                                f"`python train.py --config ... --workdir ... --stages 1` first")
-    ckpt = checkpointing.Checkpointer(stage_dir, async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no finished stage-1 checkpoint in {stage_dir}")
     model = build_stage1(config.model)
     abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
                                        stage1_training.dummy_frames(config.model))["params"])
-    want = checkpointing.param_shapes(abstract)
-    have = ckpt.meta(step)["param_shapes"]
-    diffs = [f"{k}: checkpoint {have.get(k)} vs config {want.get(k)}"
-             for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
-    if diffs:
-        raise ValueError(f"the stage-1 checkpoint in {stage_dir} has a different architecture than "
-                         f"the config ({len(diffs)} params differ), e.g. " + "; ".join(diffs[:3]))
-    params = ckpt.restore_params(step, abstract)
-    ckpt.close()
+    params, step = checkpointing.restore_checked_params(
+        stage_dir, abstract, "stage-1",
+        "run `python train.py --config ... --workdir ... --stages 1` first")
     return model, params, step
 
 

@@ -74,6 +74,41 @@ def param_shapes(params) -> dict:
             for path, v in flat}
 
 
-def meta_for(config, stage: int, params) -> dict:
+def latest_step(directory: str) -> int | None:
+    """Newest finished checkpoint step in `directory` (None if none or no such directory)."""
+    if not os.path.isdir(directory):
+        return None
+    ckpt = Checkpointer(directory, async_save=False)
+    try:
+        return ckpt.latest_step()
+    finally:
+        ckpt.close()
+
+
+def restore_checked_params(stage_dir: str, abstract_params, name: str, hint: str):
+    """(params, step) of the newest checkpoint in `stage_dir`, read-only, after checking that its
+    recorded param shapes equal `abstract_params`'. Missing checkpoint or different architecture
+    -> FileNotFoundError / ValueError naming `name` (e.g. "stage-1") and `hint` (how to make one)."""
+    if not os.path.isdir(stage_dir):
+        raise FileNotFoundError(f"no {name} checkpoint: {stage_dir} does not exist; {hint}")
+    ckpt = Checkpointer(stage_dir, async_save=False)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no finished {name} checkpoint in {stage_dir}; {hint}")
+        want = param_shapes(abstract_params)
+        have = ckpt.meta(step)["param_shapes"]
+        diffs = [f"{k}: checkpoint {have.get(k)} vs config {want.get(k)}"
+                 for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+        if diffs:
+            raise ValueError(f"the {name} checkpoint in {stage_dir} has a different architecture "
+                             f"than the config ({len(diffs)} params differ), e.g. "
+                             + "; ".join(diffs[:3]))
+        return ckpt.restore_params(step, abstract_params), step
+    finally:
+        ckpt.close()
+
+
+def meta_for(config, stage, params) -> dict:
     return {"stage": stage, "code_version": im_anim_jax.__version__,
             "config": config.to_json_best_effort(), "param_shapes": param_shapes(params)}

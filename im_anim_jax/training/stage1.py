@@ -56,7 +56,7 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     def decay_mask(params):
         flat = flax.traverse_util.flatten_dict(params)
         return flax.traverse_util.unflatten_dict(
-            {k: v.ndim >= 2 and k[-1] != "embedding" for k, v in flat.items()})
+            {k: getattr(v, "ndim", 0) >= 2 and k[-1] != "embedding" for k, v in flat.items()})
 
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                        optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask))

@@ -1,0 +1,196 @@
+"""Stage-2 evaluation on held-out identities and motions (the `test` split).
+
+Every cross-identity pair of the split (driving A, reference image of B from another motion,
+target = B performing A's motion at the same frames; pairs.PairSource, seed config.eval.pair_seed):
+  cross_pck@a               predicted heatmaps' argmax vs B's target keypoints (heatmap pixels,
+                            normalised by the heatmap size, as stage 1)
+  reference_pose_pck@0.1    the prediction vs B's OWN pose in the reference image: how much of
+                            the reference pose leaks into the output (`/ground_truth`: the same
+                            figure for the target itself, i.e. the level explained by chance)
+for the main model and every trained baseline, plus three explicit, training-free baselines:
+  no_retarget       the stage-1 pose of the driving frames pasted onto the reference
+  no_retarget_gt    the same with the driving identity's ground-truth keypoints
+  explicit_realign  the stage-1 driving pose moved onto the stage-1 pose of the reference image
+                    (augment.realign_bones: Animate-X-style bone-length and position alignment)
+and the identity-leakage probe (evaluation/leakage.py) on frozen motion features of the split's
+clips: fit on the first half of its motions, tested on the rest (same identities, unseen
+motions), predicting each driving identity's shape parameters (R^2) and id (accuracy).
+
+Writes WORKDIR/eval/stage2.json and WORKDIR/eval/stage2.png
+(driving | reference | ground-truth retargeted pose | predicted heatmaps).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from data_pipelines import augment, pipeline
+from im_anim_jax import keypoints as kp
+from im_anim_jax import visualize
+from im_anim_jax.evaluation import leakage
+from im_anim_jax.evaluation import stage1 as stage1_eval
+from im_anim_jax.training import checkpointing
+from im_anim_jax.training import stage2 as stage2_training
+from im_anim_jax.training import vae as vae_training
+
+
+def load_variant(config, workdir: str, name: str, ref_encoder):
+    """(variant config, model, params, step) of a trained variant; None for a baseline that was
+    not trained (the main model is required)."""
+    directory = stage2_training.stage_dir(workdir, name)
+    if name != stage2_training.MAIN and checkpointing.latest_step(directory) is None:
+        return None
+    cfg = stage2_training.variant_config(config, name)
+    model = stage2_training.build_stage2(cfg.model, ref_encoder.grid)
+    abstract = stage2_training.abstract_params(model, cfg, ref_encoder.dim)
+    params, step = checkpointing.restore_checked_params(
+        directory, abstract, f"stage-2 ({name})",
+        "run `python train.py --config ... --workdir ... --stages 2` first")
+    return cfg, model, params, step
+
+
+class Hits:
+    """Accumulates weighted PCK hits at several thresholds."""
+
+    def __init__(self, thresholds):
+        self.thresholds, self.hits, self.weight = tuple(thresholds), dict.fromkeys(thresholds, 0.0), 0.0
+
+    def add(self, pred_xy, gt_xy, weights, size: int):
+        dist = np.linalg.norm((np.asarray(pred_xy) - np.asarray(gt_xy)) / size, axis=-1)
+        w = np.asarray(weights, np.float64)
+        for a in self.thresholds:
+            self.hits[a] += float(np.sum((dist <= a) * w))
+        self.weight += float(w.sum())
+
+    def result(self, prefix: str) -> dict:
+        return {f"{prefix}@{a}": self.hits[a] / max(self.weight, 1.0) for a in self.thresholds}
+
+
+def _realigned(drv_xy, ref_xy, image_size: int, size: int) -> np.ndarray:
+    """Heatmap-pixel poses [B, T, J, 2] realigned onto the reference poses [B, J, 2]."""
+    to_img = lambda xy: kp.heatmap_to_image(np.asarray(xy), image_size, size)  # noqa: E731
+    out = []
+    for d, r in zip(to_img(drv_xy), to_img(ref_xy)):
+        one = lambda xy: np.concatenate([xy, np.ones(xy.shape[:-1] + (1,))], -1)  # noqa: E731
+        out.append(augment.realign_bones(one(d), one(r)[None])[..., :2])
+    return kp.image_to_heatmap(np.stack(out), image_size, size)
+
+
+def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
+    """Cross-identity PCK of every variant and explicit baseline; the PNG of the main model."""
+    targets = stage2_training.targets(config)
+    size, image_size = targets.heatmap_size, targets.image_size
+    thresholds = tuple(config.eval.pck_thresholds)
+    ds = pipeline.pair_eval_dataset(data_path, config.eval.split,
+                                    clip_frames=config.stage2.clip_frames,
+                                    batch_size=config.eval.batch_size, targets=targets,
+                                    seed=config.eval.pair_seed)
+    s1_model, s1_params, _ = s1
+    forwards = {n: jax.jit(lambda p, f, r, m=m: m.apply({"params": p}, f, r)[0])
+                for n, (_, m, _, _) in loaded.items()}
+    s1_forward = jax.jit(lambda f: s1_model.apply({"params": s1_params}, f)[0])
+    read = lambda h: kp.argmax_keypoints(np.asarray(h), subpixel=config.eval.subpixel)  # noqa
+    names = list(loaded) + ["no_retarget", "no_retarget_gt", "explicit_realign"]
+    cross = {n: Hits(thresholds) for n in names}
+    ref_pose = {n: Hits((0.1,)) for n in list(loaded) + ["ground_truth"]}
+    vis, ids, pairs = None, set(), 0
+    for batch in ds:
+        to_hm = lambda xy: kp.image_to_heatmap(xy[..., :2], image_size, size)  # noqa: E731
+        gt, w = to_hm(batch["target_keypoints"]), batch["joint_weights"]
+        ref_gt = np.broadcast_to(to_hm(batch["reference_keypoints"])[:, None], gt.shape)
+        ref_w = w * (batch["reference_keypoints"][:, None, :, 2] >= targets.conf_threshold)
+        tokens = ref_encoder(batch["reference"])
+        for n, (_, _, params, _) in loaded.items():
+            heatmaps = jax.device_get(forwards[n](params, batch["driving"], tokens))
+            pred = read(heatmaps)
+            cross[n].add(pred, gt, w, size)
+            ref_pose[n].add(pred, ref_gt, ref_w, size)
+            if n == stage2_training.MAIN and vis is None:
+                k = config.eval.num_vis_frames
+                vis = visualize.pair_grid(batch["driving"][0][:k], batch["reference"][0],
+                                          batch["heatmaps"][0][:k], heatmaps[0][:k])
+        ref_pose["ground_truth"].add(gt, ref_gt, ref_w, size)
+        drv = read(jax.device_get(s1_forward(batch["driving"])))
+        ref = read(jax.device_get(s1_forward(batch["reference"][:, None])))[:, 0]
+        cross["no_retarget"].add(drv, gt, w, size)
+        drv_w = batch["driving_keypoints"][..., 2] >= targets.conf_threshold
+        cross["no_retarget_gt"].add(to_hm(batch["driving_keypoints"]), gt, w * drv_w, size)
+        cross["explicit_realign"].add(_realigned(drv, ref, image_size, size), gt, w, size)
+        ids.update(int(i) for i in batch["reference_identity_id"])
+        pairs += len(batch["driving"])
+    variants = {n: {**cross[n].result("cross_pck"), **(ref_pose[n].result("reference_pose_pck")
+                                                       if n in ref_pose else {})}
+                for n in names}
+    for n, (_, _, _, step) in loaded.items():
+        variants[n]["step"] = int(step)
+    return variants, ref_pose["ground_truth"].result("reference_pose_pck"), vis, dict(
+        num_pairs=pairs, num_reference_identities=len(ids))
+
+
+def leakage_figures(config, data_path, loaded: dict, s1) -> dict:
+    """Identity-leakage probe on the motion features of each encoder (frozen)."""
+    targets = stage2_training.targets(config)
+    ds = pipeline.eval_dataset(data_path, config.eval.split, clip_frames=None,
+                               batch_size=config.eval.batch_size, targets=targets)
+    s1_model, s1_params, _ = s1
+    encoders = {"tokens_stage1": jax.jit(lambda f: s1_model.apply(
+        {"params": s1_params}, f, method=type(s1_model).encode)[0])}
+    names = {stage2_training.MAIN: "tokens_stage2", "conv": "conv_features"}
+    for n, label in names.items():
+        if n in loaded:
+            _, m, p, _ = loaded[n]
+            encoders[label] = jax.jit(lambda f, m=m, p=p: m.apply({"params": p}, f,
+                                                                  method=type(m).encode)[0])
+    feats = {k: [] for k in encoders}
+    shape, ident, motion = [], [], []
+    for batch in ds:
+        b, t = batch["frames"].shape[:2]
+        for k, f in encoders.items():
+            feats[k].append(np.asarray(jax.device_get(f(batch["frames"]))).reshape(b * t, -1))
+        shape.append(np.repeat(batch["shape_params"], t, 0))
+        ident.append(np.repeat(batch["identity_id"], t))
+        motion.append(np.repeat(batch["motion_id"], t))
+    shape, ident, motion = (np.concatenate(x) for x in (shape, ident, motion))
+    motions = np.unique(motion)
+    if len(motions) < 2:
+        raise ValueError(f"the leakage probe needs >= 2 motions in split {config.eval.split!r} "
+                         f"(fit on some, test on others); it has {len(motions)}")
+    fit = np.isin(motion, motions[:len(motions) // 2])
+    # penalties chosen on held-out fit motions when there are several, else on held-out frames
+    groups = motion[fit] if len(motions) >= 4 else None
+    out = {}
+    for k, chunks in feats.items():
+        x = np.concatenate(chunks)
+        out[k] = leakage.probe(x[fit], shape[fit], ident[fit], x[~fit], shape[~fit], ident[~fit],
+                               groups_fit=groups)
+    return out
+
+
+def evaluate(config, workdir: str, data_path: str) -> dict:
+    ref_encoder = vae_training.load_reference_encoder(config, workdir)
+    loaded = {}
+    for name in stage2_training.variants(config):
+        variant = load_variant(config, workdir, name, ref_encoder)
+        if variant is not None:
+            loaded[name] = variant
+    s1 = stage1_eval.load_params(config, os.path.join(workdir, "stage1"))
+    variants, ref_gt, vis, counts = pair_figures(config, workdir, data_path, ref_encoder,
+                                                 loaded, s1)
+    main = variants[stage2_training.MAIN]
+    result = {k: v for k, v in main.items() if k != "step"}
+    result["reference_pose_pck@0.1/ground_truth"] = ref_gt["reference_pose_pck@0.1"]
+    result.update(step=main["step"], baselines={n: v for n, v in variants.items()
+                                                if n != stage2_training.MAIN},
+                  leakage=leakage_figures(config, data_path, loaded, s1),
+                  split=config.eval.split, clip_frames=config.stage2.clip_frames, **counts)
+    out = os.path.join(workdir, "eval")
+    os.makedirs(out, exist_ok=True)
+    visualize.write_png(os.path.join(out, "stage2.png"), vis)
+    tmp = os.path.join(out, "stage2.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, os.path.join(out, "stage2.json"))
+    return result

@@ -1,0 +1,247 @@
+"""Stage 2: train the motion encoder + mask-token retargeter (+ joint head) so that the stage-1
+joint decoder, reading M_ret, draws the REFERENCE identity performing the driving motion (eq. 6).
+
+Init: motion encoder, quantizer and joint decoder from the newest stage-1 checkpoint in
+WORKDIR/stage1 (read-only; a missing checkpoint or one of another architecture is refused). The
+quantizer's codebook and the joint decoder stay frozen (they define the token and heatmap spaces
+stage 1 learned; the optimizer state covers only the trained params); the rest trains with AdamW. Reference tokens come from the frozen VAE encoder
+(training/vae.py). Data: pairs.PairSource pairs (cross-identity, plus self pairs), the driving clip
+colour-jittered and cropped / scaled / padded, the target never moved.
+
+The ablations (`config.stage2.baselines`) train the same way on the same data order, each into
+WORKDIR/stage2_<name>:
+  self_attention         retargeter mode "self_attention" (X-UniMotion-style fusion, Table 6)
+  conv                   ConvMotionEncoder instead of the 1D tokenizer, from scratch (Table 2 A)
+  no_middle_supervision  no heatmap signal reaches the motion encoder or the retargeter (both stay
+                         at their stage-1 / initial weights); only the joint head is fitted, as a
+                         read-out probe of what M_ret carries without middle supervision.
+"""
+from __future__ import annotations
+
+import os
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from data_pipelines import augment, pipeline
+from im_anim_jax import keypoints as kp
+from im_anim_jax import sharding
+from im_anim_jax.models.stage1 import build_stage1
+from im_anim_jax.models.stage2 import Stage2Model, build_stage2
+from im_anim_jax.training import checkpointing, loop
+from im_anim_jax.training import stage1 as stage1_training
+from im_anim_jax.training import vae as vae_training
+
+STAGE = 2
+MAIN = "main"
+BASELINES = {
+    "self_attention": lambda c: c.model.retargeter.update(dict(mode="self_attention")),
+    "conv": lambda c: c.model.update(dict(motion_encoder="conv")),
+    "no_middle_supervision": lambda c: c.stage2.update(dict(middle_supervision=False)),
+}
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    rng: jax.Array
+
+
+def variants(config) -> tuple[str, ...]:
+    """"main" and the configured baselines, in training order."""
+    unknown = [b for b in config.stage2.baselines if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"config.stage2.baselines has unknown entries {unknown}; "
+                         f"choose from {sorted(BASELINES)}")
+    return (MAIN,) + tuple(config.stage2.baselines)
+
+
+def variant_config(config, name: str) -> ml_collections.ConfigDict:
+    """A copy of `config` with the overrides of baseline `name` ("main": none)."""
+    c = config.copy_and_resolve_references()
+    if name != MAIN:
+        BASELINES[name](c)
+    return c
+
+
+def stage_dir(workdir: str, name: str = MAIN) -> str:
+    return os.path.join(workdir, "stage2" if name == MAIN else f"stage2_{name}")
+
+
+def trainable(config) -> tuple[str, ...]:
+    """Top-level params updated by stage 2."""
+    if not config.stage2.middle_supervision:
+        return ("joint_head",)
+    return ("motion_encoder", "retargeter", "joint_head")
+
+
+def dummy_inputs(config, ref_dim: int, grid):
+    s = config.model.motion_tokenizer.image_size
+    frames = jnp.zeros((1, config.stage2.clip_frames, s, s, 3), jnp.uint8)
+    return frames, jnp.zeros((1, grid[0] * grid[1], ref_dim), jnp.float32)
+
+
+def abstract_params(model: Stage2Model, config, ref_dim: int, boxed: bool = False):
+    out = jax.eval_shape(model.init, jax.random.key(0),
+                         *dummy_inputs(config, ref_dim, model.grid))["params"]
+    return out if boxed else nn.unbox(out)
+
+
+def stage1_params(config, workdir: str) -> dict:
+    """The newest stage-1 params of WORKDIR/stage1, read-only, checked against config.model."""
+    model = build_stage1(config.model)
+    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                       stage1_training.dummy_frames(config.model))["params"])
+    params, _ = checkpointing.restore_checked_params(
+        os.path.join(workdir, "stage1"), abstract, "stage-1",
+        "stage 2 starts from stage 1: run `python train.py ... --stages 1` first")
+    return params
+
+
+def _trained(params: dict, config) -> dict:
+    return {k: params[k] for k in trainable(config)}
+
+
+def init_state(model: Stage2Model, tx, config, mesh, axis_rules, ref_dim: int):
+    """Sharded TrainState (fresh init), its abstract twin and its shardings. `params` holds every
+    parameter; the optimizer state only the trainable ones."""
+    boxed = abstract_params(model, config, ref_dim, boxed=True)
+    params_sh = sharding.param_shardings(boxed, mesh, axis_rules)
+    abstract = nn.unbox(boxed)
+    opt_sh = sharding.opt_state_shardings(tx, jax.eval_shape(tx.init, _trained(abstract, config)),
+                                          _trained(params_sh, config), mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_sh = TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated)
+    inputs = dummy_inputs(config, ref_dim, model.grid)
+
+    def create(seed):
+        key = jax.random.key(seed)
+        params = nn.unbox(model.init(key, *inputs)["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(_trained(params, config)),
+                          rng=jax.random.key_data(jax.random.fold_in(key, 2)))
+
+    with jax.set_mesh(mesh):
+        state = jax.jit(create, out_shardings=state_sh)(config.seed)
+    return state, checkpointing.abstract_like(state, state_sh), state_sh
+
+
+def from_stage1(state: TrainState, s1: dict, state_sh: TrainState, tx, config) -> TrainState:
+    """`state` with every subtree it shares with stage 1 set to the stage-1 params: motion encoder,
+    quantizer and joint decoder (the joint decoder only, with the conv motion encoder). The same
+    config builds both models, so shapes match."""
+    params = dict(state.params)
+    shared = ("joint_decoder",) if config.model.motion_encoder == "conv" else (
+        "motion_encoder", "quantize", "joint_decoder")
+    for k in shared:
+        params[k] = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), s1[k],
+                                 state_sh.params[k])
+    opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(_trained(params, config))
+    return state.replace(params=params, opt_state=opt_state)
+
+
+def targets(config) -> pipeline.Targets:
+    return stage1_training.targets(config)
+
+
+def forward_metrics(model: Stage2Model, params, batch, ref_tokens, config):
+    """Loss and metrics of one batch."""
+    heatmaps, aux = model.apply({"params": params}, batch["driving"], ref_tokens)
+    hm = stage1_training.heatmap_loss(heatmaps, batch["heatmaps"], batch["joint_weights"])
+    size = config.model.joint_decoder.heatmap_size
+    pred = kp.argmax_keypoints(jax.lax.stop_gradient(heatmaps))
+    gt = kp.image_to_heatmap(batch["target_keypoints"][..., :2],
+                             config.model.motion_tokenizer.image_size, size)
+    pck = kp.pck(pred, gt, batch["joint_weights"], size, (0.1,))
+    vq = aux["loss"] if config.stage2.middle_supervision else jnp.zeros((), jnp.float32)
+    metrics = {"loss": hm + config.stage2.vq_loss_weight * vq, "heatmap_loss": hm,
+               "vq_loss": vq, "train_pck@0.1": pck[0.1]}
+    return metrics, heatmaps, aux
+
+
+def make_train_step(model, tx, config, mesh, axis_rules, state_sh, ref_encoder):
+    """(state, batch) -> (state, metrics): reference tokens from the frozen VAE encoder (its own
+    jit), then one AdamW step."""
+    def step(state: TrainState, batch, ref_tokens):
+        trained = _trained(state.params, config)
+        frozen = jax.lax.stop_gradient({k: v for k, v in state.params.items() if k not in trained})
+
+        def loss_fn(trained):
+            metrics, _, _ = forward_metrics(model, {**frozen, **trained}, batch, ref_tokens,
+                                            config)
+            return metrics["loss"], metrics
+
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(trained)
+        updates, opt_state = tx.update(grads, state.opt_state, trained)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        params = {**state.params, **optax.apply_updates(trained, updates)}
+        return state.replace(step=state.step + 1, opt_state=opt_state, params=params), metrics
+
+    keys = ("driving", "heatmaps", "joint_weights", "target_keypoints")
+    batch_sh = sharding.batch_sharding(mesh)
+    jitted = jax.jit(step, in_shardings=(state_sh, {k: batch_sh for k in keys}, batch_sh),
+                     out_shardings=(state_sh, None), donate_argnums=0)
+
+    def run_step(state, batch):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+            return jitted(state, {k: batch[k] for k in keys}, ref_encoder(batch["reference"]))
+    return run_step
+
+
+def clip_augment(cfg) -> augment.ClipAugment:
+    a = cfg.augment
+    return augment.ClipAugment(scale=tuple(a.scale), shift=a.shift, brightness=a.brightness,
+                               contrast=a.contrast, saturation=a.saturation, hue=a.hue)
+
+
+def train_variant(config, workdir: str, data_path: str, name: str, ref_encoder,
+                  log=print) -> dict:
+    """Trains (or resumes) one stage-2 variant into stage_dir(workdir, name)."""
+    config = variant_config(config, name)
+    cfg = config.stage2
+    mesh = sharding.make_mesh(config.mesh)
+    axis_rules = sharding.rules(config.mesh)
+    sharding.check_batch_size(cfg.batch_size, mesh, "stage2.batch_size")
+    model = build_stage2(config.model, ref_encoder.grid)
+    tx = stage1_training.make_optimizer(cfg)
+    state, abstract_state, state_sh = init_state(model, tx, config, mesh, axis_rules,
+                                                 ref_encoder.dim)
+    directory = stage_dir(workdir, name)
+    tag = "stage2" if name == MAIN else f"stage2:{name}"
+    if checkpointing.latest_step(directory) is None:
+        state = from_stage1(state, stage1_params(config, workdir), state_sh, tx, config)
+    data_iter = iter(pipeline.pair_train_dataset(
+        data_path, "train", clip_frames=cfg.clip_frames,
+        batch_size=cfg.batch_size // jax.process_count(), targets=targets(config),
+        seed=config.seed, partners_per_clip=cfg.partners_per_clip, self_pairs=cfg.self_pairs,
+        augment=clip_augment(cfg), read_threads=config.data.read_threads,
+        num_workers=config.data.num_workers))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    n_train = sum(int(np.prod(x.shape)) for k in trainable(config)
+                  for x in jax.tree.leaves(state.params[k]))
+    log(f"[{tag}] {n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trained) on mesh "
+        f"{dict(mesh.shape)}; reference grid {ref_encoder.grid}; {cfg.steps} steps of "
+        f"{cfg.batch_size} pairs x {cfg.clip_frames} frames")
+    meta = dict(checkpointing.meta_for(config, STAGE, state.params), variant=name)
+    _, last = loop.run(
+        name=tag, stage_dir=directory, state=state, abstract_state=abstract_state,
+        train_step=make_train_step(model, tx, config, mesh, axis_rules, state_sh, ref_encoder),
+        data_iter=data_iter, mesh=mesh, total_steps=cfg.steps, log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every, ckpt_cfg=config.checkpoint, meta=meta, log=log,
+        console_keys=("loss", "heatmap_loss", "vq_loss", "train_pck@0.1"))
+    return last
+
+
+def train(config, workdir: str, data_path: str, log=print) -> dict:
+    """The reference encoder (VAE, trained here unless model.vae.init_from), then stage 2's main
+    model and every baseline. Returns {variant: last logged metrics}."""
+    names = variants(config)
+    vae_training.train(config, workdir, data_path, log=log)
+    ref_encoder = vae_training.load_reference_encoder(config, workdir)
+    return {n: train_variant(config, workdir, data_path, n, ref_encoder, log=log) for n in names}

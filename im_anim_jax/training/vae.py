@@ -1,0 +1,236 @@
+"""The reference encoder of stage 2: the Wan2.2 VAE encoder, and the training of that VAE.
+
+T_ref: identity image [H, W, 3] -> VAE encoder (image mode: one causal first frame) -> normalised
+mean latent [1, H/16, W/16, z] -> 2x2 patches -> T_ref [Hp * Wp, 4 z] on the row-major patch grid
+(Hp, Wp) = (H/32, W/32). The weights are a converted Wan2.2 VAE (`config.model.vae.init_from`,
+written by `python -m im_anim_jax.convert wan-vae ...`) or, without one, the configured VAE trained
+here on single frames of the run's train split (reconstruction + KL) into WORKDIR/vae.
+"""
+from __future__ import annotations
+
+import os
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from data_pipelines import pipeline
+from im_anim_jax import sharding
+from im_anim_jax.convert import common
+from im_anim_jax.models.stage1 import to_unit_range
+from im_anim_jax.models.wan import vae
+from im_anim_jax.training import checkpointing, loop, stage1
+
+STAGE = "vae"
+ENCODER_PARAMS = ("encoder", "conv1")  # all that WanVAE.encode uses
+CONVERTED_KINDS = ("wan-vae", "wan_vae")  # the converter's CLI kind and its module's name
+MISSING_HINT = ("train it first (`python train.py --config ... --workdir ... --stages 2` trains "
+                "the VAE before stage 2), or set config.model.vae.init_from to a converted Wan2.2 "
+                "VAE (`python -m im_anim_jax.convert wan-vae --src Wan2.2_VAE.pth --dst DIR`)")
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    rng: jax.Array  # raw uint32 key data
+
+
+def check_reference_size(config) -> None:
+    """ValueError unless the run's frames (model.motion_tokenizer.image_size, square) are a
+    multiple of 2x the VAE's spatial compression in size (32 for Wan2.2: 16x, then 2x2 patches)."""
+    size = config.model.motion_tokenizer.image_size
+    factor = 2 * vae.build_vae(config.model.vae).space_factor
+    if size % factor or size == 0:
+        raise ValueError(f"reference images of {size}x{size} (model.motion_tokenizer.image_size) "
+                         f"cannot be encoded: H and W must be multiples of {factor} (the VAE's "
+                         f"{factor // 2}x compression, then 2x2 patches)")
+
+
+def reference_tokens(latents):
+    """Latents [B, 1, h, w, z] -> T_ref [B, (h/2) (w/2), 4 z]: 2x2 patches in row-major order;
+    channel (2 i + j) z + c holds channel c of the patch's latent pixel (row i, column j), the
+    layout of the DiT's patch tokens (not vae.patchify's channel-major one)."""
+    b, t, h, w, z = latents.shape
+    if t != 1 or h % 2 or w % 2:
+        raise ValueError(f"reference_tokens expects latents [B, 1, h, w, z] with even h, w; got "
+                         f"{tuple(latents.shape)}")
+    x = latents.reshape(b, h // 2, 2, w // 2, 2, z).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // 2) * (w // 2), 4 * z)
+
+
+class ReferenceEncoder(flax.struct.PyTreeNode):
+    """Frozen VAE encoder: uint8 images [B, H, W, 3] (or floats in [0, 1]) -> float32 T_ref
+    [B, Hp * Wp, 4 z]. A pytree (params are its leaves): close over it or pass it to jit."""
+    params: dict
+    model: vae.WanVAE = flax.struct.field(pytree_node=False)
+    image_size: tuple = flax.struct.field(pytree_node=False)  # (H, W)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(Hp, Wp): T_ref's row-major patch grid."""
+        factor = 2 * self.model.space_factor
+        return self.image_size[0] // factor, self.image_size[1] // factor
+
+    @property
+    def dim(self) -> int:
+        """Channels of a token: 4 z."""
+        return 4 * self.model.z_dim
+
+    def __call__(self, images):
+        """images [B, H, W, 3] -> T_ref [B, Hp * Wp, 4 z] float32 (no gradient)."""
+        if tuple(images.shape[1:]) != (*self.image_size, 3):
+            raise ValueError(f"reference images must be [B, {self.image_size[0]}, "
+                             f"{self.image_size[1]}, 3], got {tuple(images.shape)}")
+        return _encode_reference(self, images)
+
+
+@jax.jit
+def _encode_reference(encoder: ReferenceEncoder, images):
+    video = to_unit_range(images)[:, None] * 2.0 - 1.0
+    latents = encoder.model.apply({"params": encoder.params}, video, method=vae.WanVAE.encode)
+    return jax.lax.stop_gradient(reference_tokens(latents))
+
+
+def abstract_params(model: vae.WanVAE, mesh, axis_rules) -> tuple[dict, dict]:
+    """(ShapeDtypeStructs, NamedShardings) of the VAE's params on `mesh`."""
+    s = model.space_factor
+    video = jax.ShapeDtypeStruct((1, 1, s, s, 3), jnp.float32)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), video)["params"]
+    return nn.unbox(boxed), sharding.param_shardings(boxed, mesh, axis_rules)
+
+
+def _load_converted(path: str, abstract: dict, shardings: dict) -> dict:
+    """Params of a converted Wan2.2 VAE checkpoint, checked against `abstract` (ValueError),
+    placed on `shardings`."""
+    loaded, meta = common.load_converted(path)
+    if meta.get("kind") not in CONVERTED_KINDS:
+        raise ValueError(f"model.vae.init_from={path} holds a {meta.get('kind')!r} checkpoint; "
+                         f"expected one written by `python -m im_anim_jax.convert wan-vae`")
+    try:
+        common.check_tree(loaded, abstract)
+    except AssertionError as e:
+        raise ValueError(f"model.vae.init_from={path} does not fit config.model.vae: {e}") from None
+    return jax.tree.map(lambda x, a, s: jax.device_put(np.asarray(x).astype(a.dtype), s),
+                        loaded, abstract, shardings)
+
+
+def load_reference_encoder(config, workdir: str) -> ReferenceEncoder:
+    """The frozen reference encoder of `config`, its params on the config's mesh (as in training):
+    weights from model.vae.init_from, else the newest checkpoint in WORKDIR/vae
+    (FileNotFoundError if none; ValueError if it does not fit the config)."""
+    check_reference_size(config)
+    model = vae.build_vae(config.model.vae, config.model.dtype, config.model.attention_impl)
+    abstract, shardings = abstract_params(model, sharding.make_mesh(config.mesh),
+                                          sharding.rules(config.mesh))
+    if config.model.vae.init_from:
+        params = _load_converted(config.model.vae.init_from, abstract, shardings)
+    else:
+        params, _ = checkpointing.restore_checked_params(
+            os.path.join(workdir, "vae"), checkpointing.abstract_like(abstract, shardings), "VAE",
+            MISSING_HINT)
+    size = config.model.motion_tokenizer.image_size
+    encoder_params = {k: params[k] for k in ENCODER_PARAMS}  # the decoder is not needed
+    return ReferenceEncoder(params=encoder_params, model=model, image_size=(size, size))
+
+
+def losses(module: vae.WanVAE, video, key, kl_weight: float) -> dict:
+    """Use as model.apply(..., method=losses). video [B, 1, H, W, 3] in [-1, 1], `key` for the
+    latent sample -> scalar metrics: loss = L1 + MSE of the reconstruction from z = mu + sigma eps
+    + kl_weight * KL(N(mu, sigma^2) || N(0, 1)) of the raw latent (all means over elements)."""
+    vae.check_video(module, video.shape)
+    x = module.encoder(vae.patchify(video.astype(module.dtype), module.patch_size), True)
+    mu, logvar = jnp.split(module.conv1(x).astype(jnp.float32), 2, axis=-1)
+    logvar = jnp.clip(logvar, -30.0, 20.0)
+    z = mu + jnp.exp(0.5 * logvar) * jax.random.normal(key, mu.shape)
+    mean, inv_std = vae.latent_stats(module.z_dim)
+    recon = module.decode((z - mean) * inv_std)  # decode's input convention: normalised latents
+    err = recon - video
+    l1, mse = jnp.mean(jnp.abs(err)), jnp.mean(err ** 2)
+    kl = 0.5 * jnp.mean(mu ** 2 + jnp.exp(logvar) - 1.0 - logvar)
+    # PSNR on [0, 1] pixels (half the [-1, 1] error), averaged over images.
+    clipped = (jax.lax.stop_gradient(jnp.clip(recon, -1.0, 1.0)) - video) / 2.0
+    psnr = jnp.mean(-10.0 * jnp.log10(jnp.maximum(jnp.mean(clipped ** 2, axis=(1, 2, 3, 4)),
+                                                  1e-10)))
+    return {"loss": l1 + mse + kl_weight * kl, "l1": l1, "mse": mse, "kl": kl, "psnr": psnr}
+
+
+def init_state(model: vae.WanVAE, tx, config, mesh, axis_rules):
+    """Sharded TrainState, its abstract twin (for restores) and its shardings."""
+    abstract, params_sh = abstract_params(model, mesh, axis_rules)
+    opt_sh = sharding.opt_state_shardings(tx, jax.eval_shape(tx.init, abstract), params_sh, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_sh = TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated)
+
+    def create(seed):
+        key = jax.random.key(seed)
+        s = model.space_factor
+        params = nn.unbox(model.init(key, jnp.zeros((1, 1, s, s, 3), jnp.float32))["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+
+    with jax.set_mesh(mesh):
+        state = jax.jit(create, out_shardings=state_sh)(config.seed)
+    return state, checkpointing.abstract_like(state, state_sh), state_sh
+
+
+def make_train_step(model, tx, kl_weight: float, mesh, axis_rules, state_sh):
+    """jit(step)(state, batch) -> (state, metrics); batch["frames"] [B, 1, H, W, 3] uint8."""
+
+    def step(state: TrainState, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        video = to_unit_range(batch["frames"]) * 2.0 - 1.0
+
+        def loss_fn(params):
+            metrics = model.apply({"params": params}, video, key, kl_weight, method=losses)
+            return metrics["loss"], metrics
+
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return state.replace(step=state.step + 1, opt_state=opt_state,
+                             params=optax.apply_updates(state.params, updates)), metrics
+
+    jitted = jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                     out_shardings=(state_sh, None), donate_argnums=0)
+
+    def run_step(state, batch):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+            return jitted(state, batch)
+    return run_step
+
+
+def train(config, workdir: str, data_path: str, log=print) -> dict:
+    """Trains (or resumes) the configured VAE into WORKDIR/vae on single frames of the train split;
+    nothing when model.vae.init_from names a converted VAE. Returns the last logged metrics."""
+    if config.model.vae.init_from:
+        log(f"[vae] not trained: the reference encoder uses {config.model.vae.init_from}")
+        return {}
+    cfg = config.vae_training
+    check_reference_size(config)  # frames the reference encoder cannot take: fail early
+    mesh = sharding.make_mesh(config.mesh)
+    axis_rules = sharding.rules(config.mesh)
+    sharding.check_batch_size(cfg.batch_size, mesh, "vae_training.batch_size")
+    model = vae.build_vae(config.model.vae, config.model.dtype, config.model.attention_impl)
+    tx = stage1.make_optimizer(cfg)
+    state, abstract_state, state_sh = init_state(model, tx, config, mesh, axis_rules)
+    data_iter = iter(pipeline.train_dataset(
+        data_path, "train", clip_frames=1, batch_size=cfg.batch_size // jax.process_count(),
+        targets=stage1.targets(config), seed=config.seed, read_threads=config.data.read_threads,
+        num_workers=config.data.num_workers))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    size = config.model.motion_tokenizer.image_size
+    log(f"[vae] {n_params / 1e6:.2f}M params on mesh {dict(mesh.shape)}; {cfg.steps} steps of "
+        f"{cfg.batch_size} frames {size}x{size}")
+    _, last = loop.run(
+        name="vae", stage_dir=os.path.join(workdir, "vae"), state=state,
+        abstract_state=abstract_state,
+        train_step=make_train_step(model, tx, cfg.kl_weight, mesh, axis_rules, state_sh),
+        data_iter=data_iter, mesh=mesh, total_steps=cfg.steps, log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every, ckpt_cfg=config.checkpoint,
+        meta=checkpointing.meta_for(config, STAGE, state.params), log=log,
+        console_keys=("loss", "l1", "kl", "psnr"))
+    return last
