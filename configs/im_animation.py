@@ -87,7 +87,9 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
         log_every=50, checkpoint_every=500,
         # A converted TiTok checkpoint (python -m im_anim_jax.convert titok ...) whose encoder and
         # codebook initialise the motion encoder and quantizer (the paper fine-tunes TiTok-L-32).
-        init_from=""))
+        init_from="",
+        # Colour jitter + crop / scale / pad of each clip, keypoints moved with it.
+        augment=augmentation(False)))
     # The reference encoder: without model.vae.init_from (a converted Wan2.2 VAE), the configured
     # VAE is first trained on the run's frames (reconstruction + KL) into WORKDIR/vae.
     c.vae_training = ml_collections.ConfigDict(dict(
@@ -100,9 +102,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
         # (target = their keypoints) plus, with self_pairs, the driving identity itself (target =
         # its own, un-augmented clip: the crop/scale/pad supervision of the paper).
         partners_per_clip=1, self_pairs=True,
-        augment=ml_collections.ConfigDict(dict(
-            scale=(0.75, 1.25), shift=0.15, brightness=0.2, contrast=0.2, saturation=0.2,
-            hue=0.05)),
+        augment=augmentation(True),
         # False: the `no_middle_supervision` ablation (M_ret gets no heatmap signal; see README).
         middle_supervision=True,
         # Ablations trained after the main model, each into WORKDIR/stage2_<name>.
@@ -124,6 +124,14 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     if variant in ("demo", "tiny"):
         _small(c, variant)
     return c
+
+
+def augmentation(enabled: bool) -> ml_collections.ConfigDict:
+    """Clip augmentation (data_pipelines/augment.py: ClipAugment): zoom range, shift (fraction of
+    the frame), colour jitter strengths."""
+    return ml_collections.ConfigDict(dict(
+        enabled=enabled, scale=(0.75, 1.25), shift=0.15, brightness=0.2, contrast=0.2,
+        saturation=0.2, hue=0.05))
 
 
 def wan_dit(preset: str) -> ml_collections.ConfigDict:

@@ -134,6 +134,16 @@ class ClipAugment:
                 "affine": affine.astype(np.float32)}
 
 
+def clip_augment(cfg, supervise_original: bool) -> ClipAugment | None:
+    """ClipAugment from a config block (enabled, scale, shift, brightness, contrast, saturation,
+    hue); None when not enabled."""
+    if not cfg.enabled:
+        return None
+    return ClipAugment(scale=tuple(cfg.scale), shift=cfg.shift, brightness=cfg.brightness,
+                       contrast=cfg.contrast, saturation=cfg.saturation, hue=cfg.hue,
+                       supervise_original=supervise_original)
+
+
 # ---------------------------------------------------------------- explicit pose augmentation
 _PARENT = np.array([p for p, _ in skeleton.BONES])
 _CHILD = np.array([c for _, c in skeleton.BONES])

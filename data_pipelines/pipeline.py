@@ -29,9 +29,15 @@ class Targets:
     conf_threshold: float = 0.3
 
 
-def _with_targets(ex: dict, start: int, clip_frames: int, targets: Targets) -> dict:
+def _with_targets(ex: dict, start: int, clip_frames: int, targets: Targets, augment=None,
+                  rng=None) -> dict:
+    """The window's frames and keypoints (moved and recoloured by `augment`, an
+    augment.ClipAugment, the keypoints with them) and their heatmap targets."""
     frames = ex["frames"][start:start + clip_frames]
     kpts = ex["keypoints"][start:start + clip_frames]
+    if augment is not None:
+        moved = augment(frames, kpts, rng)
+        frames, kpts = moved["frames"], moved["keypoints"]
     heatmaps, weights = kp.gaussian_heatmaps(kpts, targets.image_size, targets.heatmap_size,
                                              targets.sigma, targets.conf_threshold)
     return {"frames": frames, "keypoints": kpts, "heatmaps": heatmaps, "joint_weights": weights,
@@ -62,9 +68,11 @@ def _source(path: str, split: str, clip_frames: int, targets: Targets) -> grain.
 
 def train_dataset(path: str, split: str, *, clip_frames: int, batch_size: int, targets: Targets,
                   seed: int, read_threads: int = 2, num_workers: int = 0,
-                  shard_index: int | None = None, shard_count: int | None = None
-                  ) -> grain.IterDataset:
-    """Infinite, shuffled, process-sharded batches of random `clip_frames`-frame windows."""
+                  shard_index: int | None = None, shard_count: int | None = None,
+                  augment=None) -> grain.IterDataset:
+    """Infinite, shuffled, process-sharded batches of random `clip_frames`-frame windows;
+    `augment` (augment.ClipAugment with supervise_original=False, or None) moves and recolours
+    each window and its keypoints."""
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
     if int(batch_size) != batch_size or batch_size < 1:
@@ -72,7 +80,7 @@ def train_dataset(path: str, split: str, *, clip_frames: int, batch_size: int, t
 
     def sample(ex, rng: np.random.Generator):
         start = int(rng.integers(0, ex["frames"].shape[0] - clip_frames + 1))
-        return _with_targets(ex, start, clip_frames, targets)
+        return _with_targets(ex, start, clip_frames, targets, augment, rng)
 
     ds = (_source(path, split, clip_frames, targets).seed(seed).shuffle().repeat()
           [shard_index::shard_count].random_map(sample).batch(batch_size, drop_remainder=True))

@@ -22,8 +22,8 @@ def _dataset(dim, signal, seed=0):
     x = (signal * latent @ rng.normal(size=(latent.shape[1], dim))
          + pose @ rng.normal(size=(5, dim)) + 0.3 * rng.normal(size=(ident.size, dim)))
     fit = motion < FIT_MOTIONS
-    split = lambda m: dict(x=x[m], shape=shapes[ident[m]], ids=ident[m], motion=motion[m])
-    return split(fit), split(~fit)
+    return tuple(dict(x=x[m], shape=shapes[ident[m]], ids=ident[m], motion=motion[m])
+                 for m in (fit, ~fit))
 
 
 def _probe(fit, test, **kw):

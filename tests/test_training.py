@@ -10,23 +10,15 @@ import numpy as np
 import pytest
 
 from im_anim_jax.evaluation import stage1 as stage1_eval
-from im_anim_jax.training import stage1
 from im_anim_jax.training.metric_writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LEARN_STEPS = 120
+LEARN_STEPS = 120  # conftest.tiny_stage1
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_config, tiny_dataset):
-    """A short stage-1 run on the tiny synthetic set (fixed seeds, bounded steps)."""
-    config = tiny_config.copy_and_resolve_references()
-    config.stage1.steps = LEARN_STEPS
-    config.stage1.log_every = 10
-    config.stage1.checkpoint_every = LEARN_STEPS
-    workdir = str(tmp_path_factory.mktemp("learn"))
-    stage1.train(config, workdir, tiny_dataset, log=lambda _: None)
-    return config, workdir
+def trained(tiny_stage1):
+    return tiny_stage1
 
 
 def test_short_training_run_learns(trained):
@@ -151,6 +143,10 @@ def _run(args):
     (["evaluate.py", "--config=configs/demo.py", "--workdir={tmp}/missing"], "does not exist"),
     (["evaluate.py", "--config=configs/demo.py", "--workdir={tmp}", "--stage=1",
       "--config.data.path={data}"], "no stage-1 checkpoint"),
+    (["evaluate.py", "--config=configs/demo.py", "--workdir={tmp}", "--stage=2",
+      "--config.data.path={data}"], "no VAE checkpoint"),
+    (["evaluate.py", "--config=configs/demo.py", "--workdir={tmp}", "--stage=3"],
+     "not implemented yet"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, tiny_dataset, args, message):
     res = _run([a.format(tmp=tmp_path, data=tiny_dataset) for a in args])

@@ -209,7 +209,7 @@ def probe(features_fit, shape_fit, id_fit, features_test, shape_test, id_test,
     validation split: max R^2, resp. max accuracy then min one-hot MSE; ties -> the larger
     penalty), val_shape_r2, val_id_accuracy, num_fit, num_test, num_classes, dim, solver.
     """
-    lams = tuple(float(l) for l in lams)
+    lams = tuple(float(x) for x in lams)
     if not lams or min(lams) < 0:
         raise ValueError(f"lams must be a non-empty sequence of penalties >= 0, got {lams}")
     x_fit, x_test = _as_2d(features_fit, "features_fit"), _as_2d(features_test, "features_test")

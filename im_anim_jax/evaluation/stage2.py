@@ -56,7 +56,8 @@ class Hits:
     """Accumulates weighted PCK hits at several thresholds."""
 
     def __init__(self, thresholds):
-        self.thresholds, self.hits, self.weight = tuple(thresholds), dict.fromkeys(thresholds, 0.0), 0.0
+        self.thresholds = tuple(thresholds)
+        self.hits, self.weight = dict.fromkeys(self.thresholds, 0.0), 0.0
 
     def add(self, pred_xy, gt_xy, weights, size: int):
         dist = np.linalg.norm((np.asarray(pred_xy) - np.asarray(gt_xy)) / size, axis=-1)

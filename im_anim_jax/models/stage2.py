@@ -34,7 +34,7 @@ class Stage2Model(nn.Module):
     grid: tuple[int, int]  # the reference patch grid (Hp, Wp)
 
     def encode(self, frames):
-        """frames [B, T, H, W, 3] -> M_video [B, T, N_m, C_m], VQ aux (zeros without a quantizer)."""
+        """frames [B, T, H, W, 3] -> M_video [B, T, N_m, C_m], VQ aux (zeros without quantizer)."""
         b, t = frames.shape[:2]
         z = self.motion_encoder(to_unit_range(frames).reshape((b * t,) + frames.shape[2:]))
         if self.quantize is None:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from data_pipelines import pipeline
+from data_pipelines import augment, pipeline
 from im_anim_jax import keypoints as kp
 from im_anim_jax import sharding
 from im_anim_jax.models.quantizer import codebook_stats, restart_dead_codes
@@ -190,7 +190,8 @@ def train(config, workdir: str, data_path: str, log=print) -> dict:
         data_path, "train", clip_frames=cfg.clip_frames,
         batch_size=cfg.batch_size // jax.process_count(), targets=targets(config),
         seed=config.seed, read_threads=config.data.read_threads,
-        num_workers=config.data.num_workers))
+        num_workers=config.data.num_workers,
+        augment=augment.clip_augment(cfg.augment, supervise_original=False)))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     log(f"[stage1] {n_params / 1e6:.2f}M params on mesh {dict(mesh.shape)}; "
         f"{cfg.steps} steps of {cfg.batch_size} clips x {cfg.clip_frames} frames")

@@ -4,9 +4,10 @@ joint decoder, reading M_ret, draws the REFERENCE identity performing the drivin
 Init: motion encoder, quantizer and joint decoder from the newest stage-1 checkpoint in
 WORKDIR/stage1 (read-only; a missing checkpoint or one of another architecture is refused). The
 quantizer's codebook and the joint decoder stay frozen (they define the token and heatmap spaces
-stage 1 learned; the optimizer state covers only the trained params); the rest trains with AdamW. Reference tokens come from the frozen VAE encoder
-(training/vae.py). Data: pairs.PairSource pairs (cross-identity, plus self pairs), the driving clip
-colour-jittered and cropped / scaled / padded, the target never moved.
+stage 1 learned; the optimizer state covers only the trained params); the rest trains with AdamW.
+Reference tokens come from the frozen VAE encoder (training/vae.py). Data: pairs.PairSource pairs
+(cross-identity, plus self pairs), the driving clip colour-jittered and cropped / scaled / padded,
+the target never moved.
 
 The ablations (`config.stage2.baselines`) train the same way on the same data order, each into
 WORKDIR/stage2_<name>:
@@ -194,12 +195,6 @@ def make_train_step(model, tx, config, mesh, axis_rules, state_sh, ref_encoder):
     return run_step
 
 
-def clip_augment(cfg) -> augment.ClipAugment:
-    a = cfg.augment
-    return augment.ClipAugment(scale=tuple(a.scale), shift=a.shift, brightness=a.brightness,
-                               contrast=a.contrast, saturation=a.saturation, hue=a.hue)
-
-
 def train_variant(config, workdir: str, data_path: str, name: str, ref_encoder,
                   log=print) -> dict:
     """Trains (or resumes) one stage-2 variant into stage_dir(workdir, name)."""
@@ -220,7 +215,8 @@ def train_variant(config, workdir: str, data_path: str, name: str, ref_encoder,
         data_path, "train", clip_frames=cfg.clip_frames,
         batch_size=cfg.batch_size // jax.process_count(), targets=targets(config),
         seed=config.seed, partners_per_clip=cfg.partners_per_clip, self_pairs=cfg.self_pairs,
-        augment=clip_augment(cfg), read_threads=config.data.read_threads,
+        augment=augment.clip_augment(cfg.augment, supervise_original=True),
+        read_threads=config.data.read_threads,
         num_workers=config.data.num_workers))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     n_train = sum(int(np.prod(x.shape)) for k in trainable(config)
