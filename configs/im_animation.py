@@ -72,9 +72,10 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.model.motion_encoder = "tokenizer"
     c.model.conv_motion_encoder = ml_collections.ConfigDict(dict(
         channels=(64, 128, 256, 512), features=512))
+    # reference_patch: latent pixels per reference token side (2: the DiT's patch tokens).
     c.model.retargeter = ml_collections.ConfigDict(dict(
         mode="mask_token", output_frames="latent", width=1024, depth=8, num_heads=16,
-        out_dim=192))
+        out_dim=192, reference_patch=2))
     c.model.joint_head = ml_collections.ConfigDict(dict(width=512, depth=2, num_heads=8))
 
     c.model.vae = wan_vae("wan2_2")

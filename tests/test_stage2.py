@@ -104,3 +104,7 @@ def test_evaluation_reports_every_variant_and_baseline(trained, tiny_dataset):
         probe = result["leakage"][kind]
         assert 0 <= probe["id_accuracy"] <= 1 and np.isfinite(probe["shape_r2"]), kind
     assert 0 <= result["reference_pose_pck@0.1"] <= 1
+    for name in ("main",) + tuple(stage2.BASELINES):
+        figures = result if name == "main" else result["baselines"][name]
+        assert np.isfinite(figures["reference_pose_follow"]), name
+        assert figures["reference_swap_shift"] >= 0, name

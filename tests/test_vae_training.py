@@ -114,6 +114,11 @@ def test_reference_encoder_is_patchified_vae_encode(run, roundtrip, tiny_dataset
                                atol=1e-5)
     with pytest.raises(ValueError, match=r"must be \[B, 32, 32, 3\]"):
         enc(np.zeros((1, 64, 64, 3), np.uint8))
+    fine = run.config.copy_and_resolve_references()
+    fine.model.retargeter.reference_patch = 1  # one token per latent pixel
+    enc1 = vae_training.load_reference_encoder(fine, run.workdir)
+    assert enc1.grid == (4, 4) and enc1.dim == run.config.model.vae.z_dim
+    np.testing.assert_allclose(enc1(images), np.asarray(latents).reshape(4, 16, -1), atol=1e-5)
 
 
 def test_reference_tokens_layout():
@@ -123,8 +128,10 @@ def test_reference_tokens_layout():
     assert tokens.shape == (2, 2 * 3, 4 * z)
     for r, q, i, j, c in [(0, 0, 0, 0, 0), (1, 2, 1, 0, 2), (0, 1, 1, 1, 1), (1, 0, 0, 1, 0)]:
         assert tokens[1, r * 3 + q, (2 * i + j) * z + c] == latents[1, 0, 2 * r + i, 2 * q + j, c]
-    with pytest.raises(ValueError, match="even h, w"):
+    with pytest.raises(ValueError, match="divisible by 2"):
         vae_training.reference_tokens(jnp.zeros((1, 1, 3, 4, z)))
+    ones = np.asarray(vae_training.reference_tokens(jnp.asarray(latents), patch=1))
+    np.testing.assert_array_equal(ones, latents.reshape(2, 4 * 6, z))  # one token per pixel
 
 
 def test_missing_or_mismatching_checkpoint_is_refused(run, config, tmp_path):

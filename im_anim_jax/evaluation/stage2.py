@@ -7,6 +7,9 @@ target = B performing A's motion at the same frames; pairs.PairSource, seed conf
   reference_pose_pck@0.1    the prediction vs B's OWN pose in the reference image: how much of
                             the reference pose leaks into the output (`/ground_truth`: the same
                             figure for the target itself, i.e. the level explained by chance)
+  reference_pose_follow     the reference shuffled to another frame of B (another pose, same
+  reference_swap_shift      identity): slope of the prediction's move on the reference pose's
+                            move (0: the reference pose does not leak), and the mean move
 for the main model and every trained baseline, plus three explicit, training-free baselines:
   no_retarget       the stage-1 pose of the driving frames pasted onto the reference
   no_retarget_gt    the same with the driving identity's ground-truth keypoints
@@ -27,7 +30,7 @@ import os
 import jax
 import numpy as np
 
-from data_pipelines import augment, pipeline
+from data_pipelines import augment, pipeline, records
 from im_anim_jax import keypoints as kp
 from im_anim_jax import visualize
 from im_anim_jax.evaluation import leakage
@@ -70,6 +73,41 @@ class Hits:
         return {f"{prefix}@{a}": self.hits[a] / max(self.weight, 1.0) for a in self.thresholds}
 
 
+class Follow:
+    """How far predictions move when only the reference image's pose changes (the same identity,
+    another frame of the same clip): `reference_swap_shift` = mean joint displacement (per-axis
+    normalised like PCK), `reference_pose_follow` = least-squares slope of the prediction's
+    displacement on the reference pose's displacement (1: the output copies the reference pose's
+    change; 0: it ignores it)."""
+
+    def __init__(self):
+        self.num = self.den = self.shift = self.weight = 0.0
+
+    def add(self, pred, pred_swapped, ref, ref_swapped, weights, size: int):
+        dp = (np.asarray(pred_swapped) - np.asarray(pred)) / size          # [B, T, J, 2]
+        dr = np.broadcast_to(((ref_swapped - ref) / size)[:, None], dp.shape)
+        w = np.asarray(weights, np.float64)[..., None]
+        self.num += float(np.sum(w * dp * dr))
+        self.den += float(np.sum(w * dr * dr))
+        self.shift += float(np.sum(w[..., 0] * np.linalg.norm(dp, axis=-1)))
+        self.weight += float(w.sum())
+
+    def result(self) -> dict:
+        return {"reference_swap_shift": self.shift / max(self.weight, 1.0),
+                "reference_pose_follow": self.num / max(self.den, 1e-12)}
+
+
+def _swapped_references(src, batch):
+    """Another frame (half a clip away) of each pair's reference clip: (images, keypoints)."""
+    images, kpts = [], []
+    for rec, frame in zip(batch["reference_record"], batch["reference_frame"]):
+        clip = src[int(rec)]
+        f = (int(frame) + len(clip["frames"]) // 2) % len(clip["frames"])
+        images.append(clip["frames"][f])
+        kpts.append(clip["keypoints"][f])
+    return np.stack(images), np.stack(kpts)
+
+
 def _realigned(drv_xy, ref_xy, image_size: int, size: int) -> np.ndarray:
     """Heatmap-pixel poses [B, T, J, 2] realigned onto the reference poses [B, J, 2]."""
     to_img = lambda xy: kp.heatmap_to_image(np.asarray(xy), image_size, size)  # noqa: E731
@@ -97,6 +135,8 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
     names = list(loaded) + ["no_retarget", "no_retarget_gt", "explicit_realign"]
     cross = {n: Hits(thresholds) for n in names}
     ref_pose = {n: Hits((0.1,)) for n in list(loaded) + ["ground_truth"]}
+    follow = {n: Follow() for n in loaded}
+    src = records.open_split(data_path, config.eval.split)
     vis, ids, pairs = None, set(), 0
     for batch in ds:
         to_hm = lambda xy: kp.image_to_heatmap(xy[..., :2], image_size, size)  # noqa: E731
@@ -104,11 +144,17 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
         ref_gt = np.broadcast_to(to_hm(batch["reference_keypoints"])[:, None], gt.shape)
         ref_w = w * (batch["reference_keypoints"][:, None, :, 2] >= targets.conf_threshold)
         tokens = ref_encoder(batch["reference"])
+        swap_images, swap_kpts = _swapped_references(src, batch)
+        swap_tokens = ref_encoder(swap_images)
+        swap_w = ref_w * (swap_kpts[:, None, :, 2] >= targets.conf_threshold)
         for n, (_, _, params, _) in loaded.items():
             heatmaps = jax.device_get(forwards[n](params, batch["driving"], tokens))
             pred = read(heatmaps)
             cross[n].add(pred, gt, w, size)
             ref_pose[n].add(pred, ref_gt, ref_w, size)
+            swapped = read(jax.device_get(forwards[n](params, batch["driving"], swap_tokens)))
+            follow[n].add(pred, swapped, to_hm(batch["reference_keypoints"]), to_hm(swap_kpts),
+                          swap_w, size)
             if n == stage2_training.MAIN and vis is None:
                 k = config.eval.num_vis_frames
                 vis = visualize.pair_grid(batch["driving"][0][:k], batch["reference"][0],
@@ -126,7 +172,7 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
                                                        if n in ref_pose else {})}
                 for n in names}
     for n, (_, _, _, step) in loaded.items():
-        variants[n]["step"] = int(step)
+        variants[n].update(follow[n].result(), step=int(step))
     return variants, ref_pose["ground_truth"].result("reference_pose_pck"), vis, dict(
         num_pairs=pairs, num_reference_identities=len(ids))
 

@@ -43,23 +43,28 @@ def check_reference_size(config) -> None:
     """ValueError unless the run's frames (model.motion_tokenizer.image_size, square) are a
     multiple of 2x the VAE's spatial compression in size (32 for Wan2.2: 16x, then 2x2 patches)."""
     size = config.model.motion_tokenizer.image_size
-    factor = 2 * vae.build_vae(config.model.vae).space_factor
+    patch = config.model.retargeter.reference_patch
+    if patch < 1:
+        raise ValueError(f"model.retargeter.reference_patch must be >= 1, got {patch}")
+    compression = vae.build_vae(config.model.vae).space_factor
+    factor = patch * compression
     if size % factor or size == 0:
         raise ValueError(f"reference images of {size}x{size} (model.motion_tokenizer.image_size) "
                          f"cannot be encoded: H and W must be multiples of {factor} (the VAE's "
-                         f"{factor // 2}x compression, then 2x2 patches)")
+                         f"{compression}x compression, then {patch}x{patch} patches)")
 
 
-def reference_tokens(latents):
-    """Latents [B, 1, h, w, z] -> T_ref [B, (h/2) (w/2), 4 z]: 2x2 patches in row-major order;
-    channel (2 i + j) z + c holds channel c of the patch's latent pixel (row i, column j), the
-    layout of the DiT's patch tokens (not vae.patchify's channel-major one)."""
+def reference_tokens(latents, patch: int = 2):
+    """Latents [B, 1, h, w, z] -> T_ref [B, (h/p) (w/p), p^2 z]: p x p patches (p = 2: the
+    DiT's) in row-major order; channel (p i + j) z + c holds channel c of the patch's latent
+    pixel (row i, column j), the layout of the DiT's patch tokens (not vae.patchify's
+    channel-major one)."""
     b, t, h, w, z = latents.shape
-    if t != 1 or h % 2 or w % 2:
-        raise ValueError(f"reference_tokens expects latents [B, 1, h, w, z] with even h, w; got "
-                         f"{tuple(latents.shape)}")
-    x = latents.reshape(b, h // 2, 2, w // 2, 2, z).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (h // 2) * (w // 2), 4 * z)
+    if t != 1 or h % patch or w % patch:
+        raise ValueError(f"reference_tokens expects latents [B, 1, h, w, z] with h, w divisible "
+                         f"by {patch}; got {tuple(latents.shape)}")
+    x = latents.reshape(b, h // patch, patch, w // patch, patch, z).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // patch) * (w // patch), patch * patch * z)
 
 
 class ReferenceEncoder(flax.struct.PyTreeNode):
@@ -68,17 +73,18 @@ class ReferenceEncoder(flax.struct.PyTreeNode):
     params: dict
     model: vae.WanVAE = flax.struct.field(pytree_node=False)
     image_size: tuple = flax.struct.field(pytree_node=False)  # (H, W)
+    patch: int = flax.struct.field(pytree_node=False, default=2)  # latent pixels per token side
 
     @property
     def grid(self) -> tuple[int, int]:
         """(Hp, Wp): T_ref's row-major patch grid."""
-        factor = 2 * self.model.space_factor
+        factor = self.patch * self.model.space_factor
         return self.image_size[0] // factor, self.image_size[1] // factor
 
     @property
     def dim(self) -> int:
-        """Channels of a token: 4 z."""
-        return 4 * self.model.z_dim
+        """Channels of a token: patch^2 z."""
+        return self.patch ** 2 * self.model.z_dim
 
     def __call__(self, images):
         """images [B, H, W, 3] -> T_ref [B, Hp * Wp, 4 z] float32 (no gradient)."""
@@ -92,7 +98,7 @@ class ReferenceEncoder(flax.struct.PyTreeNode):
 def _encode_reference(encoder: ReferenceEncoder, images):
     video = to_unit_range(images)[:, None] * 2.0 - 1.0
     latents = encoder.model.apply({"params": encoder.params}, video, method=vae.WanVAE.encode)
-    return jax.lax.stop_gradient(reference_tokens(latents))
+    return jax.lax.stop_gradient(reference_tokens(latents, encoder.patch))
 
 
 def abstract_params(model: vae.WanVAE, mesh, axis_rules) -> tuple[dict, dict]:
@@ -134,7 +140,8 @@ def load_reference_encoder(config, workdir: str) -> ReferenceEncoder:
             MISSING_HINT)
     size = config.model.motion_tokenizer.image_size
     encoder_params = {k: params[k] for k in ENCODER_PARAMS}  # the decoder is not needed
-    return ReferenceEncoder(params=encoder_params, model=model, image_size=(size, size))
+    return ReferenceEncoder(params=encoder_params, model=model, image_size=(size, size),
+                            patch=int(config.model.retargeter.reference_patch))
 
 
 def losses(module: vae.WanVAE, video, key, kl_weight: float) -> dict:
