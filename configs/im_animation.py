@@ -106,6 +106,8 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
         augment=augmentation(True),
         # False: the `no_middle_supervision` ablation (M_ret gets no heatmap signal; see README).
         middle_supervision=True,
+        # False: the motion encoder keeps its stage-1 weights (the paper trains it in stage 2).
+        train_motion_encoder=True,
         # Ablations trained after the main model, each into WORKDIR/stage2_<name>.
         baselines=("self_attention", "conv", "no_middle_supervision"),
         log_every=50, checkpoint_every=1000))

@@ -79,6 +79,8 @@ def trainable(config) -> tuple[str, ...]:
     """Top-level params updated by stage 2."""
     if not config.stage2.middle_supervision:
         return ("joint_head",)
+    if not config.stage2.train_motion_encoder:
+        return ("retargeter", "joint_head")
     return ("motion_encoder", "retargeter", "joint_head")
 
 
