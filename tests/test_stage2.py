@@ -62,6 +62,7 @@ def test_stage2_learns_the_cross_identity_target(trained):
     assert last["heatmap_loss"] < 0.7 * first["heatmap_loss"], (first, last)
     assert last["train_pck@0.1"] > first["train_pck@0.1"] + 0.1, (first, last)
     assert all(np.isfinite(r["loss"]) for r in rows)
+    assert all(r["codebook_perplexity"] >= 1 for r in rows)  # logged, so a collapse is visible
 
 
 def test_stage1_files_are_read_only_inputs(trained):

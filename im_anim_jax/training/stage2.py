@@ -32,6 +32,7 @@ import optax
 from data_pipelines import augment, pipeline
 from im_anim_jax import keypoints as kp
 from im_anim_jax import sharding
+from im_anim_jax.models.quantizer import codebook_stats
 from im_anim_jax.models.stage1 import build_stage1
 from im_anim_jax.models.stage2 import Stage2Model, build_stage2
 from im_anim_jax.training import checkpointing, loop
@@ -165,6 +166,8 @@ def forward_metrics(model: Stage2Model, params, batch, ref_tokens, config):
     vq = aux["loss"] if config.stage2.middle_supervision else jnp.zeros((), jnp.float32)
     metrics = {"loss": hm + config.stage2.vq_loss_weight * vq, "heatmap_loss": hm,
                "vq_loss": vq, "train_pck@0.1": pck[0.1]}
+    if "indices" in aux:  # code usage of the motion tokens: a collapse shows as perplexity -> 1
+        metrics.update(codebook_stats(aux["indices"], config.model.quantizer.codebook_size))
     return metrics, heatmaps, aux
 
 
@@ -232,7 +235,7 @@ def train_variant(config, workdir: str, data_path: str, name: str, ref_encoder,
         train_step=make_train_step(model, tx, config, mesh, axis_rules, state_sh, ref_encoder),
         data_iter=data_iter, mesh=mesh, total_steps=cfg.steps, log_every=cfg.log_every,
         checkpoint_every=cfg.checkpoint_every, ckpt_cfg=config.checkpoint, meta=meta, log=log,
-        console_keys=("loss", "heatmap_loss", "vq_loss", "train_pck@0.1"))
+        console_keys=("loss", "heatmap_loss", "vq_loss", "train_pck@0.1", "codebook_perplexity"))
     return last
 
 
