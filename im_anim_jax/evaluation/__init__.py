@@ -1,1 +1,19 @@
 """Evaluation of each stage on held-out identities (evaluate.py calls these)."""
+from __future__ import annotations
+
+import json
+import os
+
+from im_anim_jax import visualize
+
+
+def write_report(workdir: str, name: str, result: dict, image) -> None:
+    """WORKDIR/eval/<name>.png and <name>.json (the JSON written under a temporary name, then
+    renamed, so a reader never sees half a report)."""
+    out = os.path.join(workdir, "eval")
+    os.makedirs(out, exist_ok=True)
+    visualize.write_png(os.path.join(out, f"{name}.png"), image)
+    tmp = os.path.join(out, f"{name}.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, os.path.join(out, f"{name}.json"))

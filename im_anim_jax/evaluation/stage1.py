@@ -4,7 +4,6 @@ Writes WORKDIR/eval/stage1.json and WORKDIR/eval/stage1.png (driving | GT | pred
 """
 from __future__ import annotations
 
-import json
 import os
 
 import flax.linen as nn
@@ -14,7 +13,7 @@ import numpy as np
 
 from data_pipelines import pipeline
 from im_anim_jax import keypoints as kp
-from im_anim_jax import skeleton, visualize
+from im_anim_jax import evaluation, skeleton, visualize
 from im_anim_jax.models.quantizer import codebook_stats
 from im_anim_jax.models.stage1 import build_stage1
 from im_anim_jax.training import checkpointing
@@ -83,11 +82,5 @@ def evaluate(config, workdir: str, data_path: str) -> dict:
                   **{k: float(v) for k, v in stats.items()},
                   step=int(step), split=config.eval.split, num_frames=frames,
                   num_identities=len(identities), visible_joints=int(w_sum))
-    out = os.path.join(workdir, "eval")
-    os.makedirs(out, exist_ok=True)
-    visualize.write_png(os.path.join(out, "stage1.png"), vis)
-    tmp = os.path.join(out, "stage1.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, os.path.join(out, "stage1.json"))
+    evaluation.write_report(workdir, "stage1", result, vis)
     return result

@@ -24,7 +24,6 @@ Writes WORKDIR/eval/stage2.json and WORKDIR/eval/stage2.png
 """
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -32,7 +31,7 @@ import numpy as np
 
 from data_pipelines import augment, pipeline, records
 from im_anim_jax import keypoints as kp
-from im_anim_jax import visualize
+from im_anim_jax import evaluation, visualize
 from im_anim_jax.evaluation import leakage
 from im_anim_jax.evaluation import stage1 as stage1_eval
 from im_anim_jax.training import checkpointing
@@ -233,11 +232,5 @@ def evaluate(config, workdir: str, data_path: str) -> dict:
                                                 if n != stage2_training.MAIN},
                   leakage=leakage_figures(config, data_path, loaded, s1),
                   split=config.eval.split, clip_frames=config.stage2.clip_frames, **counts)
-    out = os.path.join(workdir, "eval")
-    os.makedirs(out, exist_ok=True)
-    visualize.write_png(os.path.join(out, "stage2.png"), vis)
-    tmp = os.path.join(out, "stage2.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, os.path.join(out, "stage2.json"))
+    evaluation.write_report(workdir, "stage2", result, vis)
     return result
