@@ -3,7 +3,9 @@
   python evaluate.py --config configs/demo.py --workdir runs/demo --stage 1
 writes WORKDIR/eval/stage1.json and WORKDIR/eval/stage1.png (driving | GT | predicted heatmaps);
   --stage 2 writes WORKDIR/eval/stage2.json (cross-identity PCK of the retargeter and of every
-baseline, identity-leakage probe) and WORKDIR/eval/stage2.png.
+baseline, identity-leakage probe) and WORKDIR/eval/stage2.png; --stage 3 writes
+WORKDIR/eval/stage3.json (cross-reenactment PSNR*, SSIM, motion PCK of the model and its two
+baselines; per-window drift over a long clip), stage3.png and the videos in eval/stage3_videos.
 """
 import json
 import os
@@ -26,16 +28,17 @@ def _main(argv):
     from im_anim_jax import cli
     from im_anim_jax.evaluation import stage1 as stage1_eval
     from im_anim_jax.evaluation import stage2 as stage2_eval
+    from im_anim_jax.evaluation import stage3 as stage3_eval
 
     if FLAGS.stage not in cli.IMPLEMENTED_STAGES:
-        raise ValueError(f"--stage {FLAGS.stage}: evaluation of "
-                         f"{cli.PENDING.get(FLAGS.stage, 'that stage')} is not implemented yet")
+        raise ValueError(f"--stage {FLAGS.stage}: the stages are {cli.IMPLEMENTED_STAGES}")
     config = cli.load_config(FLAGS)
     workdir = os.path.abspath(FLAGS.workdir)
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"--workdir {workdir} does not exist; train first with train.py")
     data_path = datasets.resolve(config, workdir)
-    evaluate = {1: stage1_eval.evaluate, 2: stage2_eval.evaluate}[FLAGS.stage]
+    evaluate = {1: stage1_eval.evaluate, 2: stage2_eval.evaluate,
+                3: stage3_eval.evaluate}[FLAGS.stage]
     result = evaluate(config, workdir, data_path)
     print(json.dumps(result))
 

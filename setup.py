@@ -27,6 +27,7 @@ setup(
         "safetensors>=0.4,<1",
         "ml-dtypes>=0.5,<1",
         "scipy>=1.13,<2",
+        "tqdm>=4.66,<5",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "torch==2.13.0", "scikit-image>=0.24,<1"],

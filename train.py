@@ -29,24 +29,20 @@ def _main(argv):
     from im_anim_jax import cli
     from im_anim_jax.evaluation import stage1 as stage1_eval
     from im_anim_jax.evaluation import stage2 as stage2_eval
-    from im_anim_jax.training import stage1, stage2
+    from im_anim_jax.evaluation import stage3 as stage3_eval
+    from im_anim_jax.training import stage1, stage2, stage3
 
     config, workdir = cli.load_config(FLAGS), os.path.abspath(FLAGS.workdir)
     stages = cli.parse_stages(FLAGS.stages, config.stages)
     os.makedirs(workdir, exist_ok=True)
     data_path = datasets.resolve(config, workdir)
-    trainers = {1: stage1.train, 2: stage2.train}
-    evaluators = {1: stage1_eval.evaluate, 2: stage2_eval.evaluate}
+    trainers = {1: stage1.train, 2: stage2.train, 3: stage3.train}
+    evaluators = {1: stage1_eval.evaluate, 2: stage2_eval.evaluate, 3: stage3_eval.evaluate}
     for s in stages:
-        if s not in cli.IMPLEMENTED_STAGES:
-            print(f"[train] {cli.PENDING[s]} is not implemented in this version: skipped")
-            continue
         trainers[s](config, workdir, data_path)
         if FLAGS.eval:
             result = evaluators[s](config, workdir, data_path)
             print(f"[eval] stage {s}: " + json.dumps(result))
-    if 3 in stages and 3 not in cli.IMPLEMENTED_STAGES:
-        print("[train] no animation was generated: generation arrives with stage 3")
     print(f"[train] done; reports in {os.path.join(workdir, 'eval')}")
 
 

@@ -18,6 +18,7 @@ MESH_RULES = (
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("layers", None),
+    ("layer_groups", None),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
@@ -80,6 +81,17 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
 
     c.model.vae = wan_vae("wan2_2")
     c.model.dit = wan_dit("wan2_2_ti2v_5b")
+    # Stage 3 expression branch: a compact ViT maps each driving frame's face crop to `num_tokens`
+    # expression tokens; an ExpressionBlock (frame-wise cross-attention, zero-initialised output)
+    # follows every `every` DiT blocks.
+    c.model.expression = ml_collections.ConfigDict(dict(
+        every=6, crop_size=64, patch_size=8, num_tokens=8, width=384, depth=4, num_heads=6,
+        out_dim=512))
+    # Text conditioning: a precomputed prompt embedding, [L, text_dim] float32 in a .npy file or
+    # under the key "context" of a .safetensors file (e.g. umT5-XXL outputs cut to the prompt's
+    # length); empty: a fixed seeded embedding standing in for one prompt (the synthetic data
+    # has one caption).
+    c.text = ml_collections.ConfigDict(dict(embedding="", fixed_length=8, fixed_seed=0))
 
     # ---- stages (paper sec. 4.1 / supplement sec. 6) ----
     c.stage1 = ml_collections.ConfigDict(dict(
@@ -111,8 +123,23 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
         # Ablations trained after the main model, each into WORKDIR/stage2_<name>.
         baselines=("self_attention", "conv", "no_middle_supervision"),
         log_every=50, checkpoint_every=1000))
-    c.stage3 = ml_collections.ConfigDict(dict(steps=30000, lr_dit=1e-5, lr_other=5e-5,
-                                              clip_frames=81))
+    # Stage 3: everything end to end (DiT 1e-5, the rest 5e-5), flow matching + 10 x the
+    # retarget heatmap loss on stage-2 pairs (target = the reference identity's video). The DiT
+    # starts from model.dit.init_from (a converted Wan2.2 TI2V-5B) or, without it, from scratch.
+    # With probability `context_prob` the first latent frames of the target (those of
+    # sampling.overlap_frames video frames) are held clean, as the next window of a long video
+    # sees them (see generation.py).
+    c.stage3 = ml_collections.ConfigDict(dict(
+        steps=30000, lr_dit=1e-5, lr_other=5e-5, schedule="constant", warmup_steps=500,
+        weight_decay=0.01, grad_clip=1.0, batch_size=16, clip_frames=81,
+        retarget_loss_weight=10.0, vq_loss_weight=1.0, timestep_shift=5.0, text_dropout=0.1,
+        context_prob=0.3, ema_decay=0.0, partners_per_clip=1, self_pairs=True,
+        augment=augmentation(True), log_every=50, checkpoint_every=1000))
+    # Generation (Wan2.2 TI2V defaults: UniPC, 50 steps, shift 5, guidance 5). Long videos are
+    # made in windows of stage3.clip_frames; the last `overlap_frames` (1 + 4j) generated frames
+    # start the next window.
+    c.sampling = ml_collections.ConfigDict(dict(
+        method="unipc", steps=50, shift=5.0, guidance=5.0, overlap_frames=5, seed=0))
 
     # ---- sharding (mesh axes: data, fsdp, context, tensor; one size may be -1 = the rest) ----
     c.mesh = ml_collections.ConfigDict()
@@ -122,7 +149,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2, async_save=True))
     c.eval = ml_collections.ConfigDict(dict(
         split="test", pck_thresholds=(0.05, 0.1), subpixel=True, batch_size=8, num_vis_frames=4,
-        pair_seed=1234))
+        pair_seed=1234, stage3_pairs=50))  # the paper's cross-reenactment benchmark has 50 pairs
 
     if variant in ("demo", "tiny"):
         _small(c, variant)
@@ -154,7 +181,7 @@ def wan_dit(preset: str) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown DiT preset {preset!r}; choose one of {sorted(presets)}")
     return ml_collections.ConfigDict(dict(
         preset=preset, in_dim=48, out_dim=48, patch_size=(1, 2, 2), eps=1e-6,
-        cross_attn_norm=True, **presets[preset]))
+        cross_attn_norm=True, init_from="", **presets[preset]))
 
 
 def wan_vae(preset: str) -> ml_collections.ConfigDict:
@@ -214,5 +241,16 @@ def _small(c, variant):
                          warmup_steps=20 if demo else 2, batch_size=8 if demo else 2,
                          clip_frames=5, log_every=50 if demo else 3,
                          checkpoint_every=200 if demo else 3))
-    c.stage3.update(dict(steps=500 if demo else 10, clip_frames=17 if demo else 5))
+    c.model.expression.update(dict(
+        every=2 if demo else 1, crop_size=16 if demo else 8, patch_size=4, num_tokens=4 if demo
+        else 2, width=64 if demo else 16, depth=2 if demo else 1, num_heads=4 if demo else 2,
+        out_dim=64 if demo else 16))
+    # The demo DiT starts from scratch (no pretrained Wan2.2 on this machine): a far higher rate.
+    c.stage3.update(dict(steps=500 if demo else 6, clip_frames=17 if demo else 5, lr_dit=1e-3,
+                         lr_other=1e-3, schedule="cosine", warmup_steps=20 if demo else 2,
+                         batch_size=4 if demo else 2, log_every=50 if demo else 3,
+                         checkpoint_every=250 if demo else 3))
+    c.sampling.update(dict(steps=20 if demo else 4, guidance=1.0, overlap_frames=5 if demo
+                           else 1))
     c.eval.batch_size = 8 if demo else 2
+    c.eval.stage3_pairs = 16 if demo else 2

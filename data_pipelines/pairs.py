@@ -130,7 +130,8 @@ class PairSource:
     """Grain random-access source of pair examples (one per row of `load_pairs`):
     driving [T, H, W, 3] uint8, driving_keypoints [T, 62, 3], reference [H, W, 3] uint8,
     reference_keypoints [62, 3] (B's own pose in the reference image),
-    target_keypoints [T, 62, 3] (B's keypoints, pixels), int32 ids (driving_identity_id,
+    target [T, H, W, 3] uint8 (B performing the motion: stage 3's video) and target_keypoints
+    [T, 62, 3] (B's keypoints, pixels), int32 ids (driving_identity_id,
     reference_identity_id, motion_id, reference_motion_id) and the record/frame indices."""
 
     def __init__(self, path: str, split: str, *, clip_frames: int, seed: int,
@@ -151,7 +152,7 @@ class PairSource:
             "driving": drv["frames"][window], "driving_keypoints": drv["keypoints"][window],
             "reference": ref["frames"][int(p.reference_frame[i])],
             "reference_keypoints": ref["keypoints"][int(p.reference_frame[i])],
-            "target_keypoints": tgt["keypoints"][window],
+            "target": tgt["frames"][window], "target_keypoints": tgt["keypoints"][window],
             "driving_identity_id": np.int32(drv["identity_id"]),
             "reference_identity_id": np.int32(ref["identity_id"]),
             "motion_id": np.int32(drv["motion_id"]),

@@ -82,8 +82,16 @@ def train_dataset(path: str, split: str, *, clip_frames: int, batch_size: int, t
         start = int(rng.integers(0, ex["frames"].shape[0] - clip_frames + 1))
         return _with_targets(ex, start, clip_frames, targets, augment, rng)
 
-    ds = (_source(path, split, clip_frames, targets).seed(seed).shuffle().repeat()
-          [shard_index::shard_count].random_map(sample).batch(batch_size, drop_remainder=True))
+    return _iterate(_source(path, split, clip_frames, targets), sample, seed, batch_size,
+                    shard_index, shard_count, read_threads, num_workers)
+
+
+def _iterate(ds: grain.MapDataset, sample, seed: int, batch_size: int, shard_index: int,
+             shard_count: int, read_threads: int, num_workers: int) -> grain.IterDataset:
+    """Seeded shuffle (reshuffled per epoch), repeat, shard, `sample(ex, rng)`, batch; read with
+    threads and optionally worker processes."""
+    ds = (ds.seed(seed).shuffle().repeat()[shard_index::shard_count].random_map(sample)
+          .batch(batch_size, drop_remainder=True))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=2 * read_threads))
     if num_workers > 0:
@@ -105,8 +113,7 @@ def eval_dataset(path: str, split: str, *, clip_frames: int | None, batch_size: 
 def _pair_source(path, split, clip_frames, targets, **pairing) -> grain.MapDataset:
     from data_pipelines import pairs
     src = pairs.PairSource(path, split, clip_frames=clip_frames, **pairing)
-    first = records.open_split(path, split)[0]
-    _check_source([first], path, split, clip_frames, targets)
+    _check_source(records.open_split(path, split), path, split, clip_frames, targets)
     return grain.MapDataset.source(src).map_with_index(lambda i, ex: dict(ex, record=np.int32(i)))
 
 
@@ -131,16 +138,11 @@ def pair_train_dataset(path: str, split: str, *, clip_frames: int, batch_size: i
     the pair index), the driving clip augmented by `augment` (None: as rendered)."""
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    ds = (_pair_source(path, split, clip_frames, targets, seed=seed,
+    src = _pair_source(path, split, clip_frames, targets, seed=seed,
                        partners_per_clip=partners_per_clip, self_pairs=self_pairs)
-          .seed(seed).shuffle().repeat()[jax.process_index()::jax.process_count()]
-          .random_map(lambda ex, rng: _with_pair_targets(ex, targets, augment, rng))
-          .batch(batch_size, drop_remainder=True))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                              prefetch_buffer_size=2 * read_threads))
-    if num_workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return it
+    return _iterate(src, lambda ex, rng: _with_pair_targets(ex, targets, augment, rng), seed,
+                    batch_size, jax.process_index(), jax.process_count(), read_threads,
+                    num_workers)
 
 
 def pair_eval_dataset(path: str, split: str, *, clip_frames: int, batch_size: int,

@@ -36,7 +36,7 @@ import numpy as np
 from data_pipelines import records
 from im_anim_jax import skeleton
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2                # 2: eyes that blink and squint ("eyes" DOF)
 DATASET_NAME = "synthetic_characters"
 
 SHAPE_PARAM_NAMES = (
@@ -87,7 +87,7 @@ _DOFS = (
     ("root_x", -0.15, 0.15, 0.03), ("root_y", -0.15, 0.15, 0.03),
     ("trunk", -0.35, 0.35, 0.06), ("hip_spread", 0.16, 0.30, 0.01),
     ("head_roll", -0.45, 0.45, 0.08), ("head_yaw", -0.9, 0.9, 0.10),
-    ("head_pitch", -0.35, 0.35, 0.08), ("mouth", 0.0, 1.0, 0.5),
+    ("head_pitch", -0.35, 0.35, 0.08), ("mouth", 0.0, 1.0, 0.5), ("eyes", 0.0, 1.0, 0.05),
 ) + tuple((f"{s}_{n}", lo, hi, v) for s in "rl" for n, lo, hi, v in _SIDE_DOFS)
 DOF_NAMES = tuple(d[0] for d in _DOFS)
 _DI = {n: i for i, n in enumerate(DOF_NAMES)}
@@ -99,7 +99,7 @@ _LEG_MAX = 0.8                           # |absolute thigh/shin angle from strai
 _FOOT_MAX = 1.4                          # |absolute foot angle from straight down| (toe never up)
 _NEUTRAL = {
     "root_x": 0.0, "root_y": 0.0, "trunk": 0.0, "hip_spread": 0.22, "head_roll": 0.0,
-    "head_yaw": 0.0, "head_pitch": 0.0, "mouth": 0.15, "shrug": 0.0, "abd": 0.2,
+    "head_yaw": 0.0, "head_pitch": 0.0, "mouth": 0.15, "eyes": 0.9, "shrug": 0.0, "abd": 0.2,
     "elbow": -0.15, "ua_fs": 0.96, "fa_fs": 0.95, "wrist": 0.0, "leg": 0.06, "knee": -0.03,
     "thigh_fs": 0.97, "shin_fs": 0.97, "foot": 0.0, "spread": 1.0, "curl_thumb": 0.3,
     "curl_index": 0.35, "curl_middle": 0.4, "curl_ring": 0.45, "curl_pinky": 0.5,
@@ -322,14 +322,50 @@ def _motion_jumping_jack(m, rng):
     _idle(m, rng, 0.5)
 
 
+# eye openness per family: raw base range and slow squint amplitude range (before the soft clamp
+# into (0, 1)); blinks: per motion, the mean extra gap between blink events (frames)
+_EYES = {"dance": ((0.9, 1.3), (0.0, 0.2)), "walk": ((0.75, 1.2), (0.0, 0.1)),
+         "wave": ((0.4, 0.8), (0.05, 0.2)), "gesture": ((0.55, 1.1), (0.15, 0.35)),
+         "jumping_jack": ((0.9, 1.3), (0.0, 0.15))}
+_BLINK_GAP = (4.0, 12.0)
+
+
+def _eyes(m, rng):
+    """Family-dependent eye openness with slow squints, and the motion's blink events."""
+    (lo, hi), (alo, ahi) = _EYES[m["family"]]
+    m["base"][_DI["eyes"]] = rng.uniform(lo, hi)
+    _osc(m, "eyes", rng.uniform(alo, ahi), rng.uniform(0.01, 0.04), rng.uniform(0, 2 * np.pi))
+    m["blink"] = {"seed": int(rng.integers(2**31)), "gap": float(rng.uniform(*_BLINK_GAP))}
+
+
+def _blink_closure(blink: dict, t: np.ndarray) -> np.ndarray:
+    """Eyelid closure in [0, 1] at motion times t [T] (frames, increasing).
+
+    Blink events form a renewal process drawn from blink["seed"] (so every clip of the motion sees
+    the same events): each a smooth bump of half-width 1.3..2.5 frames, the next one starting
+    its width + 1 + an exponential gap (mean blink["gap"]) later.
+    """
+    rng = np.random.default_rng(blink["seed"])
+    closure = np.zeros_like(t)
+    s = -rng.uniform(0.0, blink["gap"])
+    while s < t[-1] + 3.0:
+        w = rng.uniform(1.3, 2.5)
+        u = np.clip(1 - np.abs(t - s) / w, 0, 1)
+        closure = np.maximum(closure, u * u * (3 - 2 * u))
+        s += 2 * w + 1 + rng.exponential(blink["gap"])
+    return closure
+
+
 _FAMILY_FNS = {"dance": _motion_dance, "walk": _motion_walk, "wave": _motion_wave,
                "gesture": _motion_gesture, "jumping_jack": _motion_jumping_jack}
 
 
 def sample_motion(rng: np.random.Generator, family: str | None = None) -> dict:
-    """A smooth parametric motion: per DOF a base value plus 3 sinusoids (numpy arrays).
+    """A smooth parametric motion: per DOF a base value plus 3 sinusoids (numpy arrays), and
+    blink events that close the eyes ("eyes" DOF) for a few frames.
 
-    Keys: family, base [D], amp/freq/phase [D, 3] (freq in cycles per frame), t0 (frames).
+    Keys: family, base [D], amp/freq/phase [D, 3] (freq in cycles per frame), t0 (frames),
+    blink {seed, gap} (see _blink_closure).
     """
     if family is None:
         family = str(rng.choice(MOTION_FAMILIES))
@@ -337,6 +373,7 @@ def sample_motion(rng: np.random.Generator, family: str | None = None) -> dict:
         raise ValueError(f"unknown motion family {family!r}; choose one of {MOTION_FAMILIES}")
     m = _new_motion(family, rng)
     _FAMILY_FNS[family](m, rng)
+    _eyes(m, rng)
     speed = np.sum(np.abs(m["amp"]) * 2 * np.pi * m["freq"], axis=1)
     m["amp"] *= np.minimum(1.0, _VMAX / np.maximum(speed, 1e-12))[:, None]
     return m
@@ -382,6 +419,7 @@ def joint_angles(motion: dict, num_frames: int) -> dict:
       head_axis [T, 2]          head "down" unit vector (the drawn head's roll)
       mouth [T, 2, 2]           neck -> mouth corners (units of head radius)
       mouth_open [T]            0..1
+      eyes_open [T]             0 (closed) .. 1 (open): squints and blinks
     """
     num_frames = int(num_frames)
     if num_frames < 1:
@@ -391,6 +429,7 @@ def joint_angles(motion: dict, num_frames: int) -> dict:
         motion["amp"][None] * np.sin(2 * np.pi * motion["freq"][None] * t[:, None, None]
                                      + motion["phase"][None]), -1)
     q = _soft(raw, _LO, _HI)
+    q[:, _DI["eyes"]] *= 1 - _blink_closure(motion["blink"], t)
     g = lambda n: q[:, _DI[n]]  # noqa: E731
     T = num_frames
     vec = np.zeros((T, len(skeleton.BONES), 2))
@@ -459,7 +498,8 @@ def joint_angles(motion: dict, num_frames: int) -> dict:
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
     return {"dofs": f32(q), "bone_vectors": f32(vec), "bone_directions": f32(vec / norm),
             "root": f32(np.stack([g("root_x"), g("root_y")], -1)), "head_center": f32(center),
-            "head_axis": f32(e_down), "mouth": f32(mouth), "mouth_open": f32(g("mouth"))}
+            "head_axis": f32(e_down), "mouth": f32(mouth), "mouth_open": f32(g("mouth")),
+            "eyes_open": f32(g("eyes"))}
 
 
 # ================================================================ identities
@@ -897,6 +937,13 @@ def _draw_figure(cv: _Canvas, identity: dict, pose: dict, pos: np.ndarray) -> No
              edge=0.15)
     cv.layer(ells=[(e, 0.55 * eye_r, 0.55 * eye_r, head_x) for e in eyes], color=col["eye"],
              edge=0.0)
+    # skin-coloured lids close from above and below, leaving an open band whose half-height is
+    # the eye's vertical radius times the openness (shut: the lids overlap, their edges a lash line)
+    band = ((0.8 * eye_r + 0.5) * pose["eyes_open"] - 0.5)[:, None]
+    for e in eyes:
+        for sgn in (-1.0, 1.0):                   # upper lid, lower lid
+            cv.layer(ells=[(e, eye_r + 0.5, 0.8 * eye_r + 0.5, head_x)], color=col["skin"],
+                     clip=(e + sgn * band * head_ax, -sgn * head_ax), edge=0.35)
     nose = J("nose")
     cv.layer(caps=[(nose - 0.2 * R_h * head_ax, nose, 0.05 * R_h, 0.08 * R_h)],
              color=col["skin"] * 0.62, edge=0.0)
@@ -1017,7 +1064,8 @@ def make_dataset(path: str, *, seed: int = 0, num_train_identities: int = 40,
 
 def ensure_dataset(path: str, **kwargs) -> str:
     """Reuses `path` if it holds a synthetic dataset built with the same arguments, builds it
-    if missing; raises ValueError naming the differing arguments otherwise (never overwrites)."""
+    if missing; raises ValueError naming the differing arguments otherwise, a stale
+    GENERATOR_VERSION included (never overwrites: checkpoints may have been trained on it)."""
     if "overwrite" in kwargs:
         raise ValueError("ensure_dataset never overwrites; call make_dataset(overwrite=True)")
     try:

@@ -7,8 +7,7 @@ import sys
 from absl import flags, logging
 
 EXIT_BAD_INPUT = 2
-IMPLEMENTED_STAGES = (1, 2)
-PENDING = {3: "stage 3 (DiT generation and animation)"}
+IMPLEMENTED_STAGES = (1, 2, 3)
 
 
 def parse_stages(text: str | None, default) -> tuple[int, ...]:

@@ -50,10 +50,13 @@ def param_shardings(boxed_abstract_params, mesh, axis_rules):
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, params_sh, mesh):
-    """Optimizer moments follow their params; scalars (counts) are replicated."""
+    """Optimizer moments follow their params; scalars (counts) are replicated; the MaskedNodes
+    of masked / multi-transform states stay as they are."""
     replicated = NamedSharding(mesh, P())
-    return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, params_sh,
-                                 transform_non_params=lambda _: replicated)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    return optax.tree_map_params(tx, lambda p, s: p if masked(p) else s, abstract_opt_state,
+                                 params_sh, transform_non_params=lambda _: replicated,
+                                 is_leaf=masked)
 
 
 def batch_sharding(mesh) -> NamedSharding:

@@ -41,3 +41,22 @@ def tiny_stage1(tmp_path_factory, tiny_config, tiny_dataset):
     workdir = str(tmp_path_factory.mktemp("stage1"))
     stage1.train(config, workdir, tiny_dataset, log=lambda _: None)
     return config, workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_stage2(tmp_path_factory, tiny_stage1, tiny_dataset):
+    """(config, workdir) with stage 1 (copied), a 30-step VAE and a 20-step main stage-2 model
+    (no baselines): the starting point of stage 3's tests. Read-only for its users."""
+    import shutil
+
+    from im_anim_jax.training import stage2
+    base, stage1_dir = tiny_stage1
+    workdir = str(tmp_path_factory.mktemp("stage2_for_3"))
+    shutil.copytree(os.path.join(stage1_dir, "stage1"), os.path.join(workdir, "stage1"))
+    config = base.copy_and_resolve_references()
+    config.vae_training.update(dict(steps=30, lr=3e-3, batch_size=4, log_every=10,
+                                    checkpoint_every=30))
+    config.stage2.update(dict(steps=20, log_every=10, checkpoint_every=20, batch_size=4,
+                              lr=2e-3, baselines=()))
+    stage2.train(config, workdir, tiny_dataset, log=lambda _: None)
+    return config, workdir

@@ -273,3 +273,60 @@ def test_cli_builds_and_reuses(tmp_path, capsys):
     assert syn.main(argv) == 0                                 # same arguments: reused
     assert syn.main(argv[:-2] + ["--image-size", "24"]) == 2   # different: refused
     assert "image_size" in capsys.readouterr().err
+
+
+def _eye_white_pixels(frames, kpts, ident):
+    """Per frame, the number of eye-white pixels within 1.2 eye radii of the two eye keypoints."""
+    size = frames.shape[1]
+    r_head = ident["scale"] * size * syn._HEAD_R * ident["shape_params"][syn._SP["head_size"]]
+    radius = 1.2 * 0.17 * r_head * ident["eye_size"]
+    f = frames.astype(int)
+    white = (f.min(-1) >= 215) & (f.max(-1) - f.min(-1) <= 15)
+    yy, xx = np.mgrid[:size, :size]
+    near = np.zeros(white.shape, bool)
+    for n in ("r_eye", "l_eye"):
+        e = kpts[:, J[n], :2]
+        near |= np.hypot(xx - e[:, :1, None], yy - e[:, 1:, None]) <= radius
+    return (white & near).sum((1, 2))
+
+
+def test_eyes_blink_at_the_same_frames_on_every_identity():
+    motion = syn.make_motion(0, 1)                           # a walk: hands stay off the face
+    T = 17
+    eyes = syn.joint_angles(motion, T)["eyes_open"]
+    assert eyes.shape == (T,) and 0 <= eyes.min() and eyes.max() <= 1
+    np.testing.assert_array_equal(syn.joint_angles(motion, 30)["eyes_open"][:T], eyes)
+    shut, wide = eyes < 0.15, eyes > 0.6
+    assert shut.any() and wide.sum() >= T // 2, eyes
+    for k in (1, 2):
+        ident = _ident(k, "half", 256)
+        frames, kpts = syn.render_clip(ident, motion, T, 256)
+        n = _eye_white_pixels(frames, kpts, ident)
+        assert n[wide].min() >= 0.5 * n.max() and n.max() >= 8, (k, n)
+        assert n[shut].max() <= 0.2 * n[wide].min(), (k, n)
+
+
+def test_blinks_are_frequent_and_brief():
+    with_blink, closed = 0, []
+    for m in range(100):
+        eyes = syn.joint_angles(syn.make_motion(0, m), 17)["eyes_open"]
+        ref = np.array([eyes[max(t - 4, 0):t + 5].max() for t in range(17)])
+        dip = eyes < 0.4 * ref                               # a fast drop: a blink, not a squint
+        with_blink += dip.any()
+        closed.append(dip.mean())
+    assert with_blink >= 75 and np.mean(closed) < 0.25, (with_blink, np.mean(closed))
+
+
+def test_ensure_dataset_refuses_a_stale_generator_version(tmp_path):
+    path = str(tmp_path / "ds")
+    args = _tiny_args(num_train_identities=1, num_train_motions=1, clip_frames=2, image_size=16)
+    syn.ensure_dataset(path, **args)
+    index_file = os.path.join(path, records.INDEX_FILE)
+    with open(index_file) as f:
+        index = json.load(f)
+    index["metadata"]["version"] = syn.GENERATOR_VERSION - 1
+    with open(index_file, "w") as f:
+        json.dump(index, f)
+    with pytest.raises(ValueError, match="version: existing 1 vs requested 2"):
+        syn.ensure_dataset(path, **args)
+    assert records.read_index(path)["metadata"]["version"] == syn.GENERATOR_VERSION - 1

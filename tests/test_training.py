@@ -145,8 +145,10 @@ def _run(args):
       "--config.data.path={data}"], "no stage-1 checkpoint"),
     (["evaluate.py", "--config=configs/demo.py", "--workdir={tmp}", "--stage=2",
       "--config.data.path={data}"], "no VAE checkpoint"),
-    (["evaluate.py", "--config=configs/demo.py", "--workdir={tmp}", "--stage=3"],
-     "not implemented yet"),
+    (["evaluate.py", "--config=configs/demo.py", "--workdir={tmp}", "--stage=3",
+      "--config.data.path={data}"], "no VAE checkpoint"),
+    (["evaluate.py", "--config=configs/demo.py", "--workdir={tmp}", "--stage=4"],
+     "the stages are"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, tiny_dataset, args, message):
     res = _run([a.format(tmp=tmp_path, data=tiny_dataset) for a in args])

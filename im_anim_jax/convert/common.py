@@ -161,6 +161,11 @@ TORCH_LEAVES = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "
                 "var": "running_var"}
 
 
+def mirrored_shapes(abstract) -> dict[str, tuple]:
+    """{torch key: torch shape} of a Flax tree mirroring PyTorch module names (mirrored_keys)."""
+    return {k: shape for k, (_, shape) in mirrored_keys(abstract).items()}
+
+
 def mirrored_keys(abstract) -> dict[str, tuple[str, tuple]]:
     """{torch key: (flax path, torch shape)} of a Flax tree whose module paths are the PyTorch
     module names (`a/b/conv/kernel` <-> `a.b.conv.weight`; BatchNorm `bn/{scale,bias,mean,var}`

@@ -25,7 +25,7 @@ def abstract_params(_) -> dict:
 
 
 def expected_shapes(_) -> dict[str, tuple]:
-    return {k: shape for k, (_, shape) in common.mirrored_keys(abstract_params(None)).items()}
+    return common.mirrored_shapes(abstract_params(None))
 
 
 def select(sd: dict) -> dict:

@@ -4,9 +4,7 @@ Writes WORKDIR/eval/stage1.json and WORKDIR/eval/stage1.png (driving | GT | pred
 """
 from __future__ import annotations
 
-import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +13,6 @@ from data_pipelines import pipeline
 from im_anim_jax import keypoints as kp
 from im_anim_jax import evaluation, skeleton, visualize
 from im_anim_jax.models.quantizer import codebook_stats
-from im_anim_jax.models.stage1 import build_stage1
-from im_anim_jax.training import checkpointing
 from im_anim_jax.training import stage1 as stage1_training
 
 
@@ -24,19 +20,8 @@ GROUPS = {"body": slice(0, 14), "face": slice(14, 18), "feet": slice(18, 20),
           "hands": slice(skeleton.LEFT_HAND.start, skeleton.NUM_JOINTS)}
 
 
-def load_params(config, stage_dir: str):
-    """Params of the newest stage-1 checkpoint, checked against the configured architecture."""
-    model = build_stage1(config.model)
-    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
-                                       stage1_training.dummy_frames(config.model))["params"])
-    params, step = checkpointing.restore_checked_params(
-        stage_dir, abstract, "stage-1",
-        "run `python train.py --config ... --workdir ... --stages 1` first")
-    return model, params, step
-
-
 def evaluate(config, workdir: str, data_path: str) -> dict:
-    model, params, step = load_params(config, os.path.join(workdir, "stage1"))
+    model, params, step = stage1_training.load_params(config, workdir)
     targets = stage1_training.targets(config)
     ds = pipeline.eval_dataset(data_path, config.eval.split, clip_frames=None,
                                batch_size=config.eval.batch_size, targets=targets)

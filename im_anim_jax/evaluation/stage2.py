@@ -24,7 +24,6 @@ Writes WORKDIR/eval/stage2.json and WORKDIR/eval/stage2.png
 """
 from __future__ import annotations
 
-import os
 
 import jax
 import numpy as np
@@ -33,8 +32,8 @@ from data_pipelines import augment, pipeline, records
 from im_anim_jax import keypoints as kp
 from im_anim_jax import evaluation, visualize
 from im_anim_jax.evaluation import leakage
-from im_anim_jax.evaluation import stage1 as stage1_eval
 from im_anim_jax.training import checkpointing
+from im_anim_jax.training import stage1 as stage1_training
 from im_anim_jax.training import stage2 as stage2_training
 from im_anim_jax.training import vae as vae_training
 
@@ -119,7 +118,7 @@ def _realigned(drv_xy, ref_xy, image_size: int, size: int) -> np.ndarray:
 
 def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
     """Cross-identity PCK of every variant and explicit baseline; the PNG of the main model."""
-    targets = stage2_training.targets(config)
+    targets = stage1_training.targets(config)
     size, image_size = targets.heatmap_size, targets.image_size
     thresholds = tuple(config.eval.pck_thresholds)
     ds = pipeline.pair_eval_dataset(data_path, config.eval.split,
@@ -178,7 +177,7 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
 
 def leakage_figures(config, data_path, loaded: dict, s1) -> dict:
     """Identity-leakage probe on the motion features of each encoder (frozen)."""
-    targets = stage2_training.targets(config)
+    targets = stage1_training.targets(config)
     ds = pipeline.eval_dataset(data_path, config.eval.split, clip_frames=None,
                                batch_size=config.eval.batch_size, targets=targets)
     s1_model, s1_params, _ = s1
@@ -222,7 +221,7 @@ def evaluate(config, workdir: str, data_path: str) -> dict:
         variant = load_variant(config, workdir, name, ref_encoder)
         if variant is not None:
             loaded[name] = variant
-    s1 = stage1_eval.load_params(config, os.path.join(workdir, "stage1"))
+    s1 = stage1_training.load_params(config, workdir)
     variants, ref_gt, vis, counts = pair_figures(config, workdir, data_path, ref_encoder,
                                                  loaded, s1)
     main = variants[stage2_training.MAIN]

@@ -87,8 +87,8 @@ def latest_step(directory: str) -> int | None:
 
 def restore_checked_params(stage_dir: str, abstract_params, name: str, hint: str):
     """(params, step) of the newest checkpoint in `stage_dir`, read-only, after checking that its
-    recorded param shapes equal `abstract_params`'. Missing checkpoint or different architecture
-    -> FileNotFoundError / ValueError naming `name` (e.g. "stage-1") and `hint` (how to make one)."""
+    recorded param shapes equal those of `abstract_params`. A missing checkpoint or another
+    architecture -> FileNotFoundError / ValueError naming `name` (e.g. "stage-1") and `hint`."""
     if not os.path.isdir(stage_dir):
         raise FileNotFoundError(f"no {name} checkpoint: {stage_dir} does not exist; {hint}")
     ckpt = Checkpointer(stage_dir, async_save=False)

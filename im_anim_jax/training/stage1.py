@@ -38,28 +38,32 @@ def heatmap_loss(pred, target, weights):
     return jnp.sum(sq * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
-    """AdamW (decay on matrices only, never on the codebook) after global-norm clipping.
-
-    `cfg.schedule`: "constant" (after linear warmup; the paper's setting) or "cosine" (warmup,
-    then cosine decay to 1% of the peak at `cfg.steps`)."""
+def schedule(cfg, lr: float | None = None) -> optax.Schedule:
+    """Learning rate per step from `cfg` (a stage config), peaking at `lr` (default cfg.lr):
+    "constant" (after linear warmup; the paper's setting) or "cosine" (warmup, then cosine decay
+    to 1% of the peak at `cfg.steps`)."""
+    lr = cfg.lr if lr is None else lr
     warmup = max(cfg.warmup_steps, 1)
     if cfg.schedule == "constant":
-        schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, cfg.lr, warmup), optax.constant_schedule(cfg.lr)], [warmup])
-    elif cfg.schedule == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(cfg.steps, warmup + 1),
-                                                      end_value=0.01 * cfg.lr)
-    else:
-        raise ValueError(f"stage1.schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(cfg.steps, warmup + 1),
+                                                  end_value=0.01 * lr)
+    raise ValueError(f"schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
 
-    def decay_mask(params):
-        flat = flax.traverse_util.flatten_dict(params)
-        return flax.traverse_util.unflatten_dict(
-            {k: getattr(v, "ndim", 0) >= 2 and k[-1] != "embedding" for k, v in flat.items()})
 
+def decay_mask(params):
+    """Weight decay on matrices only, never on the codebook."""
+    flat = flax.traverse_util.flatten_dict(params)
+    return flax.traverse_util.unflatten_dict(
+        {k: getattr(v, "ndim", 0) >= 2 and k[-1] != "embedding" for k, v in flat.items()})
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    """AdamW (decay_mask) after global-norm clipping, on `schedule(cfg)`."""
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                       optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask))
+                       optax.adamw(schedule(cfg), weight_decay=cfg.weight_decay, mask=decay_mask))
 
 
 def dummy_frames(model_cfg):
@@ -89,6 +93,18 @@ def init_state(model: Stage1Model, tx, config, mesh, axis_rules):
     with jax.set_mesh(mesh):
         state = jax.jit(create, out_shardings=state_sh)(config.seed)
     return state, checkpointing.abstract_like(state, state_sh), state_sh
+
+
+def load_params(config, workdir: str):
+    """(model, params, step) of the newest checkpoint in WORKDIR/stage1, read-only, checked
+    against config.model (missing -> FileNotFoundError, other architecture -> ValueError)."""
+    model = build_stage1(config.model)
+    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                       dummy_frames(config.model))["params"])
+    params, step = checkpointing.restore_checked_params(
+        os.path.join(workdir, "stage1"), abstract, "stage-1",
+        "run `python train.py --config ... --workdir ... --stages 1` first")
+    return model, params, step
 
 
 def init_from_titok(path: str, params: dict, shardings: dict) -> dict:

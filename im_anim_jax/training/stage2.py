@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,10 +32,10 @@ from data_pipelines import augment, pipeline
 from im_anim_jax import keypoints as kp
 from im_anim_jax import sharding
 from im_anim_jax.models.quantizer import codebook_stats
-from im_anim_jax.models.stage1 import build_stage1
 from im_anim_jax.models.stage2 import Stage2Model, build_stage2
 from im_anim_jax.training import checkpointing, loop
 from im_anim_jax.training import stage1 as stage1_training
+from im_anim_jax.training import state as train_state
 from im_anim_jax.training import vae as vae_training
 
 STAGE = 2
@@ -46,13 +45,6 @@ BASELINES = {
     "conv": lambda c: c.model.update(dict(motion_encoder="conv")),
     "no_middle_supervision": lambda c: c.stage2.update(dict(middle_supervision=False)),
 }
-
-
-class TrainState(flax.struct.PyTreeNode):
-    step: jax.Array
-    params: dict
-    opt_state: optax.OptState
-    rng: jax.Array
 
 
 def variants(config) -> tuple[str, ...]:
@@ -97,46 +89,22 @@ def abstract_params(model: Stage2Model, config, ref_dim: int, boxed: bool = Fals
     return out if boxed else nn.unbox(out)
 
 
-def stage1_params(config, workdir: str) -> dict:
-    """The newest stage-1 params of WORKDIR/stage1, read-only, checked against config.model."""
-    model = build_stage1(config.model)
-    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
-                                       stage1_training.dummy_frames(config.model))["params"])
-    params, _ = checkpointing.restore_checked_params(
-        os.path.join(workdir, "stage1"), abstract, "stage-1",
-        "stage 2 starts from stage 1: run `python train.py ... --stages 1` first")
-    return params
-
-
 def _trained(params: dict, config) -> dict:
     return {k: params[k] for k in trainable(config)}
 
 
-def init_state(model: Stage2Model, tx, config, mesh, axis_rules, ref_dim: int):
+def init_state(model: Stage2Model, tx, config, mesh, ref_dim: int):
     """Sharded TrainState (fresh init), its abstract twin and its shardings. `params` holds every
     parameter; the optimizer state only the trainable ones."""
-    boxed = abstract_params(model, config, ref_dim, boxed=True)
-    params_sh = sharding.param_shardings(boxed, mesh, axis_rules)
-    abstract = nn.unbox(boxed)
-    opt_sh = sharding.opt_state_shardings(tx, jax.eval_shape(tx.init, _trained(abstract, config)),
-                                          _trained(params_sh, config), mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state_sh = TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated)
     inputs = dummy_inputs(config, ref_dim, model.grid)
-
-    def create(seed):
-        key = jax.random.key(seed)
-        params = nn.unbox(model.init(key, *inputs)["params"])
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(_trained(params, config)),
-                          rng=jax.random.key_data(jax.random.fold_in(key, 2)))
-
-    with jax.set_mesh(mesh):
-        state = jax.jit(create, out_shardings=state_sh)(config.seed)
-    return state, checkpointing.abstract_like(state, state_sh), state_sh
+    return train_state.init_sharded(
+        lambda key: nn.unbox(model.init(key, *inputs)["params"]),
+        abstract_params(model, config, ref_dim, boxed=True), tx, mesh,
+        sharding.rules(config.mesh), config.seed, trained=lambda p: _trained(p, config))
 
 
-def from_stage1(state: TrainState, s1: dict, state_sh: TrainState, tx, config) -> TrainState:
+def from_stage1(state: train_state.TrainState, s1: dict, state_sh: train_state.TrainState, tx,
+                config) -> train_state.TrainState:
     """`state` with every subtree it shares with stage 1 set to the stage-1 params: motion encoder,
     quantizer and joint decoder (the joint decoder only, with the conv motion encoder). The same
     config builds both models, so shapes match."""
@@ -148,10 +116,6 @@ def from_stage1(state: TrainState, s1: dict, state_sh: TrainState, tx, config) -
                                  state_sh.params[k])
     opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(_trained(params, config))
     return state.replace(params=params, opt_state=opt_state)
-
-
-def targets(config) -> pipeline.Targets:
-    return stage1_training.targets(config)
 
 
 def forward_metrics(model: Stage2Model, params, batch, ref_tokens, config):
@@ -174,7 +138,7 @@ def forward_metrics(model: Stage2Model, params, batch, ref_tokens, config):
 def make_train_step(model, tx, config, mesh, axis_rules, state_sh, ref_encoder):
     """(state, batch) -> (state, metrics): reference tokens from the frozen VAE encoder (its own
     jit), then one AdamW step."""
-    def step(state: TrainState, batch, ref_tokens):
+    def step(state: train_state.TrainState, batch, ref_tokens):
         trained = _trained(state.params, config)
         frozen = jax.lax.stop_gradient({k: v for k, v in state.params.items() if k not in trained})
 
@@ -210,15 +174,15 @@ def train_variant(config, workdir: str, data_path: str, name: str, ref_encoder,
     sharding.check_batch_size(cfg.batch_size, mesh, "stage2.batch_size")
     model = build_stage2(config.model, ref_encoder.grid)
     tx = stage1_training.make_optimizer(cfg)
-    state, abstract_state, state_sh = init_state(model, tx, config, mesh, axis_rules,
-                                                 ref_encoder.dim)
+    state, abstract_state, state_sh = init_state(model, tx, config, mesh, ref_encoder.dim)
     directory = stage_dir(workdir, name)
     tag = "stage2" if name == MAIN else f"stage2:{name}"
     if checkpointing.latest_step(directory) is None:
-        state = from_stage1(state, stage1_params(config, workdir), state_sh, tx, config)
+        state = from_stage1(state, stage1_training.load_params(config, workdir)[1], state_sh, tx,
+                           config)
     data_iter = iter(pipeline.pair_train_dataset(
         data_path, "train", clip_frames=cfg.clip_frames,
-        batch_size=cfg.batch_size // jax.process_count(), targets=targets(config),
+        batch_size=cfg.batch_size // jax.process_count(), targets=stage1_training.targets(config),
         seed=config.seed, partners_per_clip=cfg.partners_per_clip, self_pairs=cfg.self_pairs,
         augment=augment.clip_augment(cfg.augment, supervise_original=True),
         read_threads=config.data.read_threads,

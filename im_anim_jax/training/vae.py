@@ -23,6 +23,7 @@ from im_anim_jax.convert import common
 from im_anim_jax.models.stage1 import to_unit_range
 from im_anim_jax.models.wan import vae
 from im_anim_jax.training import checkpointing, loop, stage1
+from im_anim_jax.training import state as train_state
 
 STAGE = "vae"
 ENCODER_PARAMS = ("encoder", "conv1")  # all that WanVAE.encode uses
@@ -30,13 +31,6 @@ CONVERTED_KINDS = ("wan-vae", "wan_vae")  # the converter's CLI kind and its mod
 MISSING_HINT = ("train it first (`python train.py --config ... --workdir ... --stages 2` trains "
                 "the VAE before stage 2), or set config.model.vae.init_from to a converted Wan2.2 "
                 "VAE (`python -m im_anim_jax.convert wan-vae --src Wan2.2_VAE.pth --dst DIR`)")
-
-
-class TrainState(flax.struct.PyTreeNode):
-    step: jax.Array
-    params: dict
-    opt_state: optax.OptState
-    rng: jax.Array  # raw uint32 key data
 
 
 def check_reference_size(config) -> None:
@@ -101,6 +95,20 @@ def _encode_reference(encoder: ReferenceEncoder, images):
     return jax.lax.stop_gradient(reference_tokens(latents, encoder.patch))
 
 
+def encode_video(encoder: ReferenceEncoder, video):
+    """video [B, 1 + 4k, H, W, 3] (uint8 or [0, 1]) -> normalised latents [B, 1 + k, h, w, z]
+    float32 with the frozen encoder (no gradient)."""
+    vae.check_video(encoder.model, video.shape)
+    return _encode_video(encoder, video)
+
+
+@jax.jit
+def _encode_video(encoder: ReferenceEncoder, video):
+    x = to_unit_range(video) * 2.0 - 1.0
+    return jax.lax.stop_gradient(encoder.model.apply({"params": encoder.params}, x,
+                                                     method=vae.WanVAE.encode))
+
+
 def abstract_params(model: vae.WanVAE, mesh, axis_rules) -> tuple[dict, dict]:
     """(ShapeDtypeStructs, NamedShardings) of the VAE's params on `mesh`."""
     s = model.space_factor
@@ -124,20 +132,24 @@ def _load_converted(path: str, abstract: dict, shardings: dict) -> dict:
                         loaded, abstract, shardings)
 
 
-def load_reference_encoder(config, workdir: str) -> ReferenceEncoder:
-    """The frozen reference encoder of `config`, its params on the config's mesh (as in training):
-    weights from model.vae.init_from, else the newest checkpoint in WORKDIR/vae
-    (FileNotFoundError if none; ValueError if it does not fit the config)."""
+def load_vae(config, workdir: str) -> tuple[vae.WanVAE, dict]:
+    """(model, params) of the run's VAE on the config's mesh: model.vae.init_from, else the newest
+    checkpoint in WORKDIR/vae (FileNotFoundError if none; ValueError if it does not fit)."""
     check_reference_size(config)
     model = vae.build_vae(config.model.vae, config.model.dtype, config.model.attention_impl)
     abstract, shardings = abstract_params(model, sharding.make_mesh(config.mesh),
                                           sharding.rules(config.mesh))
     if config.model.vae.init_from:
-        params = _load_converted(config.model.vae.init_from, abstract, shardings)
-    else:
-        params, _ = checkpointing.restore_checked_params(
-            os.path.join(workdir, "vae"), checkpointing.abstract_like(abstract, shardings), "VAE",
-            MISSING_HINT)
+        return model, _load_converted(config.model.vae.init_from, abstract, shardings)
+    params, _ = checkpointing.restore_checked_params(
+        os.path.join(workdir, "vae"), checkpointing.abstract_like(abstract, shardings), "VAE",
+        MISSING_HINT)
+    return model, params
+
+
+def load_reference_encoder(config, workdir: str) -> ReferenceEncoder:
+    """The frozen reference encoder of `config` (load_vae's encoder half)."""
+    model, params = load_vae(config, workdir)
     size = config.model.motion_tokenizer.image_size
     encoder_params = {k: params[k] for k in ENCODER_PARAMS}  # the decoder is not needed
     return ReferenceEncoder(params=encoder_params, model=model, image_size=(size, size),
@@ -165,29 +177,19 @@ def losses(module: vae.WanVAE, video, key, kl_weight: float) -> dict:
     return {"loss": l1 + mse + kl_weight * kl, "l1": l1, "mse": mse, "kl": kl, "psnr": psnr}
 
 
-def init_state(model: vae.WanVAE, tx, config, mesh, axis_rules):
+def init_state(model: vae.WanVAE, tx, config, mesh):
     """Sharded TrainState, its abstract twin (for restores) and its shardings."""
-    abstract, params_sh = abstract_params(model, mesh, axis_rules)
-    opt_sh = sharding.opt_state_shardings(tx, jax.eval_shape(tx.init, abstract), params_sh, mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state_sh = TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated)
-
-    def create(seed):
-        key = jax.random.key(seed)
-        s = model.space_factor
-        params = nn.unbox(model.init(key, jnp.zeros((1, 1, s, s, 3), jnp.float32))["params"])
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          rng=jax.random.key_data(jax.random.fold_in(key, 1)))
-
-    with jax.set_mesh(mesh):
-        state = jax.jit(create, out_shardings=state_sh)(config.seed)
-    return state, checkpointing.abstract_like(state, state_sh), state_sh
+    s = model.space_factor
+    video = jnp.zeros((1, 1, s, s, 3), jnp.float32)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), video)["params"]
+    return train_state.init_sharded(lambda key: nn.unbox(model.init(key, video)["params"]), boxed,
+                                    tx, mesh, sharding.rules(config.mesh), config.seed)
 
 
 def make_train_step(model, tx, kl_weight: float, mesh, axis_rules, state_sh):
     """jit(step)(state, batch) -> (state, metrics); batch["frames"] [B, 1, H, W, 3] uint8."""
 
-    def step(state: TrainState, batch):
+    def step(state: train_state.TrainState, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         video = to_unit_range(batch["frames"]) * 2.0 - 1.0
 
@@ -223,7 +225,7 @@ def train(config, workdir: str, data_path: str, log=print) -> dict:
     sharding.check_batch_size(cfg.batch_size, mesh, "vae_training.batch_size")
     model = vae.build_vae(config.model.vae, config.model.dtype, config.model.attention_impl)
     tx = stage1.make_optimizer(cfg)
-    state, abstract_state, state_sh = init_state(model, tx, config, mesh, axis_rules)
+    state, abstract_state, state_sh = init_state(model, tx, config, mesh)
     data_iter = iter(pipeline.train_dataset(
         data_path, "train", clip_frames=1, batch_size=cfg.batch_size // jax.process_count(),
         targets=stage1.targets(config), seed=config.seed, read_threads=config.data.read_threads,

@@ -5,6 +5,14 @@ f slowest, as upstream. Parameter names follow the official state dict (`patch_e
 `text_embedding`, `time_embedding`, `time_projection`, `blocks`, `head`); the blocks are stacked
 with nn.scan (a leading `layers` axis) and rematerialised by `remat_policy`.
 
+Stage 3 (IM-Animation) widens the model in two ways, both an exact identity when fresh:
+- `control_dim` > 0: the patch embedding gains that many input channels per latent pixel for the
+  retargeted motion M_ret (channel concat with the noisy latent); their kernel slice starts at
+  zero (`add_control_channels` widens a base checkpoint).
+- `expression_every` = k > 0: an ExpressionBlock (zero-initialised output) after every k blocks.
+  The blocks are then scanned in groups: `blocks/layers/*` [L/k, k, ...] and
+  `blocks/expression/*` [L/k, ...] (`group_layers` regroups a base checkpoint's [L, ...]).
+
 Numerics follow upstream: the timestep sinusoid and the RoPE tables to float64 accuracy, and the
 time embedding, modulation, LayerNorms, residual stream and head in float32 whatever `dtype` is
 (`dtype` is the compute dtype of the patch/text embeddings, q/k/v/o projections, attention, FFN).
@@ -220,6 +228,92 @@ class WanBlock(nn.Module):
         return x + y.astype(F32) * gate2, None
 
 
+def _patch_kernel_init(in_dim: int):
+    """Upstream's xavier-uniform over the flattened Conv3d kernel for the first `in_dim` input
+    channels (fan-in pt ph pw in_dim); zeros for the control channels after them."""
+    def init(key, shape, dtype=F32):
+        base = (*shape[:3], in_dim, shape[4])
+        w = nn.initializers.xavier_uniform(in_axis=(0, 1, 2, 3), out_axis=4)(key, base, dtype)
+        return jnp.concatenate([w, jnp.zeros((*shape[:3], shape[3] - in_dim, shape[4]), dtype)], 3)
+    return init
+
+
+class PatchEmbed(nn.Module):
+    """Upstream's Conv3d patch embedding (kernel = stride = patch) as an einsum over patches,
+    kernel [pt, ph, pw, in_dim + control_dim, dim]. The control channels are applied as a second
+    einsum added last, so a zero control slice leaves the output bit for bit the base model's."""
+    in_dim: int
+    control_dim: int
+    dim: int
+    dtype: layers.Dtype
+
+    @nn.compact
+    def __call__(self, patches, control=None):
+        """patches [B, gf, pt, gh, ph, gw, pw, in_dim], control the same with control_dim
+        channels (None iff control_dim == 0) -> [B, gf, gh, gw, dim]."""
+        pt, ph, pw = patches.shape[2], patches.shape[4], patches.shape[6]
+        kernel = self.param("kernel", layers.axes(_patch_kernel_init(self.in_dim), None, None,
+                                                  None, "conv_in", "embed"),
+                            (pt, ph, pw, self.in_dim + self.control_dim, self.dim))
+        bias = self.param("bias", layers.axes(nn.initializers.zeros, "embed"), (self.dim,))
+        kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
+        eq = "bfthpwqc,tpqcd->bfhwd"
+        y = jnp.einsum(eq, patches.astype(self.dtype), kernel[..., :self.in_dim, :],
+                       precision=_precision(self.dtype)) + bias
+        if self.control_dim:
+            y = y + jnp.einsum(eq, control.astype(self.dtype), kernel[..., self.in_dim:, :],
+                               precision=_precision(self.dtype))
+        return y
+
+
+def add_control_channels(params: dict, control_dim: int) -> dict:
+    """Base DiT params -> the same with `control_dim` zero input channels appended to the patch
+    embedding kernel (the stage-3 control branch, freshly added)."""
+    kernel = params["patch_embedding"]["kernel"]
+    pad = jnp.zeros((*kernel.shape[:3], control_dim, kernel.shape[4]), kernel.dtype)
+    return {**params, "patch_embedding": {**params["patch_embedding"],
+                                          "kernel": jnp.concatenate([kernel, pad], 3)}}
+
+
+def group_layers(params: dict, every: int) -> dict:
+    """Base DiT params (`blocks/*` [L, ...]) -> the grouped layout of a DiT with expression blocks
+    (`blocks/layers/*` [L/every, every, ...]); the expression params are not added."""
+    def regroup(x):
+        if x.shape[0] % every:
+            raise ValueError(f"{x.shape[0]} layers cannot be grouped by expression_every={every}")
+        return x.reshape(x.shape[0] // every, every, *x.shape[1:])
+    return {**params, "blocks": {"layers": jax.tree.map(regroup, params["blocks"])}}
+
+
+class BlockGroup(nn.Module):
+    """`every` scanned WanBlocks, then an ExpressionBlock (frame-wise cross-attention to that
+    latent frame's expression tokens, zero-initialised output)."""
+    block: Callable
+    block_args: tuple
+    every: int
+    num_heads: int
+    eps: float
+    dtype: layers.Dtype
+    attention_impl: str
+
+    @nn.compact
+    def __call__(self, x, e0, context, cos, sin, expression):
+        """As WanBlock, plus expression [B, F, M, D_e] (F latent frames) -> (x, None)."""
+        from im_anim_jax.models.expression import ExpressionBlock  # it imports this module
+        x, _ = _scan_blocks(self.block, self.every)(*self.block_args, name="layers")(
+            x, e0, context, cos, sin)
+        return ExpressionBlock(self.num_heads, self.eps, self.dtype, self.attention_impl,
+                               name="expression")(x, expression), None
+
+
+def _scan_blocks(block, length: int, extra_inputs: int = 0, axis: str = "layers"):
+    """nn.scan over `length` copies of `block`: params stacked on a leading logical `axis`, every
+    input after the carry broadcast."""
+    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=(nn.broadcast,) * (4 + extra_inputs), length=length,
+                   metadata_params={nn.PARTITION_NAME: axis})
+
+
 class Head(nn.Module):
     """Linear(LN(x) (1 + scale) + shift), (shift, scale) = modulation + e, all in float32."""
     features: int
@@ -253,6 +347,8 @@ class WanDiT(nn.Module):
     dtype: layers.Dtype = F32
     attention_impl: str = "xla"
     remat_policy: str = "none"
+    control_dim: int = 0
+    expression_every: int = 0
 
     def setup(self):
         if self.dim % self.num_heads:
@@ -263,11 +359,10 @@ class WanDiT(nn.Module):
         if self.remat_policy not in layers.REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} not in "
                              f"{sorted(layers.REMAT_POLICIES)}")
-        pt, ph, pw = self.patch_size
-        self.patch_embedding = layers.Projection(
-            "bfthpwqc,tpqcd->bfhwd", (pt, ph, pw, self.in_dim, self.dim),
-            (None, None, None, "conv_in", "embed"), (self.dim,), ("embed",),
-            fan_in=(0, 1, 2, 3), fan_out=(4,), dtype=self.dtype, precision=_precision(self.dtype))
+        if self.expression_every and self.num_layers % self.expression_every:
+            raise ValueError(f"dit.num_layers {self.num_layers} is not a multiple of "
+                             f"expression_every {self.expression_every}")
+        self.patch_embedding = PatchEmbed(self.in_dim, self.control_dim, self.dim, self.dtype)
         normal = nn.initializers.normal(0.02)
         self.text_embedding = Mlp(self.dim, self.dim, gelu_tanh, normal, self.dtype)
         self.time_embedding = Mlp(self.dim, self.dim, nn.silu, normal, F32)
@@ -278,11 +373,15 @@ class WanDiT(nn.Module):
         policy = layers.REMAT_POLICIES[self.remat_policy]
         if policy is not None:
             block = nn.remat(block, prevent_cse=False, policy=None if policy == "full" else policy)
-        self.blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(nn.broadcast,) * 4, length=self.num_layers,
-                              metadata_params={nn.PARTITION_NAME: "layers"})(
-            self.ffn_dim, self.num_heads, self.eps, self.cross_attn_norm, self.dtype,
-            self.attention_impl)
+        args = (self.ffn_dim, self.num_heads, self.eps, self.cross_attn_norm, self.dtype,
+                self.attention_impl)
+        if self.expression_every:
+            self.blocks = _scan_blocks(BlockGroup, self.num_layers // self.expression_every,
+                                       extra_inputs=1, axis="layer_groups")(
+                block, args, self.expression_every, self.num_heads, self.eps, self.dtype,
+                self.attention_impl)
+        else:
+            self.blocks = _scan_blocks(block, self.num_layers)(*args)
         self.head = Head(math.prod(self.patch_size) * self.out_dim, self.eps)
 
     def embed_time(self, t):
@@ -301,19 +400,25 @@ class WanDiT(nn.Module):
         context = self.text_embedding(context)
         return nn.with_logical_constraint(context, ("act_batch", None, "act_embed"))
 
-    def __call__(self, latents, t, context):
-        grid = self._check_inputs(latents, t, context)
+    def __call__(self, latents, t, context, control=None, expression=None):
+        """control [B, L, pt ph pw control_dim] (token (f, h, w) order; channels (t, p, q, c)),
+        expression [B, F / pt, M, D_e]: required iff control_dim / expression_every are set."""
+        grid = self._check_inputs(latents, t, context, control, expression)
         (b, *_, c), (pt, ph, pw), (gf, gh, gw) = latents.shape, self.patch_size, grid
         patches = latents.reshape(b, gf, pt, gh, ph, gw, pw, c)
-        x = self.patch_embedding(patches).reshape(b, gf * gh * gw, self.dim).astype(F32)
+        if control is not None:  # token (t, p, q, c) -> the latent pixels of its patch
+            control = control.reshape(b, gf, gh, gw, pt, ph, pw, self.control_dim).transpose(
+                0, 1, 4, 2, 5, 3, 6, 7)
+        x = self.patch_embedding(patches, control).reshape(b, gf * gh * gw, self.dim).astype(F32)
         e, e0 = self.embed_time(t)
         cos, sin = rope_tables(grid, self.dim // self.num_heads)
-        x, _ = self.blocks(x, e0, self.embed_text(context), jnp.asarray(cos), jnp.asarray(sin))
+        inputs = (x, e0, self.embed_text(context), jnp.asarray(cos), jnp.asarray(sin))
+        x, _ = self.blocks(*inputs, *(() if expression is None else (expression,)))
         x = self.head(x, e).reshape(b, gf, gh, gw, pt, ph, pw, self.out_dim)
         x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(*latents.shape[:4], self.out_dim)
         return nn.with_logical_constraint(x, ("act_batch", "act_frames", None, None, None))
 
-    def _check_inputs(self, latents, t, context) -> tuple[int, int, int]:
+    def _check_inputs(self, latents, t, context, control, expression) -> tuple[int, int, int]:
         """The patch grid (f, h, w); ValueError naming what was expected otherwise."""
         if latents.ndim != 5 or latents.shape[-1] != self.in_dim:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; expected channels-last "
@@ -329,20 +434,36 @@ class WanDiT(nn.Module):
                              f"[B={b}, L={n}]")
         if context.shape[0] != b:
             raise ValueError(f"context batch {context.shape[0]} != latent batch {b}")
+        width = math.prod(self.patch_size) * self.control_dim
+        if (control is None) != (self.control_dim == 0) or (
+                control is not None and control.shape != (b, n, width)):
+            got = None if control is None else tuple(control.shape)
+            raise ValueError(f"control has shape {got}; expected " + (
+                f"[B={b}, L={n}, {width}] (control_dim={self.control_dim} per latent pixel)"
+                if self.control_dim else "None (this DiT has no control channels)"))
+        if (expression is None) != (self.expression_every == 0) or (
+                expression is not None and (expression.ndim != 4
+                                            or expression.shape[:2] != (b, grid[0]))):
+            got = None if expression is None else tuple(expression.shape)
+            raise ValueError(f"expression has shape {got}; expected " + (
+                f"[B={b}, F={grid[0]}, M, D]" if self.expression_every
+                else "None (this DiT has no expression blocks)"))
         return grid
 
 
 def build_dit(dit_cfg: ml_collections.ConfigDict, dtype="float32", attention_impl: str = "xla",
-              remat_policy: str = "none") -> WanDiT:
+              remat_policy: str = "none", control_dim: int = 0,
+              expression_every: int = 0) -> WanDiT:
     """WanDiT from `config.model.dit`; `dtype`, `attention_impl`, `remat_policy` come from
     `config.model` (build_dit(c.model.dit, c.model.dtype, c.model.attention_impl,
-    c.model.remat_policy))."""
+    c.model.remat_policy)); stage 3 adds `control_dim` and `expression_every`."""
     return WanDiT(
         dim=dit_cfg.dim, ffn_dim=dit_cfg.ffn_dim, num_heads=dit_cfg.num_heads,
         num_layers=dit_cfg.num_layers, text_dim=dit_cfg.text_dim, text_len=dit_cfg.text_len,
         freq_dim=dit_cfg.freq_dim, patch_size=tuple(dit_cfg.patch_size), in_dim=dit_cfg.in_dim,
         out_dim=dit_cfg.out_dim, eps=dit_cfg.eps, cross_attn_norm=dit_cfg.cross_attn_norm,
-        dtype=jnp.dtype(dtype), attention_impl=attention_impl, remat_policy=remat_policy)
+        dtype=jnp.dtype(dtype), attention_impl=attention_impl, remat_policy=remat_policy,
+        control_dim=control_dim, expression_every=expression_every)
 
 
 def init_inputs(dit_cfg: ml_collections.ConfigDict, batch: int = 1, frames: int = 1):

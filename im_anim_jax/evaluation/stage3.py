@@ -1,0 +1,175 @@
+"""Stage-3 evaluation: cross-reenactment on held-out identities and motions.
+
+Pairs: the held-out split's cross-identity pairs (identity A drives, identity B's image is the
+reference, B performing the same motion is the ground truth), the first `eval.stage3_pairs`.
+Per generated video: PSNR* and SSIM against the ground-truth frames (metrics.image, float64), and
+motion accuracy: keypoints read back from the generated frames by the stage-1 heatmap model, PCK
+against B's ground-truth keypoints. Baselines on the same pairs: `reference_repeated` (the
+reference image as every frame) and `control_zeroed` (the model with its control channels'
+patch-embedding weights zeroed: no retargeted motion reaches the DiT).
+
+Drift: one long held-out clip (4 windows of stage3.clip_frames) is generated in windows
+(generation.py) and PSNR* / PCK are reported per window, so error growth across windows is a
+number. Writes WORKDIR/eval/stage3.json, stage3.png (driving | reference | generated | truth)
+and the videos in WORKDIR/eval/stage3_videos/.
+"""
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipelines import pipeline, synthetic
+from im_anim_jax import evaluation, generation, media
+from im_anim_jax import keypoints as kp
+from im_anim_jax.metrics import image as image_metrics
+from im_anim_jax.training import stage1 as stage1_training
+
+VARIANTS = ("model", "reference_repeated", "control_zeroed")
+
+
+def zero_control(params: dict, config) -> dict:
+    """Stage-3 params with the control channels' patch-embedding kernel slice set to zero."""
+    pe = params["dit"]["patch_embedding"]
+    in_dim = config.model.dit.in_dim
+    kernel = jnp.asarray(pe["kernel"]).at[..., in_dim:, :].set(0.0)
+    return {**params, "dit": {**params["dit"], "patch_embedding": {**pe, "kernel": kernel}}}
+
+
+def motion_pck(animator, frames, gt_keypoints, config) -> dict:
+    """PCK of keypoints read back from `frames` [B, T, H, W, 3] in [0, 1] by the stage-1 model
+    against gt_keypoints [B, T, J, 3] (joints with conf < data.conf_threshold ignored)."""
+    pred = animator.read_keypoints(frames)[..., :2]
+    size, hm = config.model.motion_tokenizer.image_size, config.model.joint_decoder.heatmap_size
+    weights = (gt_keypoints[..., 2] >= config.data.conf_threshold).astype(np.float32)
+    out = kp.pck(kp.image_to_heatmap(pred, size, hm), kp.image_to_heatmap(
+        gt_keypoints[..., :2], size, hm), weights, hm, tuple(config.eval.pck_thresholds))
+    return {a: (float(v) * float(max(weights.sum(), 1.0)), float(weights.sum()))
+            for a, v in out.items()}
+
+
+class Scores:
+    """Running sums of per-frame PSNR*/SSIM and PCK hits."""
+
+    def __init__(self, thresholds):
+        self.psnr, self.ssim, self.frames = 0.0, 0.0, 0
+        self.hits = {a: 0.0 for a in thresholds}
+        self.visible = 0.0
+
+    def add(self, generated, truth, pck: dict):
+        self.psnr += float(image_metrics.psnr_star(generated, truth).sum())
+        self.ssim += float(image_metrics.ssim(generated, truth).sum())
+        self.frames += int(np.prod(generated.shape[:2]))
+        for a, (hits, visible) in pck.items():
+            self.hits[a] += hits
+        self.visible += next(iter(pck.values()))[1]
+
+    def result(self) -> dict:
+        out = {"psnr_star": self.psnr / max(self.frames, 1),
+               "ssim": self.ssim / max(self.frames, 1)}
+        out.update({f"motion_pck@{a}": h / max(self.visible, 1.0) for a, h in self.hits.items()})
+        return out
+
+
+def generate_variant(animator, name: str, batch, params_zeroed, seed: int):
+    reference, driving = batch["reference"], batch["driving"]
+    if name == "reference_repeated":
+        ref = reference.astype(np.float32) / 255.0
+        return np.repeat(ref[:, None], driving.shape[1], 1)
+    return animator.generate(reference, driving, seed=seed,
+                             params=params_zeroed if name == "control_zeroed" else None)
+
+
+def pair_figures(config, animator, data_path: str, video_dir: str):
+    """(scores per variant, a picture, number of pairs)."""
+    ds = pipeline.pair_eval_dataset(data_path, config.eval.split,
+                                    clip_frames=config.stage3.clip_frames,
+                                    batch_size=config.eval.batch_size,
+                                    targets=stage1_training.targets(config),
+                                    seed=config.eval.pair_seed)
+    zeroed = zero_control(animator.params, config)
+    scores = {n: Scores(config.eval.pck_thresholds) for n in VARIANTS}
+    done, vis = 0, None
+    for batch in ds:
+        n = min(len(batch["record"]), config.eval.stage3_pairs - done)
+        if n <= 0:
+            break
+        batch = {k: v[:n] for k, v in batch.items()}
+        truth = batch["target"].astype(np.float32) / 255.0
+        for name in VARIANTS:
+            video = generate_variant(animator, name, batch, zeroed, config.sampling.seed + done)
+            scores[name].add(video, truth, motion_pck(animator, video, batch["target_keypoints"],
+                                                      config))
+            if name == "model":
+                generated = video
+        for i in range(n):
+            media.write_video(os.path.join(video_dir, f"pair{done + i:03d}.mp4"),
+                              media.side_by_side(batch["driving"][i], batch["reference"][i],
+                                                 generated[i], batch["target"][i]), fps=8)
+        if vis is None:
+            vis = _grid(batch, generated, config.eval.num_vis_frames)
+        done += n
+    return {k: s.result() for k, s in scores.items()}, vis, done
+
+
+def _grid(batch, generated, num_frames: int) -> np.ndarray:
+    """Rows (first pair, `num_frames` frames): driving | reference | generated | ground truth."""
+    to8 = lambda x: np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8)
+    idx = np.linspace(0, generated.shape[1] - 1, num_frames).round().astype(int)
+    rows = [np.concatenate([batch["driving"][0][t], batch["reference"][0], to8(generated[0][t]),
+                            batch["target"][0][t]], 1) for t in idx]
+    return np.concatenate(rows, 0)
+
+
+def long_clip(config, windows: int = 4):
+    """A held-out long clip: (driving A [T, ...], reference B [H, W, 3], truth B [T, ...],
+    truth keypoints [T, J, 3]) uint8/float32, T = clip + (windows - 1) (clip - overlap)."""
+    syn, size = config.data.synthetic, config.model.motion_tokenizer.image_size
+    clip, overlap = config.stage3.clip_frames, config.sampling.overlap_frames
+    t = clip + (windows - 1) * (clip - overlap)
+    ident = [synthetic.make_identity(syn.seed, syn.num_train_identities + i, size)
+             for i in range(2)]
+    motion = synthetic.make_motion(syn.seed, syn.num_train_motions)
+    other = synthetic.make_motion(syn.seed, syn.num_train_motions + 1)
+    driving, _ = synthetic.render_clip(ident[0], motion, t, size)
+    truth, truth_kp = synthetic.render_clip(ident[1], motion, t, size)
+    reference, _ = synthetic.render_clip(ident[1], other, 1, size)
+    return driving, reference[0], truth, truth_kp
+
+
+def drift_figures(config, animator, video_dir: str) -> dict:
+    """Per-window PSNR* and motion PCK@0.1 over a 4-window held-out clip."""
+    driving, reference, truth, truth_kp = long_clip(config)
+    video = animator.generate(reference[None], driving[None], seed=config.sampling.seed)[0]
+    media.write_video(os.path.join(video_dir, "long_clip.mp4"),
+                      media.side_by_side(driving, reference, video, truth), fps=8)
+    _, starts = generation.windows(len(driving), config.stage3.clip_frames,
+                                   config.sampling.overlap_frames)
+    truth = truth.astype(np.float32) / 255.0
+    psnr, pck = [], []
+    for s in starts:
+        w = slice(s, s + config.stage3.clip_frames)
+        psnr.append(float(image_metrics.psnr_star(video[w], truth[w]).mean()))
+        hits, visible = motion_pck(animator, video[None, w], truth_kp[None, w], config)[0.1]
+        pck.append(hits / max(visible, 1.0))
+    return {"frames": len(driving), "window_starts": [int(s) for s in starts],
+            "window_psnr_star": psnr, "window_motion_pck@0.1": pck,
+            "psnr_star_change_last_vs_first": psnr[-1] - psnr[0]}
+
+
+def evaluate(config, workdir: str, data_path: str) -> dict:
+    animator = generation.Animator.from_workdir(config, workdir)
+    video_dir = os.path.join(workdir, "eval", "stage3_videos")
+    os.makedirs(video_dir, exist_ok=True)
+    variants, vis, pairs = pair_figures(config, animator, data_path, video_dir)
+    result = dict(variants["model"])
+    result.update(
+        baselines={n: variants[n] for n in VARIANTS[1:]}, drift=drift_figures(
+            config, animator, video_dir),
+        step=int(animator.step), pairs=pairs,
+        split=config.eval.split, clip_frames=config.stage3.clip_frames,
+        sampler={k: config.sampling[k] for k in ("method", "steps", "shift", "guidance")},
+        videos=os.path.relpath(video_dir, workdir))
+    evaluation.write_report(workdir, "stage3", result, vis)
+    return result

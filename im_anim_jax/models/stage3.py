@@ -1,0 +1,99 @@
+"""Stage 3: the Wan2.2 DiT driven by the retargeted motion and the driving expressions.
+
+    frames [B, T, H, W, 3] ++ T_ref --stage-2 model--> M_ret [B, F, P, D], heatmaps (L_retarget)
+    face crops of frames --expression encoder--> [B, T, N, D_e] --per latent frame--> [B, F, 4N, D_e]
+    DiT( [z_ref ++ z_t] [B, 1 + F, h, w, z], t per token, text, control = [0 ++ M_ret],
+         expression = [0 ++ E] ) -> velocity [B, 1 + F, h, w, z]
+
+Latent frame 0 is the reference image's own latent (a one-frame VAE clip), held clean with t = 0
+as TI2V holds its first frame; frames 1..F are the video being generated (F = 1 + (T-1)/4, a clip
+of its own for the VAE). It gets zero control and zero expression tokens. M_ret's grid is the
+DiT's patch grid (retargeter.reference_patch = the DiT's patch), and each M_ret token's
+D = pt ph pw c channels are the c control channels of its patch's latent pixels.
+
+Parameter names: the stage-2 model's at the top level (`motion_encoder`, `quantize`,
+`retargeter`, `joint_head`, `joint_decoder`), plus `dit` and `expression_encoder`.
+"""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import ml_collections
+
+from im_anim_jax.models import expression as expr_lib
+from im_anim_jax.models.stage1 import to_unit_range
+from im_anim_jax.models.stage2 import Stage2Model, build_stage2
+from im_anim_jax.models.wan.dit import WanDiT, build_dit
+
+
+class Stage3Model(Stage2Model):
+    dit: WanDiT | None = None
+    expression_encoder: expr_lib.ExpressionEncoder | None = None
+    crop_size: int = 0
+
+    def expressions(self, frames, keypoints):
+        """frames [B, T, H, W, 3] (uint8 or [0, 1]), keypoints [B, T, J, 3] (pixels) ->
+        expression tokens per latent frame [B, F, 4 N, D_e]."""
+        crops = expr_lib.crop_faces(to_unit_range(frames), keypoints, self.crop_size)
+        return expr_lib.latent_frame_tokens(self.expression_encoder(crops))
+
+    def retarget(self, frames, reference):
+        """The stage-2 model: -> heatmaps [B, T, J, Hh, Wh], aux (with `m_ret` [B, F, P, D])."""
+        return Stage2Model.__call__(self, frames, reference)
+
+    def conditions(self, frames, keypoints, reference):
+        """(control [B, (1 + F) P, D], expression [B, 1 + F, 4 N, D_e]) for the DiT, with the
+        reference latent frame's zeros in front, and the stage-2 outputs (heatmaps, aux)."""
+        heatmaps, aux = self.retarget(frames, reference)
+        m_ret = aux["m_ret"]
+        control = jnp.concatenate([jnp.zeros_like(m_ret[:, :1]), m_ret], 1)
+        e = self.expressions(frames, keypoints)
+        e = jnp.concatenate([jnp.zeros_like(e[:, :1]), e], 1)
+        return control.reshape(control.shape[0], -1, control.shape[-1]), e, heatmaps, aux
+
+    def velocity(self, latents, t, context, control, expression):
+        """The DiT alone: latents [B, 1 + F, h, w, z], t [B, L] -> velocity like latents."""
+        return self.dit(latents, t, context, control, expression)
+
+    def __call__(self, frames, keypoints, reference, latents, t, context):
+        """Driving frames/keypoints [B, T, ...], T_ref [B, P, C_ref], latents [B, 1 + F, h, w, z],
+        t [B, L], context [B, text_len, text_dim] -> (velocity, heatmaps, aux)."""
+        control, e, heatmaps, aux = self.conditions(frames, keypoints, reference)
+        return self.velocity(latents, t, context, control, e), heatmaps, aux
+
+
+def control_dim(model_cfg: ml_collections.ConfigDict) -> int:
+    """Control channels per latent pixel: retargeter.out_dim / (pt ph pw); ValueError unless the
+    retargeter's grid is the DiT's patch grid and out_dim divides evenly."""
+    patch = tuple(model_cfg.dit.patch_size)
+    if patch[0] != 1 or patch[1] != patch[2] or patch[1] != model_cfg.retargeter.reference_patch:
+        raise ValueError(f"stage 3 needs the retargeter's grid on the DiT's patch grid: "
+                         f"model.retargeter.reference_patch={model_cfg.retargeter.reference_patch}"
+                         f" must equal the DiT's spatial patch, dit.patch_size={patch} (1, p, p)")
+    if model_cfg.retargeter.output_frames != "latent":
+        raise ValueError("stage 3 needs model.retargeter.output_frames='latent' (one M_ret frame "
+                         f"per latent frame), got {model_cfg.retargeter.output_frames!r}")
+    out = model_cfg.retargeter.out_dim
+    if out % math.prod(patch):
+        raise ValueError(f"model.retargeter.out_dim={out} must be a multiple of the DiT patch "
+                         f"volume {math.prod(patch)} (its channels fill each patch's pixels)")
+    return out // math.prod(patch)
+
+
+def build_stage3(model_cfg: ml_collections.ConfigDict, grid: tuple[int, int]) -> Stage3Model:
+    """Stage3Model from `config.model` for a reference patch grid (Hp, Wp)."""
+    s2 = build_stage2(model_cfg, grid)
+    ex = model_cfg.expression
+    common = dict(dtype=jnp.dtype(model_cfg.dtype), attention_impl=model_cfg.attention_impl,
+                  remat_policy=model_cfg.remat_policy)
+    return Stage3Model(
+        motion_encoder=s2.motion_encoder, quantize=s2.quantize, retargeter=s2.retargeter,
+        joint_head=s2.joint_head, joint_decoder=s2.joint_decoder, grid=s2.grid,
+        dit=build_dit(model_cfg.dit, model_cfg.dtype, model_cfg.attention_impl,
+                      model_cfg.remat_policy, control_dim=control_dim(model_cfg),
+                      expression_every=ex.every),
+        expression_encoder=expr_lib.ExpressionEncoder(
+            num_tokens=ex.num_tokens, width=ex.width, depth=ex.depth, num_heads=ex.num_heads,
+            patch_size=ex.patch_size, out_dim=ex.out_dim, **common),
+        crop_size=ex.crop_size)
