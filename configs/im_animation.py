@@ -246,11 +246,11 @@ def _small(c, variant):
         else 2, width=64 if demo else 16, depth=2 if demo else 1, num_heads=4 if demo else 2,
         out_dim=64 if demo else 16))
     # The demo DiT starts from scratch (no pretrained Wan2.2 on this machine): a far higher rate.
-    c.stage3.update(dict(steps=500 if demo else 6, clip_frames=17 if demo else 5, lr_dit=1e-3,
+    c.stage3.update(dict(steps=300 if demo else 6, clip_frames=17 if demo else 5, lr_dit=1e-3,
                          lr_other=1e-3, schedule="cosine", warmup_steps=20 if demo else 2,
                          batch_size=4 if demo else 2, log_every=50 if demo else 3,
                          checkpoint_every=250 if demo else 3))
     c.sampling.update(dict(steps=20 if demo else 4, guidance=1.0, overlap_frames=5 if demo
                            else 1))
     c.eval.batch_size = 8 if demo else 2
-    c.eval.stage3_pairs = 16 if demo else 2
+    c.eval.stage3_pairs = 8 if demo else 2
