@@ -114,8 +114,8 @@ class Animator:
                 progress, f"window {w + 1}/{len(starts)}")
             out = np.asarray(vae_lib.decode(self.vae_model, self.vae_params, latents[:, 1:],
                                             chunked=True))
-            video.append(out[:, 0 if w == 0 else self.overlap:])
-        return (np.concatenate(video, 1)[:, :t] + 1.0) / 2.0
+            video.append((out[:, 0 if w == 0 else self.overlap:] + 1.0) / 2.0)  # -> [0, 1]
+        return np.concatenate(video, 1)[:, :t]
 
     def _sample_window(self, params, key, z_ref, m_ret, frames, kps, prefix, progress, desc):
         """Latents [B, 1 + F, h, w, z] of one window (frame 0 = z_ref, then `prefix` held)."""
