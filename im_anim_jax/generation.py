@@ -63,7 +63,7 @@ class Animator:
         """Loads the VAE, the stage-3 model (EMA params where kept) and the stage-1 keypoint
         reader of a run (FileNotFoundError / ValueError naming what is missing or mismatched)."""
         vae_model, vae_params = vae_training.load_vae(config, workdir)
-        encoder = vae_training.load_reference_encoder(config, workdir)
+        encoder = vae_training.reference_encoder(config, vae_model, vae_params)
         model, params, step = stage3_training.load_params(config, workdir, encoder)
         s1_model, s1_params, _ = stage1_training.load_params(config, workdir)
         return cls(config, model, params, vae_model, vae_params, encoder,

@@ -37,16 +37,17 @@ def zero_control(params: dict, config) -> dict:
     return {**params, "dit": {**params["dit"], "patch_embedding": {**pe, "kernel": kernel}}}
 
 
-def motion_pck(animator, frames, gt_keypoints, config) -> dict:
-    """PCK of keypoints read back from `frames` [B, T, H, W, 3] in [0, 1] by the stage-1 model
-    against gt_keypoints [B, T, J, 3] (joints with conf < data.conf_threshold ignored)."""
+def motion_hits(animator, frames, gt_keypoints, config) -> tuple[dict, float]:
+    """({alpha: joints within alpha}, visible joints) of the keypoints the stage-1 model reads
+    back from `frames` [B, T, H, W, 3] in [0, 1] against gt_keypoints [B, T, J, 3] (joints with
+    conf < data.conf_threshold ignored)."""
     pred = animator.read_keypoints(frames)[..., :2]
     size, hm = config.model.motion_tokenizer.image_size, config.model.joint_decoder.heatmap_size
     weights = (gt_keypoints[..., 2] >= config.data.conf_threshold).astype(np.float32)
     out = kp.pck(kp.image_to_heatmap(pred, size, hm), kp.image_to_heatmap(
         gt_keypoints[..., :2], size, hm), weights, hm, tuple(config.eval.pck_thresholds))
-    return {a: (float(v) * float(max(weights.sum(), 1.0)), float(weights.sum()))
-            for a, v in out.items()}
+    visible = float(weights.sum())
+    return {a: float(v) * max(visible, 1.0) for a, v in out.items()}, visible
 
 
 class Scores:
@@ -57,13 +58,13 @@ class Scores:
         self.hits = {a: 0.0 for a in thresholds}
         self.visible = 0.0
 
-    def add(self, generated, truth, pck: dict):
+    def add(self, generated, truth, hits: dict, visible: float):
         self.psnr += float(image_metrics.psnr_star(generated, truth).sum())
         self.ssim += float(image_metrics.ssim(generated, truth).sum())
         self.frames += int(np.prod(generated.shape[:2]))
-        for a, (hits, visible) in pck.items():
-            self.hits[a] += hits
-        self.visible += next(iter(pck.values()))[1]
+        for a, h in hits.items():
+            self.hits[a] += h
+        self.visible += visible
 
     def result(self) -> dict:
         out = {"psnr_star": self.psnr / max(self.frames, 1),
@@ -99,8 +100,8 @@ def pair_figures(config, animator, data_path: str, video_dir: str):
         truth = batch["target"].astype(np.float32) / 255.0
         for name in VARIANTS:
             video = generate_variant(animator, name, batch, zeroed, config.sampling.seed + done)
-            scores[name].add(video, truth, motion_pck(animator, video, batch["target_keypoints"],
-                                                      config))
+            scores[name].add(video, truth, *motion_hits(animator, video,
+                                                         batch["target_keypoints"], config))
             if name == "model":
                 generated = video
         for i in range(n):
@@ -151,8 +152,8 @@ def drift_figures(config, animator, video_dir: str) -> dict:
     for s in starts:
         w = slice(s, s + config.stage3.clip_frames)
         psnr.append(float(image_metrics.psnr_star(video[w], truth[w]).mean()))
-        hits, visible = motion_pck(animator, video[None, w], truth_kp[None, w], config)[0.1]
-        pck.append(hits / max(visible, 1.0))
+        hits, visible = motion_hits(animator, video[None, w], truth_kp[None, w], config)
+        pck.append(hits[0.1] / max(visible, 1.0))
     return {"frames": len(driving), "window_starts": [int(s) for s in starts],
             "window_psnr_star": psnr, "window_motion_pck@0.1": pck,
             "psnr_star_change_last_vs_first": psnr[-1] - psnr[0]}

@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from data_pipelines import augment, pipeline
 from im_anim_jax import keypoints as kp
@@ -147,11 +146,7 @@ def make_train_step(model, tx, config, mesh, axis_rules, state_sh, ref_encoder):
                                             config)
             return metrics["loss"], metrics
 
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(trained)
-        updates, opt_state = tx.update(grads, state.opt_state, trained)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        params = {**state.params, **optax.apply_updates(trained, updates)}
-        return state.replace(step=state.step + 1, opt_state=opt_state, params=params), metrics
+        return train_state.apply_gradients(state, tx, loss_fn, trained)
 
     keys = ("driving", "heatmaps", "joint_weights", "target_keypoints")
     batch_sh = sharding.batch_sharding(mesh)

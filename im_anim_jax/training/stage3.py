@@ -239,11 +239,7 @@ def make_train_step(model, tx, config, mesh, axis_rules, state_sh, vae_encoder, 
             return loss, {"loss": loss, "flow_loss": fl, "retarget_loss": hm,
                           "vq_loss": aux["loss"]}
 
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(trained)
-        updates, opt_state = tx.update(grads, state.opt_state, trained)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        params = {**state.params, **optax.apply_updates(trained, updates)}
-        return state.replace(step=state.step + 1, opt_state=opt_state, params=params), metrics
+        return train_state.apply_gradients(state, tx, loss_fn, trained)
 
     keys = ("driving", "driving_keypoints", "heatmaps", "joint_weights")
     batch_sh = sharding.batch_sharding(mesh)

@@ -43,3 +43,13 @@ def init_sharded(init_params: Callable, boxed_abstract: dict, tx, mesh, axis_rul
     with jax.set_mesh(mesh):
         state = jax.jit(create, out_shardings=state_sh)(seed)
     return state, checkpointing.abstract_like(state, state_sh), state_sh
+
+
+def apply_gradients(state: TrainState, tx, loss_fn: Callable, trained: dict):
+    """One optimizer step on the `trained` subtree of state.params: loss_fn(trained) ->
+    (loss, metrics). Returns (state with step + 1, metrics + grad_norm)."""
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(trained)
+    updates, opt_state = tx.update(grads, state.opt_state, trained)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    params = {**state.params, **optax.apply_updates(trained, updates)}
+    return state.replace(step=state.step + 1, opt_state=opt_state, params=params), metrics

@@ -149,7 +149,11 @@ def load_vae(config, workdir: str) -> tuple[vae.WanVAE, dict]:
 
 def load_reference_encoder(config, workdir: str) -> ReferenceEncoder:
     """The frozen reference encoder of `config` (load_vae's encoder half)."""
-    model, params = load_vae(config, workdir)
+    return reference_encoder(config, *load_vae(config, workdir))
+
+
+def reference_encoder(config, model: vae.WanVAE, params: dict) -> ReferenceEncoder:
+    """ReferenceEncoder over the encoder half of already loaded VAE params."""
     size = config.model.motion_tokenizer.image_size
     encoder_params = {k: params[k] for k in ENCODER_PARAMS}  # the decoder is not needed
     return ReferenceEncoder(params=encoder_params, model=model, image_size=(size, size),
