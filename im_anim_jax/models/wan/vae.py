@@ -69,10 +69,29 @@ def _conv(module: nn.Module, x, features: int, kernel_size: tuple, strides: tupl
 
 
 def _conv_apply(x, kernel, strides, padding, dtype):
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if kernel.ndim == 5 and jax.default_backend() == "cpu":
+        return _conv3d_as_2d(x, kernel, strides, padding)
     dims = "NDHWC" if kernel.ndim == 5 else "NHWC"
-    return jax.lax.conv_general_dilated(
-        x.astype(dtype), kernel.astype(dtype), strides, padding,
-        dimension_numbers=(dims, dims[1:-1] + "IO", dims))
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                        dimension_numbers=(dims, dims[1:-1] + "IO", dims))
+
+
+def _conv3d_as_2d(x, kernel, strides, padding):
+    """A 3D conv x [B, T, H, W, C] * kernel [kt, kh, kw, C, F] as one 2D conv over the output
+    frames with the kt time taps folded into the input channels (tap-major). Equal up to the
+    order of summation; on CPU 5-8x faster forward and 4-6x with the gradient than XLA's 3D
+    convolution (benchmarks/vae_conv.py), at kt times the input's memory."""
+    kt, st = kernel.shape[0], strides[0]
+    x = jnp.pad(x, ((0, 0), tuple(padding[0]), (0, 0), (0, 0), (0, 0)))
+    b, t, h, w, c = x.shape
+    n = max((t - kt) // st + 1, 0)
+    taps = [x[:, i::st][:, :n] for i in range(kt)]
+    folded = jnp.concatenate(taps, -1).reshape(b * n, h, w, kt * c)
+    k2 = jnp.moveaxis(kernel, 0, 2).reshape(*kernel.shape[1:3], kt * c, kernel.shape[-1])
+    y = jax.lax.conv_general_dilated(folded, k2, strides[1:], padding[1:],
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y.reshape(b, n, *y.shape[1:])
 
 
 def _cached_frames(module: nn.Module, name: str, x, n: int):
