@@ -28,6 +28,7 @@ setup(
         "ml-dtypes>=0.5,<1",
         "scipy>=1.13,<2",
         "tqdm>=4.66,<5",
+        "matplotlib>=3.8,<4",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "torch==2.13.0", "scikit-image>=0.24,<1"],

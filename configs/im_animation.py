@@ -147,9 +147,17 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.mesh.rules = MESH_RULES
 
     c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2, async_save=True))
+    # stage3_pairs: the paper's cross-reenactment benchmark has 50 pairs. metric_weights: the
+    # directories of the converted metric networks (`python -m im_anim_jax.convert {inception,
+    # i3d,lpips}`); an empty one reports its metric (FID, FVD, LPIPS) as "not computed: ...".
+    # fvd_frames: frames per FVD clip; metric_batch: frames per metric-network call;
+    # lpips_rescale=False feeds LPIPS [0, 1] pixels as DisCo's scripts do (True: the lpips
+    # package's intended [-1, 1]).
     c.eval = ml_collections.ConfigDict(dict(
         split="test", pck_thresholds=(0.05, 0.1), subpixel=True, batch_size=8, num_vis_frames=4,
-        pair_seed=1234, stage3_pairs=50))  # the paper's cross-reenactment benchmark has 50 pairs
+        pair_seed=1234, stage3_pairs=50,
+        metric_weights=ml_collections.ConfigDict(dict(inception="", i3d="", lpips="")),
+        fvd_frames=16, metric_batch=16, lpips_rescale=False))
 
     if variant in ("demo", "tiny"):
         _small(c, variant)

@@ -1,17 +1,21 @@
-"""Stage-3 evaluation: cross-reenactment on held-out identities and motions.
+"""Stage-3 evaluation, protocol `cross`: cross-reenactment on held-out identities and motions
+(motion-consistent, identity-inconsistent pairs, as the paper's 50-pair benchmark). The `self`
+protocol (a folder of real videos) is in stage3_self.py.
 
 Pairs: the held-out split's cross-identity pairs (identity A drives, identity B's image is the
 reference, B performing the same motion is the ground truth), the first `eval.stage3_pairs`.
-Per generated video: PSNR* and SSIM against the ground-truth frames (metrics.image, float64), and
-motion accuracy: keypoints read back from the generated frames by the stage-1 heatmap model, PCK
-against B's ground-truth keypoints. Baselines on the same pairs: `reference_repeated` (the
-reference image as every frame) and `control_zeroed` (the model with its control channels'
-patch-embedding weights zeroed: no retargeted motion reaches the DiT).
+Per variant, against B's true frames: L1, PSNR*, SSIM, LPIPS, FID, FVD (metric_suite.py: DisCo's
+conventions, sample counts, "not computed: ..." without converted weights), and motion accuracy:
+keypoints read back from the generated frames by the stage-1 heatmap model, PCK against B's
+ground-truth keypoints. Baselines on the same pairs: `reference_repeated` (the reference image as
+every frame) and `control_zeroed` (the model with its control channels' patch-embedding weights
+zeroed: no retargeted motion reaches the DiT).
 
 Drift: one long held-out clip (4 windows of stage3.clip_frames) is generated in windows
 (generation.py) and PSNR* / PCK are reported per window, so error growth across windows is a
 number. Writes WORKDIR/eval/stage3.json, stage3.png (driving | reference | generated | truth)
-and the videos in WORKDIR/eval/stage3_videos/.
+and the videos in WORKDIR/eval/stage3_videos/, then refreshes table.md, stage3_history.jsonl and
+stage3_metrics.png (summary.py).
 """
 from __future__ import annotations
 
@@ -21,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import pipeline, synthetic
-from im_anim_jax import evaluation, generation, media
+from im_anim_jax import evaluation, generation, media, metrics
 from im_anim_jax import keypoints as kp
+from im_anim_jax.evaluation import metric_suite, summary
 from im_anim_jax.metrics import image as image_metrics
 from im_anim_jax.training import stage1 as stage1_training
 
@@ -50,29 +55,6 @@ def motion_hits(animator, frames, gt_keypoints, config) -> tuple[dict, float]:
     return {a: float(v) * max(visible, 1.0) for a, v in out.items()}, visible
 
 
-class Scores:
-    """Running sums of per-frame PSNR*/SSIM and PCK hits."""
-
-    def __init__(self, thresholds):
-        self.psnr, self.ssim, self.frames = 0.0, 0.0, 0
-        self.hits = {a: 0.0 for a in thresholds}
-        self.visible = 0.0
-
-    def add(self, generated, truth, hits: dict, visible: float):
-        self.psnr += float(image_metrics.psnr_star(generated, truth).sum())
-        self.ssim += float(image_metrics.ssim(generated, truth).sum())
-        self.frames += int(np.prod(generated.shape[:2]))
-        for a, h in hits.items():
-            self.hits[a] += h
-        self.visible += visible
-
-    def result(self) -> dict:
-        out = {"psnr_star": self.psnr / max(self.frames, 1),
-               "ssim": self.ssim / max(self.frames, 1)}
-        out.update({f"motion_pck@{a}": h / max(self.visible, 1.0) for a, h in self.hits.items()})
-        return out
-
-
 def generate_variant(animator, name: str, batch, params_zeroed, seed: int):
     reference, driving = batch["reference"], batch["driving"]
     if name == "reference_repeated":
@@ -82,15 +64,15 @@ def generate_variant(animator, name: str, batch, params_zeroed, seed: int):
                              params=params_zeroed if name == "control_zeroed" else None)
 
 
-def pair_figures(config, animator, data_path: str, video_dir: str):
-    """(scores per variant, a picture, number of pairs)."""
+def pair_figures(config, animator, data_path: str, video_dir: str, networks: dict):
+    """(figures per variant, a picture, number of pairs); `networks`: metric_suite's."""
     ds = pipeline.pair_eval_dataset(data_path, config.eval.split,
                                     clip_frames=config.stage3.clip_frames,
                                     batch_size=config.eval.batch_size,
                                     targets=stage1_training.targets(config),
                                     seed=config.eval.pair_seed)
     zeroed = zero_control(animator.params, config)
-    scores = {n: Scores(config.eval.pck_thresholds) for n in VARIANTS}
+    suite = metric_suite.Suite(config, VARIANTS, networks)
     done, vis = 0, None
     for batch in ds:
         n = min(len(batch["record"]), config.eval.stage3_pairs - done)
@@ -98,10 +80,11 @@ def pair_figures(config, animator, data_path: str, video_dir: str):
             break
         batch = {k: v[:n] for k, v in batch.items()}
         truth = batch["target"].astype(np.float32) / 255.0
+        suite.add_truth(truth)
         for name in VARIANTS:
             video = generate_variant(animator, name, batch, zeroed, config.sampling.seed + done)
-            scores[name].add(video, truth, *motion_hits(animator, video,
-                                                         batch["target_keypoints"], config))
+            suite.add(name, video, truth, *motion_hits(animator, video,
+                                                       batch["target_keypoints"], config))
             if name == "model":
                 generated = video
         for i in range(n):
@@ -109,12 +92,12 @@ def pair_figures(config, animator, data_path: str, video_dir: str):
                               media.side_by_side(batch["driving"][i], batch["reference"][i],
                                                  generated[i], batch["target"][i]), fps=8)
         if vis is None:
-            vis = _grid(batch, generated, config.eval.num_vis_frames)
+            vis = grid(batch, generated, config.eval.num_vis_frames)
         done += n
-    return {k: s.result() for k, s in scores.items()}, vis, done
+    return {n: suite.result(n) for n in VARIANTS}, vis, done
 
 
-def _grid(batch, generated, num_frames: int) -> np.ndarray:
+def grid(batch, generated, num_frames: int) -> np.ndarray:
     """Rows (first pair, `num_frames` frames): driving | reference | generated | ground truth."""
     to8 = lambda x: np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8)
     idx = np.linspace(0, generated.shape[1] - 1, num_frames).round().astype(int)
@@ -159,18 +142,27 @@ def drift_figures(config, animator, video_dir: str) -> dict:
             "psnr_star_change_last_vs_first": psnr[-1] - psnr[0]}
 
 
-def evaluate(config, workdir: str, data_path: str) -> dict:
+def report_fields(config, animator, protocol: str, variants: dict, pck_reference: str) -> dict:
+    """What both protocols' reports hold: the model's figures at the top level, the baselines'
+    under `baselines`, and how they were made."""
+    return {**variants["model"], "baselines": {n: variants[n] for n in VARIANTS[1:]},
+            "protocol": protocol, "pck_reference": pck_reference, "step": int(animator.step),
+            "clip_frames": config.stage3.clip_frames, "fvd_frames": config.eval.fvd_frames,
+            "sampler": {k: config.sampling[k] for k in ("method", "steps", "shift", "guidance")}}
+
+
+def evaluate(config, workdir: str, data_path: str, load=metrics.load_extractor) -> dict:
+    """The cross protocol's report (also written to WORKDIR/eval); `load` loads the metric
+    networks (metrics.load_extractor's signature)."""
+    networks = metric_suite.load_networks(config, load)
     animator = generation.Animator.from_workdir(config, workdir)
     video_dir = os.path.join(workdir, "eval", "stage3_videos")
     os.makedirs(video_dir, exist_ok=True)
-    variants, vis, pairs = pair_figures(config, animator, data_path, video_dir)
-    result = dict(variants["model"])
-    result.update(
-        baselines={n: variants[n] for n in VARIANTS[1:]}, drift=drift_figures(
-            config, animator, video_dir),
-        step=int(animator.step), pairs=pairs,
-        split=config.eval.split, clip_frames=config.stage3.clip_frames,
-        sampler={k: config.sampling[k] for k in ("method", "steps", "shift", "guidance")},
-        videos=os.path.relpath(video_dir, workdir))
-    evaluation.write_report(workdir, "stage3", result, vis)
+    variants, vis, pairs = pair_figures(config, animator, data_path, video_dir, networks)
+    result = report_fields(config, animator, "cross", variants,
+                           "the target identity's ground-truth keypoints")
+    result.update(drift=drift_figures(config, animator, video_dir), pairs=pairs,
+                  split=config.eval.split, videos=os.path.relpath(video_dir, workdir))
+    evaluation.write_report(workdir, summary.REPORTS["cross"], result, vis)
+    summary.update(workdir, "cross", result)
     return result
