@@ -31,6 +31,7 @@ setup(
         "matplotlib>=3.8,<4",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "torch==2.13.0", "scikit-image>=0.24,<1"],
+        "test": ["pytest>=8,<10", "torch==2.13.0", "scikit-image>=0.24,<1",
+                 "hypothesis>=6.100,<7"],
     },
 )

@@ -5,10 +5,17 @@
   python train.py --config configs/im_animation.py:paper --workdir W --config.stage1.lr=5e-5
 
 Rerunning the same command resumes every stage from its newest checkpoint (data order included).
-Exit codes: 0 done, 2 bad input/config (one message), 3 stopped by SIGTERM/SIGINT after saving.
+Exit codes: 0 done; 2 bad input or config (one message naming every config problem, before any
+compilation), or more than faults.max_bad_records unreadable training records; 3 stopped by
+SIGTERM/SIGINT after checkpointing the finished step; 4 faults.max_nonfinite_in_a_row steps in a
+row with a non-finite loss or gradients (skipped; no new checkpoint); 5 a checkpoint could not be
+written (disk full, ...; the older checkpoints are intact). `kill -9` at any moment: rerunning
+resumes from the newest complete checkpoint (Orbax finalises a checkpoint by renaming its temp
+directory, so a half-written one is never restored).
 """
 import json
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -26,7 +33,7 @@ def _main(argv):
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments {argv[1:]}")
     from data_pipelines import datasets  # heavy imports after flag parsing
-    from im_anim_jax import cli
+    from im_anim_jax import cli, config_validation
     from im_anim_jax.evaluation import stage1 as stage1_eval
     from im_anim_jax.evaluation import stage2 as stage2_eval
     from im_anim_jax.evaluation import stage3 as stage3_eval
@@ -34,6 +41,7 @@ def _main(argv):
 
     config, workdir = cli.load_config(FLAGS), os.path.abspath(FLAGS.workdir)
     stages = cli.parse_stages(FLAGS.stages, config.stages)
+    config_validation.validate(config, stages, workdir)  # before any data, model or compile
     os.makedirs(workdir, exist_ok=True)
     data_path = datasets.resolve(config, workdir)
     trainers = {1: stage1.train, 2: stage2.train, 3: stage3.train}
@@ -50,9 +58,18 @@ def main(argv):
     from absl import logging
 
     from im_anim_jax import cli
+    from im_anim_jax.training import loop
     if FLAGS.verbosity <= 0:  # Orbax/TFDS INFO lines drown the progress line; -v 1 shows them
         logging.set_verbosity(logging.WARNING)
-    return cli.user_errors(_main)(argv)
+    try:
+        return cli.user_errors(_main)(argv)
+    except (loop.Diverged, loop.CheckpointFailed) as e:
+        logging.flush()
+        print(f"error: {e.message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        if isinstance(e, loop.CheckpointFailed):
+            os._exit(e.code)  # not a teardown that waits on Orbax's failed writer threads
+        raise
 
 
 if __name__ == "__main__":

@@ -147,6 +147,13 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.mesh.rules = MESH_RULES
 
     c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2, async_save=True))
+    # Faults (every stage): a step with a non-finite loss or gradient leaves params and optimizer
+    # state as they were and is counted; `max_nonfinite_in_a_row` such steps stop the stage (exit
+    # 4) without a new checkpoint. Training records that cannot be decoded or have wrong shapes
+    # are skipped, counted and logged; more than `max_bad_records` in a stage abort it (exit 2).
+    # inject_nan_steps: steps (1-based, per stage) whose loss is made NaN, to exercise the guard.
+    c.faults = ml_collections.ConfigDict(dict(
+        max_nonfinite_in_a_row=10, max_bad_records=100, inject_nan_steps=()))
     # stage3_pairs: the paper's cross-reenactment benchmark has 50 pairs. metric_weights: the
     # directories of the converted metric networks (`python -m im_anim_jax.convert {inception,
     # i3d,lpips}`); an empty one reports its metric (FID, FVD, LPIPS) as "not computed: ...".

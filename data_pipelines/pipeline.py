@@ -5,7 +5,11 @@ A batch is a dict of numpy arrays:
   joint_weights [B, T, J] (0 where confidence < threshold), identity_id [B], motion_id [B],
   shape_params [B, S], record [B] (index in the split), start [B] (first frame of the clip).
 Training iterators shuffle with a seed (reshuffled every epoch), repeat forever and are sharded by
-JAX process; their state (`get_state`/`set_state`) is checkpointed with the model.
+JAX process; their state (`get_state`/`set_state`) is checkpointed with the model. A training
+record that cannot be read or decoded, or has the wrong shapes, is skipped and logged with its
+index; each batch carries `bad_records` [B] (per clip, the count skipped before it: its max is
+the total so far, which is part of the iterator state), and more than `max_bad_records` raise
+BadRecords.
 """
 from __future__ import annotations
 
@@ -15,9 +19,11 @@ import hashlib
 import grain
 import jax
 import numpy as np
+from absl import logging
 
 from data_pipelines import records
 from im_anim_jax import keypoints as kp
+from im_anim_jax import skeleton
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +52,21 @@ def _with_targets(ex: dict, start: int, clip_frames: int, targets: Targets, augm
             "record": np.int32(ex["record"]), "start": np.int32(start)}
 
 
+def _first_readable(src, path: str, split: str, tries: int = 16) -> dict:
+    """The first record of `src` that decodes (training skips bad ones; see _guarded)."""
+    for i in range(min(tries, len(src))):
+        try:
+            return src[i]
+        except Exception as e:  # noqa: BLE001  any decoding failure
+            error = f"{type(e).__name__}: {e}"
+    raise ValueError(f"none of the first {min(tries, len(src))} records of split {split!r} of "
+                     f"{path} can be read (the last: {error}); repair or re-ingest the data")
+
+
 def _check_source(src, path: str, split: str, clip_frames: int, targets: Targets) -> None:
     if len(src) == 0:
         raise ValueError(f"split {split!r} of {path} is empty")
-    first = src[0]
+    first = _first_readable(src, path, split)
     t, h, w, _ = first["frames"].shape
     if (h, w) != (targets.image_size, targets.image_size):
         raise ValueError(f"dataset {path} has {h}x{w} frames but the model expects "
@@ -60,16 +77,102 @@ def _check_source(src, path: str, split: str, clip_frames: int, targets: Targets
                          f"frames requested")
 
 
-def _source(path: str, split: str, clip_frames: int, targets: Targets) -> grain.MapDataset:
-    src = records.open_split(path, split)
-    _check_source(src, path, split, clip_frames, targets)
-    return grain.MapDataset.source(src).map_with_index(lambda i, ex: dict(ex, record=i))
+class BadRecords(ValueError):
+    """More training records than allowed could not be used."""
+
+
+def _clip_check(clip_frames: int, targets: Targets):
+    """ex -> None, or ValueError naming what is wrong with the record `ex`."""
+    size = (targets.image_size, targets.image_size)
+
+    def check(ex):
+        records.validate_example(ex)
+        t, h, w, _ = ex["frames"].shape
+        if (h, w) != size or t < clip_frames:
+            raise ValueError(f"frames are {t}x{h}x{w}, expected >= {clip_frames} frames of "
+                             f"{size[0]}x{size[1]}")
+    return check
+
+
+def _pair_check(clip_frames: int, targets: Targets):
+    s, j = targets.image_size, skeleton.NUM_JOINTS
+    shapes = {"driving": (clip_frames, s, s, 3), "target": (clip_frames, s, s, 3),
+              "reference": (s, s, 3), "driving_keypoints": (clip_frames, j, 3),
+              "target_keypoints": (clip_frames, j, 3), "reference_keypoints": (j, 3)}
+
+    def check(ex):
+        for k, shape in shapes.items():
+            if np.shape(ex[k]) != shape:
+                raise ValueError(f"{k} is {np.shape(ex[k])}, expected {shape}")
+            if k.endswith("keypoints") and not np.all(np.isfinite(ex[k])):
+                raise ValueError(f"{k} contain NaN or inf")
+    return check
+
+
+class _SkipBadIterator(grain.DatasetIterator):
+    def __init__(self, parent, limit: int, where: str, batch_size: int):
+        super().__init__(parent)
+        self._limit, self._where, self._skipped = limit, where, 0
+        self._batch_size = batch_size
+
+    def __next__(self):
+        while "bad_record" in (ex := next(self._parent)):
+            self._skipped += 1
+            logging.warning("skipped bad record %d of %s (%d skipped so far): %s",
+                            ex["bad_record"], self._where, self._skipped, ex["error"])
+            if self._skipped > self._limit:
+                raise BadRecords(
+                    f"{self._skipped} bad records in {self._where}, more than "
+                    f"faults.max_bad_records={self._limit}; the last: record "
+                    f"{ex['bad_record']}: {ex['error']}. Repair or re-ingest the data, or raise "
+                    f"the limit")
+        return dict(ex, bad_records=np.int32(self._skipped))
+
+    def get_state(self):
+        return {"parent": self._parent.get_state(), "skipped": self._skipped}
+
+    def set_state(self, state):
+        if set(state) == {"next_index"}:  # written before bad records were skipped (0.1.0):
+            # the same element order, batched before reading; nothing was skipped
+            state = {"parent": {"next_index": state["next_index"] * self._batch_size},
+                     "skipped": 0}
+        self._parent.set_state(state["parent"])
+        self._skipped = state["skipped"]
+
+
+class _SkipBad(grain.IterDataset):
+    """Drops the `{"bad_record": index, "error": message}` markers of _guarded reads, counting
+    and logging them; every element passed on gains `bad_records` (the count so far)."""
+
+    def __init__(self, parent: grain.IterDataset, limit: int, where: str, batch_size: int):
+        super().__init__(parent)
+        self._limit, self._where, self._batch_size = limit, where, batch_size
+
+    def __iter__(self):
+        return _SkipBadIterator(self._parent.__iter__(), self._limit, self._where,
+                                self._batch_size)
+
+
+def _guarded(src, check, sample):
+    """(index, rng) -> sample(record index of src, rng), or a bad-record marker when reading,
+    decoding, `check`ing or sampling that record fails."""
+    def read(i, rng):
+        what = "cannot be read or decoded"
+        try:
+            ex = src[i]
+            what = "has the wrong contents"
+            check(ex)
+            what = "cannot be sampled"
+            return sample(dict(ex, record=np.int32(i)), rng)
+        except Exception as e:  # noqa: BLE001  the one place a bad record becomes a skip
+            return {"bad_record": int(i), "error": f"{what} ({type(e).__name__}: {e})"}
+    return read
 
 
 def train_dataset(path: str, split: str, *, clip_frames: int, batch_size: int, targets: Targets,
                   seed: int, read_threads: int = 2, num_workers: int = 0,
                   shard_index: int | None = None, shard_count: int | None = None,
-                  augment=None) -> grain.IterDataset:
+                  augment=None, max_bad_records: int = 100) -> grain.IterDataset:
     """Infinite, shuffled, process-sharded batches of random `clip_frames`-frame windows;
     `augment` (augment.ClipAugment with supervise_original=False, or None) moves and recolours
     each window and its keypoints."""
@@ -82,21 +185,25 @@ def train_dataset(path: str, split: str, *, clip_frames: int, batch_size: int, t
         start = int(rng.integers(0, ex["frames"].shape[0] - clip_frames + 1))
         return _with_targets(ex, start, clip_frames, targets, augment, rng)
 
-    return _iterate(_source(path, split, clip_frames, targets), sample, seed, batch_size,
-                    shard_index, shard_count, read_threads, num_workers)
+    src = records.open_split(path, split)
+    _check_source(src, path, split, clip_frames, targets)
+    read = _guarded(src, _clip_check(clip_frames, targets), sample)
+    return _iterate(len(src), read, seed, batch_size, shard_index, shard_count, read_threads,
+                    num_workers, max_bad_records, f"split {split!r} of {path}")
 
 
-def _iterate(ds: grain.MapDataset, sample, seed: int, batch_size: int, shard_index: int,
-             shard_count: int, read_threads: int, num_workers: int) -> grain.IterDataset:
-    """Seeded shuffle (reshuffled per epoch), repeat, shard, `sample(ex, rng)`, batch; read with
-    threads and optionally worker processes."""
-    ds = (ds.seed(seed).shuffle().repeat()[shard_index::shard_count].random_map(sample)
-          .batch(batch_size, drop_remainder=True))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                              prefetch_buffer_size=2 * read_threads))
+def _iterate(size: int, read, seed: int, batch_size: int, shard_index: int, shard_count: int,
+             read_threads: int, num_workers: int, max_bad_records: int,
+             where: str) -> grain.IterDataset:
+    """Seeded shuffle of range(size) (reshuffled per epoch), repeat, shard, `read(index, rng)`
+    with threads (and optionally worker processes), skip bad records, batch."""
+    ds = grain.MapDataset.range(size).seed(seed).shuffle().repeat()[shard_index::shard_count]
+    it = ds.random_map(read).to_iter_dataset(grain.ReadOptions(
+        num_threads=read_threads, prefetch_buffer_size=2 * read_threads * batch_size))
     if num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return it
+    return _SkipBad(it, max_bad_records, where, batch_size).batch(batch_size,
+                                                                  drop_remainder=True)
 
 
 def eval_dataset(path: str, split: str, *, clip_frames: int | None, batch_size: int,
@@ -110,11 +217,11 @@ def eval_dataset(path: str, split: str, *, clip_frames: int | None, batch_size: 
             .batch(batch_size, drop_remainder=False))
 
 
-def _pair_source(path, split, clip_frames, targets, **pairing) -> grain.MapDataset:
+def _pairs(path, split, clip_frames, targets, **pairing):
     from data_pipelines import pairs
     src = pairs.PairSource(path, split, clip_frames=clip_frames, **pairing)
     _check_source(records.open_split(path, split), path, split, clip_frames, targets)
-    return grain.MapDataset.source(src).map_with_index(lambda i, ex: dict(ex, record=np.int32(i)))
+    return src
 
 
 def _with_pair_targets(ex: dict, targets: Targets, augment=None, rng=None) -> dict:
@@ -132,25 +239,28 @@ def _with_pair_targets(ex: dict, targets: Targets, augment=None, rng=None) -> di
 def pair_train_dataset(path: str, split: str, *, clip_frames: int, batch_size: int,
                        targets: Targets, seed: int, partners_per_clip: int | None = 1,
                        self_pairs: bool = True, augment=None, read_threads: int = 2,
-                       num_workers: int = 0) -> grain.IterDataset:
+                       num_workers: int = 0, max_bad_records: int = 100) -> grain.IterDataset:
     """Infinite, shuffled, process-sharded batches of stage-2 pairs (pairs.PairSource fields plus
     heatmaps [B, T, J, Hh, Wh] / joint_weights [B, T, J] of the target keypoints and `record`,
     the pair index), the driving clip augmented by `augment` (None: as rendered)."""
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    src = _pair_source(path, split, clip_frames, targets, seed=seed,
-                       partners_per_clip=partners_per_clip, self_pairs=self_pairs)
-    return _iterate(src, lambda ex, rng: _with_pair_targets(ex, targets, augment, rng), seed,
-                    batch_size, jax.process_index(), jax.process_count(), read_threads,
-                    num_workers)
+    src = _pairs(path, split, clip_frames, targets, seed=seed,
+                 partners_per_clip=partners_per_clip, self_pairs=self_pairs)
+    read = _guarded(src, _pair_check(clip_frames, targets),
+                    lambda ex, rng: _with_pair_targets(ex, targets, augment, rng))
+    return _iterate(len(src), read, seed, batch_size, jax.process_index(), jax.process_count(),
+                    read_threads, num_workers, max_bad_records, f"the pairs of split {split!r} of "
+                    f"{path} (a pair reads 3 records)")
 
 
 def pair_eval_dataset(path: str, split: str, *, clip_frames: int, batch_size: int,
                       targets: Targets, seed: int) -> grain.MapDataset:
     """Every cross-identity pair of the split (all partners, no self pairs), un-augmented, in
     order; `seed` fixes the windows and reference frames."""
-    return (_pair_source(path, split, clip_frames, targets, seed=seed, partners_per_clip=None,
-                         self_pairs=False)
+    src = _pairs(path, split, clip_frames, targets, seed=seed, partners_per_clip=None,
+                 self_pairs=False)
+    return (grain.MapDataset.source(src).map_with_index(lambda i, ex: dict(ex, record=np.int32(i)))
             .map(lambda ex: _with_pair_targets(ex, targets))
             .batch(batch_size, drop_remainder=False))
 

@@ -166,7 +166,7 @@ def read_video(path: str, size, max_frames: int | None = None):
     try:
         frames, fps = reader(path, hw, max_frames)
         video = list(frames)
-    except (av.FFmpegError, OSError, SyntaxError) as e:
+    except (av.FFmpegError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise MediaError(f"{path} could not be decoded as a video ({type(e).__name__}: {e}); "
                          f"is it a valid {', '.join(VIDEO_EXTS)} file?") from None
     if not video:

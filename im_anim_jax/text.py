@@ -27,11 +27,19 @@ def load_embedding(path: str, text_len: int, text_dim: int) -> np.ndarray:
     if path.endswith(".npy"):
         try:
             e = np.load(path, allow_pickle=False)
-        except ValueError as err:
+        except (ValueError, OSError, EOFError) as err:
             raise ValueError(f"text.embedding={path} is not a readable .npy array: {err}") from None
+        if not isinstance(e, np.ndarray) or e.dtype.kind not in "fiu":
+            raise ValueError(f"text.embedding={path} holds {type(e).__name__} "
+                             f"{getattr(e, 'dtype', '')}, not a numeric array")
     elif path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
-        tensors = load_file(path)
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"text.embedding={path} is not a readable .safetensors file: "
+                             f"{err}") from None
         if SAFETENSORS_KEY not in tensors:
             raise ValueError(f"text.embedding={path} has no tensor {SAFETENSORS_KEY!r} "
                              f"(found {sorted(tensors)})")

@@ -1,4 +1,6 @@
 """Grain pipeline over the tiny synthetic set: targets, determinism, state, sharding, eval order."""
+import itertools
+
 import numpy as np
 import pytest
 
@@ -56,6 +58,15 @@ def test_iterator_state_restores_exactly(tiny_dataset, tiny_config):
     fresh = iter(_train(tiny_dataset, tiny_config))
     fresh.set_state(state)
     assert [pipeline.fingerprint(next(fresh)) for _ in range(3)] == expected
+
+
+def test_iterator_state_of_0_1_0_checkpoints_resumes(tiny_dataset, tiny_config):
+    """Checkpoints written before bad records were skipped hold {"next_index": batches}."""
+    expected = [pipeline.fingerprint(b) for b in itertools.islice(
+        iter(_train(tiny_dataset, tiny_config)), 3, 6)]
+    old = iter(_train(tiny_dataset, tiny_config))
+    old.set_state({"next_index": 3})
+    assert [pipeline.fingerprint(next(old)) for _ in range(3)] == expected
 
 
 def test_every_clip_seen_once_per_epoch(tiny_dataset, tiny_config):

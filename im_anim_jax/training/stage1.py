@@ -20,6 +20,7 @@ from im_anim_jax import sharding
 from im_anim_jax.models.quantizer import codebook_stats, restart_dead_codes
 from im_anim_jax.models.stage1 import Stage1Model, build_stage1
 from im_anim_jax.training import checkpointing, loop
+from im_anim_jax.training import state as train_state
 
 STAGE = 1
 
@@ -61,9 +62,11 @@ def decay_mask(params):
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
-    """AdamW (decay_mask) after global-norm clipping, on `schedule(cfg)`."""
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                       optax.adamw(schedule(cfg), weight_decay=cfg.weight_decay, mask=decay_mask))
+    """AdamW (decay_mask) after global-norm clipping, on `schedule(cfg)`; non-finite steps
+    skipped (train_state.guard)."""
+    return train_state.guard(optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(schedule(cfg), weight_decay=cfg.weight_decay, mask=decay_mask)))
 
 
 def dummy_frames(model_cfg):
@@ -153,22 +156,23 @@ def make_train_step(model, tx, config, mesh, axis_rules, state_sh):
         def loss_fn(params):
             metrics, _, aux = forward_metrics(model, params, batch, config.model,
                                               config.stage1.vq_loss_weight)
-            return metrics["loss"], (metrics, aux)
+            return metrics["loss"], dict(metrics, vq_indices=aux["indices"], vq_z=aux["z"])
 
-        grads, (metrics, aux) = jax.grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        state = state.replace(step=state.step + 1, opt_state=opt_state,
-                              params=optax.apply_updates(state.params, updates))
-        return state, metrics, {"indices": aux["indices"], "z": aux["z"]}
+        state, metrics = train_state.apply_gradients(state, tx, loss_fn, state.params,
+                                                     tuple(config.faults.inject_nan_steps))
+        return state, metrics, {k: metrics.pop(f"vq_{k}") for k in ("indices", "z")}
 
     def restart(state: TrainState, vq):
+        """Skipped (state unchanged) after a step the guard skipped: its z may be non-finite."""
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         book, usage, restarted = restart_dead_codes(
             state.params["quantize"]["embedding"], state.code_usage, vq["indices"], vq["z"], key,
             decay=q.restart_decay, threshold=q.restart_threshold)
+        ok = state.opt_state.last_finite
+        book = jnp.where(ok, book, state.params["quantize"]["embedding"])
         params = {**state.params, "quantize": {**state.params["quantize"], "embedding": book}}
-        return state.replace(params=params, code_usage=usage), restarted
+        return (state.replace(params=params, code_usage=jnp.where(ok, usage, state.code_usage)),
+                jnp.where(ok, restarted, 0))
 
     jitted = jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                      out_shardings=(state_sh, None, None), donate_argnums=0)
@@ -206,7 +210,7 @@ def train(config, workdir: str, data_path: str, log=print) -> dict:
         data_path, "train", clip_frames=cfg.clip_frames,
         batch_size=cfg.batch_size // jax.process_count(), targets=targets(config),
         seed=config.seed, read_threads=config.data.read_threads,
-        num_workers=config.data.num_workers,
+        num_workers=config.data.num_workers, max_bad_records=config.faults.max_bad_records,
         augment=augment.clip_augment(cfg.augment, supervise_original=False)))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     log(f"[stage1] {n_params / 1e6:.2f}M params on mesh {dict(mesh.shape)}; "
@@ -217,6 +221,7 @@ def train(config, workdir: str, data_path: str, log=print) -> dict:
         train_step=make_train_step(model, tx, config, mesh, axis_rules, state_sh),
         data_iter=data_iter, mesh=mesh, total_steps=cfg.steps, log_every=cfg.log_every,
         checkpoint_every=cfg.checkpoint_every, ckpt_cfg=config.checkpoint,
+        max_nonfinite_in_a_row=config.faults.max_nonfinite_in_a_row,
         meta=checkpointing.meta_for(config, STAGE, state.params), log=log,
         console_keys=("loss", "heatmap_loss", "vq_loss", "train_pck@0.1", "codebook_perplexity"))
     return last

@@ -146,7 +146,8 @@ def make_train_step(model, tx, config, mesh, axis_rules, state_sh, ref_encoder):
                                             config)
             return metrics["loss"], metrics
 
-        return train_state.apply_gradients(state, tx, loss_fn, trained)
+        return train_state.apply_gradients(state, tx, loss_fn, trained,
+                                           tuple(config.faults.inject_nan_steps))
 
     keys = ("driving", "heatmaps", "joint_weights", "target_keypoints")
     batch_sh = sharding.batch_sharding(mesh)
@@ -193,7 +194,8 @@ def train_variant(config, workdir: str, data_path: str, name: str, ref_encoder,
         name=tag, stage_dir=directory, state=state, abstract_state=abstract_state,
         train_step=make_train_step(model, tx, config, mesh, axis_rules, state_sh, ref_encoder),
         data_iter=data_iter, mesh=mesh, total_steps=cfg.steps, log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every, ckpt_cfg=config.checkpoint, meta=meta, log=log,
+        checkpoint_every=cfg.checkpoint_every, ckpt_cfg=config.checkpoint,
+        max_nonfinite_in_a_row=config.faults.max_nonfinite_in_a_row, meta=meta, log=log,
         console_keys=("loss", "heatmap_loss", "vq_loss", "train_pck@0.1", "codebook_perplexity"))
     return last
 

@@ -117,12 +117,12 @@ def make_optimizer(cfg, trained_like: dict) -> optax.GradientTransformation:
                                    _labels(trained_like))]
     if cfg.ema_decay:
         parts.append(ema(cfg.ema_decay))
-    return optax.chain(*parts)
+    return train_state.guard(optax.chain(*parts))
 
 
 def ema_params(opt_state):
     """The EMA of the trained params held by make_optimizer's state (None without EMA)."""
-    found = [s for s in opt_state if isinstance(s, EmaState)]
+    found = [s for s in opt_state.inner_state if isinstance(s, EmaState)]
     return found[0].ema if found else None
 
 
@@ -239,7 +239,8 @@ def make_train_step(model, tx, config, mesh, axis_rules, state_sh, vae_encoder, 
             return loss, {"loss": loss, "flow_loss": fl, "retarget_loss": hm,
                           "vq_loss": aux["loss"]}
 
-        return train_state.apply_gradients(state, tx, loss_fn, trained)
+        return train_state.apply_gradients(state, tx, loss_fn, trained,
+                                           tuple(config.faults.inject_nan_steps))
 
     keys = ("driving", "driving_keypoints", "heatmaps", "joint_weights")
     batch_sh = sharding.batch_sharding(mesh)
@@ -278,7 +279,8 @@ def train(config, workdir: str, data_path: str, log=print) -> dict:
         batch_size=cfg.batch_size // jax.process_count(), targets=stage1_training.targets(config),
         seed=config.seed, partners_per_clip=cfg.partners_per_clip, self_pairs=cfg.self_pairs,
         augment=augment.clip_augment(cfg.augment, supervise_original=True),
-        read_threads=config.data.read_threads, num_workers=config.data.num_workers))
+        read_threads=config.data.read_threads, num_workers=config.data.num_workers,
+        max_bad_records=config.faults.max_bad_records))
     n = {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v))
          for k, v in state.params.items()}
     log(f"[stage3] {sum(n.values()) / 1e6:.2f}M params (DiT {n['dit'] / 1e6:.2f}M, expression "
@@ -291,7 +293,8 @@ def train(config, workdir: str, data_path: str, log=print) -> dict:
         train_step=make_train_step(model, tx, config, mesh, axis_rules, state_sh, ref_encoder,
                                    jnp.asarray(text.context(config))),
         data_iter=data_iter, mesh=mesh, total_steps=cfg.steps, log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every, ckpt_cfg=config.checkpoint, meta=meta, log=log,
+        checkpoint_every=cfg.checkpoint_every, ckpt_cfg=config.checkpoint,
+        max_nonfinite_in_a_row=config.faults.max_nonfinite_in_a_row, meta=meta, log=log,
         console_keys=("loss", "flow_loss", "retarget_loss", "grad_norm"))
     return last
 

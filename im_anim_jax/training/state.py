@@ -7,6 +7,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from im_anim_jax import sharding
@@ -45,11 +46,36 @@ def init_sharded(init_params: Callable, boxed_abstract: dict, tx, mesh, axis_rul
     return state, checkpointing.abstract_like(state, state_sh), state_sh
 
 
-def apply_gradients(state: TrainState, tx, loss_fn: Callable, trained: dict):
-    """One optimizer step on the `trained` subtree of state.params: loss_fn(trained) ->
-    (loss, metrics). Returns (state with step + 1, metrics + grad_norm)."""
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(trained)
+def guard(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` skipping every update whose gradients are not finite (optax.apply_if_finite, which
+    never gives up here: the training loop stops the run after config.faults.
+    max_nonfinite_in_a_row skipped steps). Its state counts the streak and the total."""
+    return optax.apply_if_finite(tx, max_consecutive_errors=np.iinfo(np.int32).max)
+
+
+def guard_metrics(opt_state) -> dict:
+    """nonfinite_in_a_row (0: this step was applied) and nonfinite_total from guard()'s state."""
+    return {"nonfinite_in_a_row": opt_state.notfinite_count,
+            "nonfinite_total": opt_state.total_notfinite}
+
+
+def apply_gradients(state, tx, loss_fn: Callable, trained: dict, inject_nan_steps=()):
+    """One step of `tx` (a guard()ed optimizer) on the `trained` subtree of state.params:
+    loss_fn(trained) -> (loss, metrics). A non-finite loss poisons the gradients, so the guard
+    skips the step too; the steps in `inject_nan_steps` (1-based) get a NaN loss (fault tests).
+    Returns (state with step + 1, metrics + grad_norm + guard_metrics)."""
+    step = state.step + 1
+
+    def guarded(p):
+        loss, metrics = loss_fn(p)
+        if inject_nan_steps:
+            loss = jnp.where(jnp.isin(step, jnp.asarray(inject_nan_steps)), jnp.nan, loss)
+        return loss, dict(metrics, loss=loss)
+
+    grads, metrics = jax.grad(guarded, has_aux=True)(trained)
+    poison = jnp.where(jnp.isfinite(metrics["loss"]), 1.0, jnp.nan)
+    grads = jax.tree.map(lambda g: g * poison.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, state.opt_state, trained)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics.update(grad_norm=optax.global_norm(grads), **guard_metrics(opt_state))
     params = {**state.params, **optax.apply_updates(trained, updates)}
-    return state.replace(step=state.step + 1, opt_state=opt_state, params=params), metrics
+    return state.replace(step=step, opt_state=opt_state, params=params), metrics

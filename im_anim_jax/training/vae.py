@@ -15,7 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from data_pipelines import pipeline
 from im_anim_jax import sharding
@@ -190,7 +189,8 @@ def init_state(model: vae.WanVAE, tx, config, mesh):
                                     tx, mesh, sharding.rules(config.mesh), config.seed)
 
 
-def make_train_step(model, tx, kl_weight: float, mesh, axis_rules, state_sh):
+def make_train_step(model, tx, kl_weight: float, mesh, axis_rules, state_sh,
+                    inject_nan_steps=()):
     """jit(step)(state, batch) -> (state, metrics); batch["frames"] [B, 1, H, W, 3] uint8."""
 
     def step(state: train_state.TrainState, batch):
@@ -201,11 +201,7 @@ def make_train_step(model, tx, kl_weight: float, mesh, axis_rules, state_sh):
             metrics = model.apply({"params": params}, video, key, kl_weight, method=losses)
             return metrics["loss"], metrics
 
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        return state.replace(step=state.step + 1, opt_state=opt_state,
-                             params=optax.apply_updates(state.params, updates)), metrics
+        return train_state.apply_gradients(state, tx, loss_fn, state.params, inject_nan_steps)
 
     jitted = jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                      out_shardings=(state_sh, None), donate_argnums=0)
@@ -233,7 +229,8 @@ def train(config, workdir: str, data_path: str, log=print) -> dict:
     data_iter = iter(pipeline.train_dataset(
         data_path, "train", clip_frames=1, batch_size=cfg.batch_size // jax.process_count(),
         targets=stage1.targets(config), seed=config.seed, read_threads=config.data.read_threads,
-        num_workers=config.data.num_workers))
+        num_workers=config.data.num_workers,
+        max_bad_records=config.faults.max_bad_records))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     size = config.model.motion_tokenizer.image_size
     log(f"[vae] {n_params / 1e6:.2f}M params on mesh {dict(mesh.shape)}; {cfg.steps} steps of "
@@ -241,9 +238,11 @@ def train(config, workdir: str, data_path: str, log=print) -> dict:
     _, last = loop.run(
         name="vae", stage_dir=os.path.join(workdir, "vae"), state=state,
         abstract_state=abstract_state,
-        train_step=make_train_step(model, tx, cfg.kl_weight, mesh, axis_rules, state_sh),
+        train_step=make_train_step(model, tx, cfg.kl_weight, mesh, axis_rules, state_sh,
+                                   tuple(config.faults.inject_nan_steps)),
         data_iter=data_iter, mesh=mesh, total_steps=cfg.steps, log_every=cfg.log_every,
         checkpoint_every=cfg.checkpoint_every, ckpt_cfg=config.checkpoint,
+        max_nonfinite_in_a_row=config.faults.max_nonfinite_in_a_row,
         meta=checkpointing.meta_for(config, STAGE, state.params), log=log,
         console_keys=("loss", "l1", "kl", "psnr"))
     return last

@@ -1,0 +1,171 @@
+"""Config checks run before any model is built or compiled: every violation, in one message.
+
+  validate(config, stages, workdir)  # ValueError listing each problem, e.g.
+  # "the config has 2 problems:
+  #   - stage3.clip_frames=16: the VAE compresses time 4x, so clips need 1 + 4k frames (e.g. 17)
+  #   - mesh.shape {...} needs 16 devices, but 8 are available"
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+
+from im_anim_jax import sharding
+from im_anim_jax.models.retargeter import TEMPORAL_STRIDE
+from im_anim_jax.training import checkpointing
+
+# What each stage trains: (config section, its learning-rate fields).
+_SECTIONS = {1: (("stage1", ("lr",)),),
+             2: (("vae_training", ("lr",)), ("stage2", ("lr",))),
+             3: (("stage3", ("lr_dit", "lr_other")),)}
+
+
+def _is_int(x, minimum: int) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) \
+        and int(x) == x and x >= minimum
+
+
+def _mesh(config, num_devices: int, num_processes: int, out: list) -> int | None:
+    """Problems of mesh.shape / mesh.rules; returns data x fsdp (None if the shape is bad)."""
+    for name, axes in config.mesh.rules:
+        named = [axes] if isinstance(axes, str) else list(axes or ())
+        unknown = [a for a in named if a not in sharding.MESH_AXES]
+        if unknown:
+            out.append(f"mesh.rules maps {name!r} to unknown mesh axes {unknown}; the axes are "
+                       f"{sharding.MESH_AXES}")
+    try:
+        sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh.shape, num_devices)))
+    except ValueError as e:
+        out.append(str(e))
+        return None
+    return sizes["data"] * sizes["fsdp"]
+
+
+def _schedule(config, section: str, lrs: tuple, batch_divisor: int | None, num_processes: int,
+              out: list) -> None:
+    cfg = config[section]
+    for field in ("steps", "log_every", "checkpoint_every", "batch_size"):
+        if not _is_int(cfg[field], 1):
+            out.append(f"{section}.{field}={cfg[field]!r} must be a positive integer")
+    if not _is_int(cfg.warmup_steps, 0):
+        out.append(f"{section}.warmup_steps={cfg.warmup_steps!r} must be an integer >= 0")
+    elif _is_int(cfg.steps, 1) and cfg.warmup_steps > cfg.steps:
+        out.append(f"{section}.warmup_steps={cfg.warmup_steps} exceeds {section}.steps="
+                   f"{cfg.steps}: the learning rate would never reach its peak")
+    for field in lrs:
+        lr = cfg[field]
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr < 1):
+            out.append(f"{section}.{field}={lr!r} must be a learning rate in (0, 1)")
+    if not (math.isfinite(cfg.grad_clip) and cfg.grad_clip > 0):
+        out.append(f"{section}.grad_clip={cfg.grad_clip!r} must be > 0")
+    if cfg.schedule not in ("constant", "cosine"):
+        out.append(f"{section}.schedule={cfg.schedule!r} must be 'constant' or 'cosine'")
+    if batch_divisor and _is_int(cfg.batch_size, 1):
+        n = math.lcm(batch_divisor, num_processes)
+        if cfg.batch_size % n:
+            out.append(f"{section}.batch_size={cfg.batch_size} must be divisible by {n} (the "
+                       f"data x fsdp mesh size {batch_divisor} and {num_processes} process(es))")
+
+
+def _frames_and_sizes(config, stages, out: list) -> None:
+    from im_anim_jax.models.wan import vae
+    m = config.model
+    size, patch = m.motion_tokenizer.image_size, m.motion_tokenizer.patch_size
+    if not _is_int(size, 1) or not _is_int(patch, 1) or size % patch:
+        out.append(f"model.motion_tokenizer.image_size={size} must be a multiple of its "
+                   f"patch_size={patch}")
+    if 2 in stages or 3 in stages:
+        try:
+            v = vae.build_vae(m.vae)
+            space, time = v.space_factor, v.time_factor
+        except ValueError as e:
+            out.append(f"model.vae: {e}")
+            space = time = None
+        if space and (2 in stages or 3 in stages):
+            factor = space * m.retargeter.reference_patch
+            if size % factor:
+                out.append(f"model.motion_tokenizer.image_size={size}: the reference image must "
+                           f"be a multiple of {factor} (the VAE's {space}x spatial compression, "
+                           f"then {m.retargeter.reference_patch}x"
+                           f"{m.retargeter.reference_patch} reference patches)")
+            latent, (_, ph, pw) = size // space, tuple(m.dit.patch_size)
+            if 3 in stages and (latent % ph or latent % pw):
+                out.append(f"model.motion_tokenizer.image_size={size} gives {latent}x{latent} "
+                           f"latents, not divisible by the DiT's patch {ph}x{pw}")
+        if time and 3 in stages:
+            t = config.stage3.clip_frames
+            if not _is_int(t, 1) or (t - 1) % time:
+                out.append(f"stage3.clip_frames={t}: the VAE compresses time {time}x, so clips "
+                           f"need 1 + {time}k frames (e.g. {1 + time * max(1, round((t - 1) / time))})")
+            k = config.sampling.overlap_frames
+            if not _is_int(k, 1) or (k - 1) % time or (_is_int(t, 1) and k >= t):
+                out.append(f"sampling.overlap_frames={k} must be 1 + {time}j and below "
+                           f"stage3.clip_frames={t}")
+    if 2 in stages and m.retargeter.output_frames == "latent":
+        t = config.stage2.clip_frames
+        if not _is_int(t, 1) or (t - 1) % TEMPORAL_STRIDE:
+            out.append(f"stage2.clip_frames={t}: the retargeter's latent frames need 1 + "
+                       f"{TEMPORAL_STRIDE}k driving frames")
+    if not config.data.path:
+        syn = config.data.synthetic
+        if syn.image_size != size:
+            out.append(f"data.synthetic.image_size={syn.image_size} differs from "
+                       f"model.motion_tokenizer.image_size={size}")
+        longest = max([config[f"stage{s}"].clip_frames for s in stages] or [1])
+        if syn.clip_frames < longest:
+            out.append(f"data.synthetic.clip_frames={syn.clip_frames} is shorter than the "
+                       f"{longest}-frame clips the stages train on")
+
+
+def _prerequisites(config, stages, workdir: str, out: list) -> None:
+    def done(name):
+        return checkpointing.latest_step(os.path.join(workdir, name)) is not None
+    if 2 in stages and 1 not in stages and not done("stage1"):
+        out.append(f"stage 2 starts from stage 1, but {workdir}/stage1 holds no checkpoint: run "
+                   f"--stages 1,2")
+    if 3 in stages and 2 not in stages:
+        if not done("stage2"):
+            out.append(f"stage 3 starts from stage 2, but {workdir}/stage2 holds no checkpoint: "
+                       f"run stage 2 first")
+        if not config.model.vae.init_from and not done("vae"):
+            out.append(f"stage 3 needs the reference VAE: {workdir}/vae holds no checkpoint and "
+                       f"model.vae.init_from is empty (stage 2 trains it)")
+
+
+def _faults(config, out: list) -> None:
+    f = config.faults
+    if not _is_int(f.max_nonfinite_in_a_row, 1):
+        out.append(f"faults.max_nonfinite_in_a_row={f.max_nonfinite_in_a_row!r} must be >= 1")
+    if not _is_int(f.max_bad_records, 0):
+        out.append(f"faults.max_bad_records={f.max_bad_records!r} must be an integer >= 0")
+    if not all(_is_int(s, 1) for s in f.inject_nan_steps):
+        out.append(f"faults.inject_nan_steps={tuple(f.inject_nan_steps)} must be steps >= 1")
+
+
+def problems(config, stages, workdir: str, num_devices: int | None = None,
+             num_processes: int | None = None) -> list[str]:
+    """Every problem of `config` for running `stages` in `workdir` (empty: none)."""
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    num_processes = jax.process_count() if num_processes is None else num_processes
+    out: list[str] = []
+    divisor = _mesh(config, num_devices, num_processes, out)
+    for s in stages:
+        for section, lrs in _SECTIONS[s]:
+            if section == "vae_training" and config.model.vae.init_from:
+                continue
+            _schedule(config, section, lrs, divisor, num_processes, out)
+    _frames_and_sizes(config, stages, out)
+    _prerequisites(config, stages, workdir, out)
+    _faults(config, out)
+    return out
+
+
+def validate(config, stages, workdir: str, **kwargs) -> None:
+    """ValueError naming every problem `problems` finds."""
+    found = problems(config, stages, workdir, **kwargs)
+    if found:
+        n = len(found)
+        raise ValueError(f"the config has {n} problem{'s' if n > 1 else ''}:\n"
+                         + "\n".join(f"  - {p}" for p in found))

@@ -1,0 +1,67 @@
+"""A bad config fails before any data, model or compilation, naming every violation."""
+import os
+import sys
+
+import pytest
+
+import faultrun
+from im_anim_jax import config_validation
+
+
+@pytest.mark.parametrize("overrides, stages, expected", [
+    ({"mesh.shape.data": 3}, (1,), "needs 3 devices, but 1 are available"),
+    ({"mesh.shape.fsdp": -1, "mesh.shape.data": -1}, (1,), "at most one -1"),
+    ({"stage3.clip_frames": 4}, (1, 2, 3), "stage3.clip_frames=4: the VAE compresses time 4x, "
+                                           "so clips need 1 + 4k frames (e.g. 5)"),
+    ({"stage2.clip_frames": 4}, (1, 2), "stage2.clip_frames=4: the retargeter's latent frames"),
+    ({"sampling.overlap_frames": 3}, (1, 2, 3), "sampling.overlap_frames=3 must be 1 + 4j"),
+    ({"model.motion_tokenizer.image_size": 40, "data.synthetic.image_size": 40}, (1, 2, 3),
+     "image_size=40: the reference image must be a multiple of 32"),
+    ({"model.motion_tokenizer.image_size": 36, "data.synthetic.image_size": 36}, (1,),
+     "image_size=36 must be a multiple of its patch_size=8"),
+    ({"stage1.lr": 0.0}, (1,), "stage1.lr=0.0 must be a learning rate in (0, 1)"),
+    ({"stage3.lr_dit": float("nan")}, (1, 2, 3), "stage3.lr_dit=nan must be a learning rate"),
+    ({"stage2.steps": 0}, (1, 2), "stage2.steps=0 must be a positive integer"),
+    ({"vae_training.warmup_steps": 50}, (1, 2), "vae_training.warmup_steps=50 exceeds"),
+    ({"stage1.batch_size": 6, "mesh.shape.data": 4}, (1,),
+     "stage1.batch_size=6 must be divisible by 4"),
+    ({"stage1.schedule": "linear"}, (1,), "stage1.schedule='linear' must be"),
+    ({"faults.max_nonfinite_in_a_row": 0}, (1,), "faults.max_nonfinite_in_a_row=0 must be >= 1"),
+    ({}, (2,), "stage 2 starts from stage 1, but"),
+    ({}, (3,), "stage 3 starts from stage 2, but"),
+    ({"data.synthetic.clip_frames": 3}, (1, 2), "data.synthetic.clip_frames=3 is shorter than"),
+])
+def test_each_violation_is_named(tiny_config, tmp_path, overrides, stages, expected):
+    config = tiny_config.copy_and_resolve_references()
+    for key, value in overrides.items():
+        section, *path = key.split(".")
+        target = config[section]
+        for p in path[:-1]:
+            target = target[p]
+        target[path[-1]] = value
+    found = config_validation.problems(config, stages, str(tmp_path), num_devices=4 if
+                                       "batch" in expected else 1, num_processes=1)
+    assert any(expected in p for p in found), found
+    assert len(found) == 1 or not overrides, found  # nothing else is blamed
+
+
+def test_the_shipped_configs_pass(tmp_path):
+    sys.path.insert(0, os.path.join(faultrun.ROOT, "configs"))
+    import im_animation
+    for variant in im_animation.VARIANTS:
+        config = im_animation.get_config(variant)
+        assert config_validation.problems(config, (1, 2, 3), str(tmp_path), num_devices=1,
+                                          num_processes=1) == [], variant
+
+
+def test_train_py_reports_all_problems_before_touching_the_workdir(tmp_path):
+    workdir = tmp_path / "run"
+    res = faultrun.run(faultrun.train_cmd(
+        str(workdir), str(tmp_path / "nodata"), 10, "--stages=1,2,3",
+        "--config.stage3.clip_frames=6", "--config.stage2.lr=2.0", "--config.mesh.shape.data=2"))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    err = res.stderr[res.stderr.index("error: the config has 3 problems:"):]
+    for text in ("stage3.clip_frames=6", "stage2.lr=2.0", "needs 2 devices, but 1 are"):
+        assert text in err, err
+    assert not os.path.exists(workdir / "stage1") and not os.path.exists(workdir / "data")
