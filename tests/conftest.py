@@ -60,3 +60,24 @@ def tiny_stage2(tmp_path_factory, tiny_stage1, tiny_dataset):
                               lr=2e-3, baselines=()))
     stage2.train(config, workdir, tiny_dataset, log=lambda _: None)
     return config, workdir
+
+
+TINY_STAGE3_STEPS = 40
+
+
+@pytest.fixture(scope="session")
+def tiny_stage3(tmp_path_factory, tiny_stage2, tiny_dataset):
+    """(config, workdir): the tiny stage-2 run copied, then TINY_STAGE3_STEPS stage-3 steps
+    (EMA 0.9, metrics every 10). Read-only for its users (copy the workdir to write into it)."""
+    import shutil
+
+    from im_anim_jax.training import stage3
+    base, stage2_dir = tiny_stage2
+    workdir = str(tmp_path_factory.mktemp("stage3"))
+    for d in ("stage1", "vae", "stage2"):
+        shutil.copytree(os.path.join(stage2_dir, d), os.path.join(workdir, d))
+    config = base.copy_and_resolve_references()
+    config.stage3.update(dict(steps=TINY_STAGE3_STEPS, log_every=10,
+                              checkpoint_every=TINY_STAGE3_STEPS, batch_size=2, ema_decay=0.9))
+    stage3.train(config, workdir, tiny_dataset, log=lambda _: None)
+    return config, workdir

@@ -18,7 +18,6 @@ from PIL import Image
 from im_anim_jax import media, metrics
 from im_anim_jax.evaluation import metric_suite, stage3_self, summary, video_folder
 from im_anim_jax.metrics import frechet, i3d, image, inception, lpips
-from im_anim_jax.training import stage3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOT_COMPUTED = "not computed: "
@@ -273,15 +272,11 @@ def test_history_keeps_one_line_per_step_and_protocol_and_is_plotted(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def stage3_run(tmp_path_factory, tiny_stage2, tiny_dataset):
-    """The tiny stage-2 run copied, then one stage-3 step (a checkpoint to generate with)."""
-    base, stage2_dir = tiny_stage2
-    workdir = str(tmp_path_factory.mktemp("stage3_protocols"))
-    for d in ("stage1", "vae", "stage2"):
-        shutil.copytree(os.path.join(stage2_dir, d), os.path.join(workdir, d))
-    config = base.copy_and_resolve_references()
-    config.stage3.update(dict(steps=1, log_every=1, checkpoint_every=1, batch_size=2))
-    stage3.train(config, workdir, tiny_dataset, log=lambda _: None)
+def stage3_run(tmp_path_factory, tiny_stage3):
+    """A private copy of conftest.tiny_stage3 (a stage-3 checkpoint to generate with)."""
+    config, source = tiny_stage3
+    workdir = str(tmp_path_factory.mktemp("stage3_protocols") / "run")
+    shutil.copytree(source, workdir)
     return config, workdir
 
 
@@ -309,7 +304,7 @@ def test_self_protocol_on_a_folder_of_videos(stage3_run, tmp_path):
         assert json.load(f) == json.loads(json.dumps(result))
     assert result["protocol"] == "self" and result["inputs"] == ["a.mp4", "b"]
     assert result["pck_reference"] == stage3_self.PCK_REFERENCE
-    assert result["scored_frames_per_video"] == frames - 1 and result["step"] == 1
+    assert result["scored_frames_per_video"] == frames - 1 and result["step"] == 40
     for figures in summary.variants(result).values():
         for key in ("l1", "psnr_star", "ssim", "motion_pck@0.05", "motion_pck@0.1"):
             assert math.isfinite(figures[key]), (key, figures)
@@ -322,7 +317,7 @@ def test_self_protocol_on_a_folder_of_videos(stage3_run, tmp_path):
     assert "## Self-reenactment" in table and "| this model |" in table
     assert "[1] not computed: LPIPS" in table and "metric_weights.lpips=DIR" in table
     assert [(r["protocol"], r["step"]) for r in summary.read_history(
-        os.path.join(out, summary.HISTORY))] == [("self", 1)]
+        os.path.join(out, summary.HISTORY))] == [("self", 40)]
     for name in ("stage3_self.png", summary.PLOT):
         assert os.path.getsize(os.path.join(out, name)) > 0
 

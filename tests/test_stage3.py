@@ -20,7 +20,7 @@ from im_anim_jax.training import stage3
 from im_anim_jax.training.metric_writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 40
+STEPS = 40  # conftest.TINY_STAGE3_STEPS
 
 
 def _dit_inputs(cfg, key, frames=3, size=4, control=0, expression=None):
@@ -150,16 +150,11 @@ def test_windows_cover_the_video_with_the_stated_overlap():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_stage2, tiny_dataset):
-    """The tiny stage-2 run copied, then STEPS stage-3 steps."""
-    base, stage2_dir = tiny_stage2
-    workdir = str(tmp_path_factory.mktemp("stage3"))
-    for d in ("stage1", "vae", "stage2"):
-        shutil.copytree(os.path.join(stage2_dir, d), os.path.join(workdir, d))
-    config = base.copy_and_resolve_references()
-    config.stage3.update(dict(steps=STEPS, log_every=10, checkpoint_every=STEPS, batch_size=2,
-                              ema_decay=0.9))
-    stage3.train(config, workdir, tiny_dataset, log=lambda _: None)
+def trained(tmp_path_factory, tiny_stage3):
+    """A private copy of conftest.tiny_stage3 (STEPS stage-3 steps on the tiny stage-2 run)."""
+    config, source = tiny_stage3
+    workdir = str(tmp_path_factory.mktemp("stage3_tests") / "run")
+    shutil.copytree(source, workdir)
     return config, workdir
 
 
