@@ -78,6 +78,17 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
         mode="mask_token", output_frames="latent", width=1024, depth=8, num_heads=16,
         out_dim=192, reference_patch=2))
     c.model.joint_head = ml_collections.ConfigDict(dict(width=512, depth=2, num_heads=8))
+    # The `pose_indicator` baseline (Animate-X's Implicit Pose Indicator, models/pose_indicator.py):
+    # per frame, one query per driving keypoint (keypoint transformer + learnable query) cross-
+    # attends `depth` times to CLIP ViT features of the frame. The CLIP sizes are CLIP-H/14 (the
+    # SD 2.1 image encoder Animate-X uses); clip.init_from: a converted Hugging Face
+    # CLIPVisionModel (`python -m im_anim_jax.convert clip-vit`), else trained from scratch.
+    # conf_threshold: keypoints below it are invisible to the query (as data.conf_threshold).
+    c.model.pose_indicator = ml_collections.ConfigDict(dict(
+        width=1024, depth=4, num_heads=16, keypoint_depth=2, conf_threshold=0.3,
+        clip=ml_collections.ConfigDict(dict(
+            image_size=224, patch_size=14, width=1280, depth=32, num_heads=16, mlp_dim=5120,
+            hidden_act="gelu", init_from=""))))
 
     c.model.vae = wan_vae("wan2_2")
     c.model.dit = wan_dit("wan2_2_ti2v_5b")
@@ -121,7 +132,16 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
         # False: the motion encoder keeps its stage-1 weights (the paper trains it in stage 2).
         train_motion_encoder=True,
         # Ablations trained after the main model, each into WORKDIR/stage2_<name>.
-        baselines=("self_attention", "conv", "no_middle_supervision"),
+        baselines=("self_attention", "conv", "no_middle_supervision", "pose_indicator"),
+        # Animate-X's Explicit Pose Indicator on the driving keypoints of the `pose_indicator`
+        # baseline (data_pipelines/epi.py): with probability `prob` (the paper: over 98%) the pose
+        # is realigned to an anchor clip of the pose pool (`pool_size` training clips, every
+        # `pool_stride`-th frame), then each rescale group is rescaled with probability
+        # `rescale_prob` (factor log-uniform in [1/m, m], m = max_factor) and each removable part
+        # dropped with probability `drop_prob`.
+        epi=ml_collections.ConfigDict(dict(
+            prob=0.99, pool_size=256, pool_stride=4, rescale_prob=0.5, max_factor=1.3,
+            drop_prob=0.1)),
         log_every=50, checkpoint_every=1000))
     # Stage 3: everything end to end (DiT 1e-5, the rest 5e-5), flow matching + 10 x the
     # retarget heatmap loss on stage-2 pairs (target = the reference identity's video). The DiT
@@ -235,6 +255,12 @@ def _small(c, variant):
     c.model.retargeter.update(dict(width=128 if demo else 32, depth=2 if demo else 1,
                                    num_heads=4 if demo else 2, out_dim=128 if demo else 32))
     c.model.joint_head.update(dict(width=128 if demo else 32, depth=1, num_heads=4 if demo else 2))
+    c.model.pose_indicator.update(dict(
+        width=128 if demo else 32, depth=2 if demo else 1, num_heads=4 if demo else 2,
+        keypoint_depth=1))
+    c.model.pose_indicator.clip.update(dict(
+        image_size=c.model.motion_tokenizer.image_size, patch_size=8, width=128 if demo else 32,
+        depth=2 if demo else 1, num_heads=4 if demo else 2, mlp_dim=512 if demo else 64))
     c.model.vae = wan_vae(variant)
     c.model.dit = wan_dit(variant)
     c.vae_training.update(dict(steps=400 if demo else 6, lr=1e-3, schedule="cosine",

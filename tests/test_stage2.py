@@ -101,7 +101,7 @@ def test_evaluation_reports_every_variant_and_baseline(trained, tiny_dataset):
         assert 0 <= figures["cross_pck@0.05"] <= figures["cross_pck@0.1"] <= 1, name
     # Ground-truth driving keypoints pasted on another body miss many joints.
     assert result["baselines"]["no_retarget_gt"]["cross_pck@0.1"] < 0.9
-    for kind in ("tokens_stage1", "tokens_stage2", "conv_features"):
+    for kind in ("tokens_stage1", "tokens_stage2", "conv_features", "pose_indicator_tokens"):
         probe = result["leakage"][kind]
         assert 0 <= probe["id_accuracy"] <= 1 and np.isfinite(probe["shape_r2"]), kind
     assert 0 <= result["reference_pose_pck@0.1"] <= 1

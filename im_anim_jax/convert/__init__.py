@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 
 KINDS = {"titok": "titok", "wan-dit": "wan_dit", "wan-vae": "wan_vae", "inception": "inception",
-         "i3d": "i3d", "lpips": "lpips"}
+         "i3d": "i3d", "lpips": "lpips", "clip-vit": "clip_vit"}
 
 
 def converter(kind: str):

@@ -1,4 +1,4 @@
-"""CLI: python -m im_anim_jax.convert {titok,wan-dit,wan-vae} --src FILE --dst DIR."""
+"""CLI: python -m im_anim_jax.convert {titok,wan-dit,wan-vae,clip-vit,...} --src FILE --dst DIR."""
 from __future__ import annotations
 
 import json

@@ -18,9 +18,12 @@ for the main model and every trained baseline, plus three explicit, training-fre
 and the identity-leakage probe (evaluation/leakage.py) on frozen motion features of the split's
 clips: fit on the first half of its motions, tested on the rest (same identities, unseen
 motions), predicting each driving identity's shape parameters (R^2) and id (accuracy).
+The `pose_indicator` baseline reads the driving frames with their keypoints as given (the
+dataset's: DWPose for ingested videos, exact for the synthetic set), untransformed; its probe
+features are the IPI output tokens.
 
-Writes WORKDIR/eval/stage2.json and WORKDIR/eval/stage2.png
-(driving | reference | ground-truth retargeted pose | predicted heatmaps).
+Writes WORKDIR/eval/stage2.json and WORKDIR/eval/stage2.png (driving | reference | ground-truth
+retargeted pose | predicted heatmaps | with the pose_indicator baseline trained: its heatmaps).
 """
 from __future__ import annotations
 
@@ -116,6 +119,17 @@ def _realigned(drv_xy, ref_xy, image_size: int, size: int) -> np.ndarray:
     return kp.image_to_heatmap(np.stack(out), image_size, size)
 
 
+def _with_column(grid, heatmaps, gap: int = 4) -> np.ndarray:
+    """visualize.pair_grid's image with one more column: a heatmap panel per row (frame)."""
+    k = len(heatmaps)
+    size = (grid.shape[0] - (k - 1) * gap) // k
+    column = []
+    for h in heatmaps:
+        column += [visualize.heatmap_panel(h, size), np.full((gap, size, 3), 255, np.uint8)]
+    pad = np.full((grid.shape[0], gap, 3), 255, np.uint8)
+    return np.concatenate([grid, pad, np.concatenate(column[:-1], 0)], 1)
+
+
 def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
     """Cross-identity PCK of every variant and explicit baseline; the PNG of the main model."""
     targets = stage1_training.targets(config)
@@ -126,7 +140,7 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
                                     batch_size=config.eval.batch_size, targets=targets,
                                     seed=config.eval.pair_seed)
     s1_model, s1_params, _ = s1
-    forwards = {n: jax.jit(lambda p, f, r, m=m: m.apply({"params": p}, f, r)[0])
+    forwards = {n: jax.jit(lambda p, d, r, m=m: m.apply({"params": p}, d, r)[0])
                 for n, (_, m, _, _) in loaded.items()}
     s1_forward = jax.jit(lambda f: s1_model.apply({"params": s1_params}, f)[0])
     read = lambda h: kp.argmax_keypoints(np.asarray(h), subpixel=config.eval.subpixel)  # noqa
@@ -145,18 +159,25 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
         swap_images, swap_kpts = _swapped_references(src, batch)
         swap_tokens = ref_encoder(swap_images)
         swap_w = ref_w * (swap_kpts[:, None, :, 2] >= targets.conf_threshold)
-        for n, (_, _, params, _) in loaded.items():
-            heatmaps = jax.device_get(forwards[n](params, batch["driving"], tokens))
+        shown = {}
+        for n, (cfg, _, params, _) in loaded.items():
+            driving = stage2_training.driving_input(cfg, batch["driving"],
+                                                    batch["driving_keypoints"])
+            heatmaps = jax.device_get(forwards[n](params, driving, tokens))
             pred = read(heatmaps)
             cross[n].add(pred, gt, w, size)
             ref_pose[n].add(pred, ref_gt, ref_w, size)
-            swapped = read(jax.device_get(forwards[n](params, batch["driving"], swap_tokens)))
+            swapped = read(jax.device_get(forwards[n](params, driving, swap_tokens)))
             follow[n].add(pred, swapped, to_hm(batch["reference_keypoints"]), to_hm(swap_kpts),
                           swap_w, size)
-            if n == stage2_training.MAIN and vis is None:
-                k = config.eval.num_vis_frames
-                vis = visualize.pair_grid(batch["driving"][0][:k], batch["reference"][0],
-                                          batch["heatmaps"][0][:k], heatmaps[0][:k])
+            if vis is None:
+                shown[n] = heatmaps[0][:config.eval.num_vis_frames]
+        if vis is None:
+            k = config.eval.num_vis_frames
+            vis = visualize.pair_grid(batch["driving"][0][:k], batch["reference"][0],
+                                      batch["heatmaps"][0][:k], shown[stage2_training.MAIN])
+            if "pose_indicator" in shown:
+                vis = _with_column(vis, shown["pose_indicator"])
         ref_pose["ground_truth"].add(gt, ref_gt, ref_w, size)
         drv = read(jax.device_get(s1_forward(batch["driving"])))
         ref = read(jax.device_get(s1_forward(batch["reference"][:, None])))[:, 0]
@@ -183,18 +204,22 @@ def leakage_figures(config, data_path, loaded: dict, s1) -> dict:
     s1_model, s1_params, _ = s1
     encoders = {"tokens_stage1": jax.jit(lambda f: s1_model.apply(
         {"params": s1_params}, f, method=type(s1_model).encode)[0])}
-    names = {stage2_training.MAIN: "tokens_stage2", "conv": "conv_features"}
+    names = {stage2_training.MAIN: "tokens_stage2", "conv": "conv_features",
+             "pose_indicator": "pose_indicator_tokens"}
+    inputs = {"tokens_stage1": lambda batch: batch["frames"]}
     for n, label in names.items():
         if n in loaded:
-            _, m, p, _ = loaded[n]
-            encoders[label] = jax.jit(lambda f, m=m, p=p: m.apply({"params": p}, f,
+            cfg, m, p, _ = loaded[n]
+            encoders[label] = jax.jit(lambda d, m=m, p=p: m.apply({"params": p}, d,
                                                                   method=type(m).encode)[0])
+            inputs[label] = lambda batch, cfg=cfg: stage2_training.driving_input(
+                cfg, batch["frames"], batch["keypoints"])
     feats = {k: [] for k in encoders}
     shape, ident, motion = [], [], []
     for batch in ds:
         b, t = batch["frames"].shape[:2]
         for k, f in encoders.items():
-            feats[k].append(np.asarray(jax.device_get(f(batch["frames"]))).reshape(b * t, -1))
+            feats[k].append(np.asarray(jax.device_get(f(inputs[k](batch)))).reshape(b * t, -1))
         shape.append(np.repeat(batch["shape_params"], t, 0))
         ident.append(np.repeat(batch["identity_id"], t))
         motion.append(np.repeat(batch["motion_id"], t))

@@ -7,7 +7,9 @@
 Submodule names equal Stage1Model's where the parameters come from stage 1 (`motion_encoder`,
 `quantize`, `joint_decoder`), so a stage-1 checkpoint's subtrees drop in unchanged. With
 `config.model.motion_encoder == "conv"` (the ablation) the encoder is ConvMotionEncoder: a 2D
-feature grid, no quantizer.
+feature grid, no quantizer. With "pose_indicator" (the Animate-X baseline) it is the Implicit Pose
+Indicator: the driving input is then {"frames": [B, T, H, W, 3], "keypoints": [B, T, J, 3]} (the
+driving pose, explicit-pose-augmented in training), M_video [B, T, J, W], no quantizer.
 """
 from __future__ import annotations
 
@@ -18,25 +20,41 @@ import ml_collections
 from im_anim_jax.models.conv_motion_encoder import ConvMotionEncoder, build_conv_motion_encoder
 from im_anim_jax.models.joint_decoder import JointDecoder
 from im_anim_jax.models.motion_tokenizer import MotionTokenizer
+from im_anim_jax.models.pose_indicator import PoseIndicator, build_pose_indicator
 from im_anim_jax.models.quantizer import VectorQuantizer
 from im_anim_jax.models.retargeter import JointHead, Retargeter
 from im_anim_jax.models.stage1 import build_stage1, to_unit_range
 
-MOTION_ENCODERS = ("tokenizer", "conv")
+MOTION_ENCODERS = ("tokenizer", "conv", "pose_indicator")
+
+
+def driving_frames(driving):
+    """The frames [B, T, H, W, 3] of a driving input (an array, or the pose indicator's dict)."""
+    return driving["frames"] if isinstance(driving, dict) else driving
 
 
 class Stage2Model(nn.Module):
-    motion_encoder: MotionTokenizer | ConvMotionEncoder
+    motion_encoder: MotionTokenizer | ConvMotionEncoder | PoseIndicator
     quantize: VectorQuantizer | None
     retargeter: Retargeter
     joint_head: JointHead
     joint_decoder: JointDecoder
     grid: tuple[int, int]  # the reference patch grid (Hp, Wp)
 
-    def encode(self, frames):
-        """frames [B, T, H, W, 3] -> M_video [B, T, N_m, C_m], VQ aux (zeros without quantizer)."""
+    def encode(self, driving):
+        """driving frames [B, T, H, W, 3] (the pose indicator: {"frames", "keypoints" [B, T, J,
+        3]}) -> M_video [B, T, N_m, C_m], VQ aux (zeros without quantizer)."""
+        frames = driving_frames(driving)
         b, t = frames.shape[:2]
-        z = self.motion_encoder(to_unit_range(frames).reshape((b * t,) + frames.shape[2:]))
+        pixels = to_unit_range(frames).reshape((b * t,) + frames.shape[2:])
+        if isinstance(self.motion_encoder, PoseIndicator):
+            if not isinstance(driving, dict) or "keypoints" not in driving:
+                raise ValueError("the pose indicator needs the driving input as {'frames', "
+                                 "'keypoints'} (the driving pose), got frames alone")
+            kpts = driving["keypoints"]
+            z = self.motion_encoder(pixels, kpts.reshape((b * t,) + kpts.shape[2:]))
+        else:
+            z = self.motion_encoder(pixels)
         if self.quantize is None:
             zero = jnp.zeros((), jnp.float32)
             return z.reshape((b, t) + z.shape[1:]), dict(loss=zero, commitment_loss=zero,
@@ -53,12 +71,13 @@ class Stage2Model(nn.Module):
         return nn.with_logical_constraint(heatmaps.reshape((b, t) + heatmaps.shape[1:]),
                                           ("act_batch", "act_frames", "joints", None, None))
 
-    def __call__(self, frames, reference):
-        """frames [B, T, H, W, 3], reference tokens [B, P, C_ref] -> heatmaps, aux (VQ terms,
-        `motion` M_video, `m_ret`)."""
-        motion, aux = self.encode(frames)
+    def __call__(self, driving, reference):
+        """driving frames [B, T, H, W, 3] (or the pose indicator's dict, see `encode`), reference
+        tokens [B, P, C_ref] -> heatmaps, aux (VQ terms, `motion` M_video, `m_ret`)."""
+        motion, aux = self.encode(driving)
         m_ret = self.retargeter(motion, reference, self.grid)
-        return self.decode(m_ret, frames.shape[1]), dict(aux, motion=motion, m_ret=m_ret)
+        return (self.decode(m_ret, driving_frames(driving).shape[1]),
+                dict(aux, motion=motion, m_ret=m_ret))
 
 
 def build_stage2(model_cfg: ml_collections.ConfigDict, grid: tuple[int, int]) -> Stage2Model:
@@ -70,9 +89,11 @@ def build_stage2(model_cfg: ml_collections.ConfigDict, grid: tuple[int, int]) ->
     common = dict(dtype=jnp.dtype(model_cfg.dtype), attention_impl=model_cfg.attention_impl,
                   remat_policy=model_cfg.remat_policy)
     rt, jh = model_cfg.retargeter, model_cfg.joint_head
+    encoders = {"tokenizer": lambda: s1.motion_encoder,
+                "conv": lambda: build_conv_motion_encoder(model_cfg),
+                "pose_indicator": lambda: build_pose_indicator(model_cfg)}
     return Stage2Model(
-        motion_encoder=s1.motion_encoder if kind == "tokenizer"
-        else build_conv_motion_encoder(model_cfg),
+        motion_encoder=encoders[kind](),
         quantize=s1.quantize if kind == "tokenizer" else None,
         retargeter=Retargeter(width=rt.width, depth=rt.depth, num_heads=rt.num_heads,
                               out_dim=rt.out_dim, mode=rt.mode, output_frames=rt.output_frames,

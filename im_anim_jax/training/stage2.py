@@ -16,6 +16,12 @@ WORKDIR/stage2_<name>:
   no_middle_supervision  no heatmap signal reaches the motion encoder or the retargeter (both stay
                          at their stage-1 / initial weights); only the joint head is fitted, as a
                          read-out probe of what M_ret carries without middle supervision.
+  pose_indicator         Animate-X's Pose Indicator instead of the 1D tokenizer: the Implicit Pose
+                         Indicator (keypoint queries cross-attending to CLIP ViT features of the
+                         frame; the CLIP from model.pose_indicator.clip.init_from or from scratch)
+                         reads the driving frames and keypoints, the Explicit Pose Indicator
+                         (data_pipelines/epi.py, config.stage2.epi) realigns and rescales those
+                         keypoints in training; the driving input is {"frames", "keypoints"}.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from data_pipelines import augment, pipeline
+from data_pipelines import augment, epi, pipeline
 from im_anim_jax import keypoints as kp
 from im_anim_jax import sharding
 from im_anim_jax.models.quantizer import codebook_stats
@@ -43,6 +49,7 @@ BASELINES = {
     "self_attention": lambda c: c.model.retargeter.update(dict(mode="self_attention")),
     "conv": lambda c: c.model.update(dict(motion_encoder="conv")),
     "no_middle_supervision": lambda c: c.stage2.update(dict(middle_supervision=False)),
+    "pose_indicator": lambda c: c.model.update(dict(motion_encoder="pose_indicator")),
 }
 
 
@@ -76,10 +83,19 @@ def trainable(config) -> tuple[str, ...]:
     return ("motion_encoder", "retargeter", "joint_head")
 
 
+def driving_input(config, frames, keypoints):
+    """The driving input of `config`'s model: the frames [B, T, H, W, 3], or with the pose
+    indicator {"frames", "keypoints" [B, T, J, 3]}."""
+    if config.model.motion_encoder == "pose_indicator":
+        return {"frames": frames, "keypoints": keypoints}
+    return frames
+
+
 def dummy_inputs(config, ref_dim: int, grid):
-    s = config.model.motion_tokenizer.image_size
-    frames = jnp.zeros((1, config.stage2.clip_frames, s, s, 3), jnp.uint8)
-    return frames, jnp.zeros((1, grid[0] * grid[1], ref_dim), jnp.float32)
+    s, t = config.model.motion_tokenizer.image_size, config.stage2.clip_frames
+    driving = driving_input(config, jnp.zeros((1, t, s, s, 3), jnp.uint8),
+                            jnp.zeros((1, t, config.model.joint_decoder.num_joints, 3)))
+    return driving, jnp.zeros((1, grid[0] * grid[1], ref_dim), jnp.float32)
 
 
 def abstract_params(model: Stage2Model, config, ref_dim: int, boxed: bool = False):
@@ -105,16 +121,41 @@ def init_state(model: Stage2Model, tx, config, mesh, ref_dim: int):
 def from_stage1(state: train_state.TrainState, s1: dict, state_sh: train_state.TrainState, tx,
                 config) -> train_state.TrainState:
     """`state` with every subtree it shares with stage 1 set to the stage-1 params: motion encoder,
-    quantizer and joint decoder (the joint decoder only, with the conv motion encoder). The same
+    quantizer and joint decoder (the joint decoder only, with the conv motion encoder or the pose
+    indicator, whose CLIP ViT comes from model.pose_indicator.clip.init_from when set). The same
     config builds both models, so shapes match."""
     params = dict(state.params)
-    shared = ("joint_decoder",) if config.model.motion_encoder == "conv" else (
-        "motion_encoder", "quantize", "joint_decoder")
+    shared = ("motion_encoder", "quantize", "joint_decoder")
+    if config.model.motion_encoder != "tokenizer":
+        shared = ("joint_decoder",)
     for k in shared:
         params[k] = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), s1[k],
                                  state_sh.params[k])
+    clip_from = (config.model.pose_indicator.clip.init_from
+                 if config.model.motion_encoder == "pose_indicator" else "")
+    if clip_from:
+        params["motion_encoder"] = dict(params["motion_encoder"], clip=load_clip(
+            clip_from, params["motion_encoder"]["clip"], state_sh.params["motion_encoder"]["clip"]))
     opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(_trained(params, config))
     return state.replace(params=params, opt_state=opt_state)
+
+
+def load_clip(path: str, params: dict, shardings: dict) -> dict:
+    """A converted CLIP vision checkpoint (`python -m im_anim_jax.convert clip-vit`) in place of
+    `params` (cast to their dtypes, placed on `shardings`); a size mismatch names the params."""
+    from im_anim_jax.convert import common
+    loaded, meta = common.load_converted(path)
+    if meta.get("kind") != "clip-vit":
+        raise ValueError(f"model.pose_indicator.clip.init_from={path} holds a "
+                         f"{meta.get('kind')!r} checkpoint; expected one written by "
+                         f"`python -m im_anim_jax.convert clip-vit`")
+    try:
+        common.check_tree(loaded, params)
+    except AssertionError as e:
+        raise ValueError(f"model.pose_indicator.clip.init_from={path} does not fit "
+                         f"config.model.pose_indicator.clip: {e}") from None
+    return jax.tree.map(lambda x, p, s: jax.device_put(np.asarray(x).astype(p.dtype), s),
+                        loaded, params, shardings)
 
 
 def forward_metrics(model: Stage2Model, params, batch, ref_tokens, config):
@@ -160,6 +201,32 @@ def make_train_step(model, tx, config, mesh, axis_rules, state_sh, ref_encoder):
     return run_step
 
 
+def train_dataset(config, data_path: str, log=print):
+    """The variant's training batches: stage-2 pairs, the driving clip colour-jittered and
+    cropped / scaled / padded; for the pose indicator its keypoints also transformed by the
+    Explicit Pose Indicator (pose pool from the train split) and the driving input packed as
+    {"frames", "keypoints"} (`driving_input`)."""
+    cfg = config.stage2
+    clip_aug = augment.clip_augment(cfg.augment, supervise_original=True)
+    pose_indicator = config.model.motion_encoder == "pose_indicator"
+    if pose_indicator:
+        pool = epi.pose_pool(data_path, "train", cfg.epi.pool_size, cfg.epi.pool_stride,
+                             seed=config.seed)
+        log(f"[stage2:pose_indicator] EPI: pose pool of {len(pool)} anchor clips, "
+            f"transformation probability {cfg.epi.prob}")
+        clip_aug = epi.explicit_pose_indicator(cfg.epi, pool, clip_aug)
+    ds = pipeline.pair_train_dataset(
+        data_path, "train", clip_frames=cfg.clip_frames,
+        batch_size=cfg.batch_size // jax.process_count(), targets=stage1_training.targets(config),
+        seed=config.seed, partners_per_clip=cfg.partners_per_clip, self_pairs=cfg.self_pairs,
+        augment=clip_aug, read_threads=config.data.read_threads,
+        num_workers=config.data.num_workers, max_bad_records=config.faults.max_bad_records)
+    if pose_indicator:
+        ds = ds.map(lambda b: dict(b, driving=driving_input(config, b["driving"],
+                                                            b["driving_keypoints"])))
+    return ds
+
+
 def train_variant(config, workdir: str, data_path: str, name: str, ref_encoder,
                   log=print) -> dict:
     """Trains (or resumes) one stage-2 variant into stage_dir(workdir, name)."""
@@ -176,13 +243,7 @@ def train_variant(config, workdir: str, data_path: str, name: str, ref_encoder,
     if checkpointing.latest_step(directory) is None:
         state = from_stage1(state, stage1_training.load_params(config, workdir)[1], state_sh, tx,
                            config)
-    data_iter = iter(pipeline.pair_train_dataset(
-        data_path, "train", clip_frames=cfg.clip_frames,
-        batch_size=cfg.batch_size // jax.process_count(), targets=stage1_training.targets(config),
-        seed=config.seed, partners_per_clip=cfg.partners_per_clip, self_pairs=cfg.self_pairs,
-        augment=augment.clip_augment(cfg.augment, supervise_original=True),
-        read_threads=config.data.read_threads,
-        num_workers=config.data.num_workers))
+    data_iter = iter(train_dataset(config, data_path, log=log))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     n_train = sum(int(np.prod(x.shape)) for k in trainable(config)
                   for x in jax.tree.leaves(state.params[k]))

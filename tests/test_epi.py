@@ -1,0 +1,106 @@
+"""Explicit Pose Indicator: realignment, rescaling and part removal keep the skeleton one
+connected tree (every bone keeps its direction) and the motion's timing; the probability works."""
+import numpy as np
+import pytest
+
+from data_pipelines import augment, epi
+from im_anim_jax import skeleton
+
+PARENT = np.array([p for p, _ in skeleton.BONES])
+CHILD = np.array([c for _, c in skeleton.BONES])
+
+
+def pose_clip(rng, t=6, scale=1.0, shift=(0.0, 0.0)):
+    """A random pose clip [t, 62, 3]: random bone directions and lengths grown from the neck."""
+    kpts = np.zeros((t, skeleton.NUM_JOINTS, 3), np.float32)
+    kpts[:, skeleton.JOINT_INDEX["neck"], :2] = rng.uniform(20, 40, (t, 2)) + shift
+    lengths = scale * rng.uniform(1, 6, len(skeleton.BONES))
+    for b, (p, c) in enumerate(skeleton.BONES):
+        angle = rng.uniform(0, 2 * np.pi, t)
+        kpts[:, c, :2] = kpts[:, p, :2] + lengths[b] * np.stack([np.cos(angle), np.sin(angle)], -1)
+    kpts[..., 2] = 1.0
+    return kpts
+
+
+def bones(kpts):
+    return kpts[..., CHILD, :2] - kpts[..., PARENT, :2]
+
+
+def assert_connected_same_directions(before, after):
+    """Every bone of `after` is a positive multiple of the same bone of `before` (one tree: each
+    child sits on its parent's bone line, no bone detached, flipped or reordered)."""
+    b0, b1 = bones(before), bones(after)
+    cross = b0[..., 0] * b1[..., 1] - b0[..., 1] * b1[..., 0]
+    dot = np.sum(b0 * b1, -1)
+    scale = np.linalg.norm(b0, axis=-1) * np.linalg.norm(b1, axis=-1)
+    np.testing.assert_allclose(cross / scale, 0, atol=1e-4)
+    assert np.all(dot > 0)
+
+
+def test_realign_and_rescale_keep_bone_directions_and_timing():
+    rng = np.random.default_rng(0)
+    drv, anchor = pose_clip(rng), pose_clip(rng, t=4, scale=1.7, shift=(10, -5))
+    out = epi.realign(drv, anchor)
+    assert out.shape == drv.shape
+    assert_connected_same_directions(drv, out)
+    # The body is the anchor's: median bone lengths and median neck position.
+    np.testing.assert_allclose(np.median(np.linalg.norm(bones(out), axis=-1), 0),
+                               np.median(np.linalg.norm(bones(anchor), axis=-1), 0), rtol=1e-4)
+    neck = skeleton.JOINT_INDEX["neck"]
+    np.testing.assert_allclose(np.median(out[:, neck, :2], 0),
+                               np.median(anchor[:, neck, :2], 0), atol=1e-3)
+    # Timing: frame t of the output depends on frame t of the input only (with per-clip factors).
+    np.testing.assert_allclose(epi.realign(drv[::-1], anchor), out[::-1], atol=1e-3)
+    big = epi.rescale(drv, {"legs": 1.5, "face": 0.5})
+    assert_connected_same_directions(drv, big)
+    ratio = np.linalg.norm(bones(big), axis=-1) / np.linalg.norm(bones(drv), axis=-1)
+    np.testing.assert_allclose(ratio[:, epi.RESCALE_GROUPS["legs"]], 1.5, rtol=1e-4)
+    np.testing.assert_allclose(ratio[:, epi.RESCALE_GROUPS["face"]], 0.5, rtol=1e-4)
+    others = np.setdiff1d(np.arange(len(skeleton.BONES)), np.concatenate(
+        [epi.RESCALE_GROUPS["legs"], epi.RESCALE_GROUPS["face"]]))
+    np.testing.assert_allclose(ratio[:, others], 1.0, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown rescale groups \\['tail'\\]"):
+        epi.rescale(drv, {"tail": 2.0})
+
+
+def test_dropped_parts_leave_a_connected_visible_tree():
+    kpts = pose_clip(np.random.default_rng(1))
+    for part in epi.REMOVABLE_PARTS:
+        out = epi.drop_parts(kpts, [part])
+        np.testing.assert_array_equal(out[..., :2], kpts[..., :2])
+        visible = out[0, :, 2] > 0
+        assert 0 < visible.sum() < skeleton.NUM_JOINTS, part
+        # every visible joint's parent is visible: what remains hangs together from the neck
+        assert np.all(visible[PARENT[visible[CHILD]]]), part
+    with pytest.raises(ValueError, match="unknown parts"):
+        epi.drop_parts(kpts, ["wings"])
+
+
+def test_transform_probability_and_augment_interface(tiny_dataset):
+    rng = np.random.default_rng(2)
+    pool = epi.pose_pool(tiny_dataset, "train", size=4, stride=2)
+    assert len(pool) == 4 and all(a.shape[1:] == (62, 3) for a in pool)
+    drv = pose_clip(rng)
+    applied = [epi.transform(drv, np.random.default_rng(s), pool, prob=0.7)[1]
+               for s in range(400)]
+    assert 0.62 < np.mean(applied) < 0.78
+    same, flag = epi.transform(drv, rng, pool, prob=0.0)
+    assert not flag
+    np.testing.assert_array_equal(same, drv)
+    moved, flag = epi.transform(drv, rng, pool, prob=1.0, rescale_prob=1.0, drop_prob=0.0)
+    assert flag
+    assert_connected_same_directions(drv, moved)
+    with pytest.raises(ValueError, match="EPI prob must be in \\[0, 1\\]"):
+        epi.transform(drv, rng, pool, prob=1.5)
+
+    # As an augmentation: the frames go through the clip augment only; the keypoints are those
+    # of the augmented clip, then transformed; the target stays the original pose.
+    frames = np.random.default_rng(3).integers(0, 255, (6, 32, 32, 3), np.uint8)
+    clip_aug = augment.ClipAugment(scale=(1.0, 1.0), shift=0.0, brightness=0, contrast=0,
+                                   saturation=0, hue=0)
+    aug = epi.ExplicitPoseIndicator(pool=pool, prob=1.0, clip_augment=clip_aug)
+    out = aug(frames, drv, np.random.default_rng(4))
+    np.testing.assert_array_equal(out["frames"], frames)
+    np.testing.assert_array_equal(out["target_keypoints"], drv)
+    assert out["epi_applied"] and out["keypoints"].shape == drv.shape
+    assert_connected_same_directions(drv, out["keypoints"])
