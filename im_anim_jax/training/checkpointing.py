@@ -7,6 +7,7 @@ import os
 import grain
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 
 import im_anim_jax
@@ -34,7 +35,22 @@ class Checkpointer:
         return self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
     def restore(self, step: int, abstract_state, data_iter=None):
-        """Restores `state` onto the shardings in `abstract_state` (and the iterator in place)."""
+        """Restores `state` onto the shardings in `abstract_state` (and the iterator in place).
+        A checkpoint written before the non-finite guard (0.1.0: the optimizer state without
+        optax.apply_if_finite's counters) is restored with zeroed counters."""
+        try:
+            return self._restore(step, abstract_state, data_iter)
+        except ValueError as e:
+            guard = getattr(abstract_state, "opt_state", None)
+            if not (isinstance(guard, optax.ApplyIfFiniteState) and "do not match" in str(e)):
+                raise
+        old = self._restore(step, abstract_state.replace(opt_state=guard.inner_state), data_iter)
+        put = lambda s, v: jax.device_put(np.full(s.shape, v, s.dtype), s.sharding)  # noqa: E731
+        return old.replace(opt_state=optax.ApplyIfFiniteState(
+            notfinite_count=put(guard.notfinite_count, 0), last_finite=put(guard.last_finite, 1),
+            total_notfinite=put(guard.total_notfinite, 0), inner_state=old.opt_state))
+
+    def _restore(self, step: int, abstract_state, data_iter):
         args = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointRestore(data_iter)

@@ -65,3 +65,30 @@ def test_nan_steps_are_skipped_and_too_many_in_a_row_stop_with_exit_4(tmp_path, 
     res = faultrun.run(faultrun.train_cmd(workdir, tiny_dataset, 40))
     assert res.returncode == 0, res.stdout + res.stderr
     assert "resuming from the checkpoint at step 10 " in res.stdout
+
+
+def test_checkpoints_from_before_the_guard_restore_with_zero_counts(tmp_path):
+    """0.1.0 checkpoints hold the bare optimizer state; it restores inside the guard's."""
+    import optax
+
+    from im_anim_jax.training import checkpointing
+    from im_anim_jax.training import state as train_state
+    inner = optax.adamw(1e-3)
+    params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    old = train_state.TrainState(step=np.int32(7), params=params, opt_state=inner.init(params),
+                                 rng=np.zeros(2, np.uint32))
+    old = old.replace(opt_state=inner.update(params, old.opt_state, params)[1])  # count 1
+    ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(7, jax.device_put(old), None, {})
+    tx = train_state.guard(inner)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
+                                                           sharding=sharding),
+                            old.replace(opt_state=tx.init(params)))
+    restored = ckpt.restore(7, abstract)
+    ckpt.close()
+    guard = restored.opt_state
+    assert (int(guard.notfinite_count), bool(guard.last_finite), int(guard.total_notfinite)) == \
+        (0, True, 0)
+    jax.tree.map(np.testing.assert_array_equal, guard.inner_state, old.opt_state)
+    np.testing.assert_array_equal(restored.params["w"], params["w"])
