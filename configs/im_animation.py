@@ -137,11 +137,12 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
         # baseline (data_pipelines/epi.py): with probability `prob` (the paper: over 98%) the pose
         # is realigned to an anchor clip of the pose pool (`pool_size` training clips, every
         # `pool_stride`-th frame), then each rescale group is rescaled with probability
-        # `rescale_prob` (factor log-uniform in [1/m, m], m = max_factor) and each removable part
-        # dropped with probability `drop_prob`.
+        # `rescale_prob` (factor log-uniform in [1/m, m], m = max_factor), each removable part
+        # the driving pose lacks added from the anchor with probability `add_prob`, and each
+        # other one dropped with probability `drop_prob`.
         epi=ml_collections.ConfigDict(dict(
             prob=0.99, pool_size=256, pool_stride=4, rescale_prob=0.5, max_factor=1.3,
-            drop_prob=0.1)),
+            drop_prob=0.1, add_prob=0.1)),
         log_every=50, checkpoint_every=1000))
     # Stage 3: everything end to end (DiT 1e-5, the rest 5e-5), flow matching + 10 x the
     # retarget heatmap loss on stage-2 pairs (target = the reference identity's video). The DiT

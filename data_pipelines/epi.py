@@ -7,20 +7,23 @@
   RESCALE_GROUPS / rescale
                     the rescale pool: the lengths of the body (neck-hips), legs, arms, neck
                     (neck-nose), shoulders, the face size, the hands; one factor per group
-  REMOVABLE_PARTS / drop_parts
+  REMOVABLE_PARTS / drop_parts / add_parts
                     removing body parts: the part's joints (a whole subtree of the skeleton, so
-                    the rest stays one connected tree) get confidence 0
-  transform         one pool anchor and one random rescale / removal combination, applied with
-                    probability `prob` (Animate-X: over 98%), else the pose unchanged
+                    the rest stays one connected tree) get confidence 0; adding them: where the
+                    driving frame lacks a part the anchor shows, the anchor's bones of that part
+                    are attached at the driving pose's (visible) parent joint
+  transform         one pool anchor and one random rescale / addition / removal combination,
+                    applied with probability `prob` (Animate-X: over 98%), else the pose
+                    unchanged
   ExplicitPoseIndicator
                     the augmentation callable of data_pipelines/augment.py's interface
                     (frames, keypoints, rng) -> {"frames", "keypoints", "target_keypoints"}:
                     an optional ClipAugment on the clip, then `transform` on its keypoints only
 
 Every transform is per frame with per-clip parameters (one anchor, one factor per group, one set
-of removed parts for the whole clip), so the motion's timing and every bone's direction are kept:
-only lengths, position and visibility change. Adding parts is not modelled: a keypoint pose has
-no position for a part the driving body lacks.
+of added and of removed parts for the whole clip), so the motion's timing and every visible
+bone's direction are kept: only lengths, position and visibility change (an added part moves as
+the anchor's does, frame t taking the anchor's frame t mod T_anchor).
 """
 from __future__ import annotations
 
@@ -109,14 +112,38 @@ def drop_parts(keypoints, parts) -> np.ndarray:
     return kpts
 
 
+def add_parts(keypoints, anchor, parts) -> np.ndarray:
+    """keypoints [T, 62, 3] with the REMOVABLE_PARTS `parts` added from `anchor` [Ta, 62, 3]:
+    in each frame t, every joint of the part that is invisible (confidence 0) while visible in
+    anchor frame t mod Ta, with a visible parent, is placed at that parent plus the anchor's bone
+    and takes the anchor's confidence. Visible joints never move."""
+    unknown = set(parts) - set(REMOVABLE_PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {sorted(REMOVABLE_PARTS)}")
+    kpts = np.array(keypoints, np.float32)
+    if not parts:
+        return kpts
+    anchor = np.asarray(anchor, np.float32)[np.arange(len(kpts)) % len(anchor)]
+    mask = np.any([PART_JOINTS[p] for p in parts], axis=0)
+    for p, c in skeleton.BONES:  # parents come before their children
+        if not mask[c]:
+            continue
+        fill = (kpts[:, c, 2] <= 0) & (anchor[:, c, 2] > 0) & (kpts[:, p, 2] > 0)
+        kpts[fill, c, :2] = kpts[fill, p, :2] + anchor[fill, c, :2] - anchor[fill, p, :2]
+        kpts[fill, c, 2] = anchor[fill, c, 2]
+    return kpts
+
+
 def transform(keypoints, rng: np.random.Generator, pool, prob: float = 0.99,
               rescale_prob: float = 0.5, max_factor: float = 1.3,
-              drop_prob: float = 0.1) -> tuple[np.ndarray, bool]:
+              drop_prob: float = 0.1, add_prob: float = 0.1) -> tuple[np.ndarray, bool]:
     """With probability `prob`: `keypoints` [T, 62, 3] realigned to a random anchor of `pool`,
     then each rescale group rescaled with probability `rescale_prob` by a log-uniform factor in
-    [1 / max_factor, max_factor], then each removable part dropped with probability
-    `drop_prob`. -> (keypoints, whether they were transformed)."""
-    for name, p in (("prob", prob), ("rescale_prob", rescale_prob), ("drop_prob", drop_prob)):
+    [1 / max_factor, max_factor], then each removable part added from the anchor (where the
+    driving pose lacks it) with probability `add_prob`, then each removable part not added
+    dropped with probability `drop_prob`. -> (keypoints, whether they were transformed)."""
+    for name, p in (("prob", prob), ("rescale_prob", rescale_prob), ("drop_prob", drop_prob),
+                    ("add_prob", add_prob)):
         if not 0 <= p <= 1:
             raise ValueError(f"EPI {name} must be in [0, 1], got {p}")
     if max_factor < 1:
@@ -126,12 +153,15 @@ def transform(keypoints, rng: np.random.Generator, pool, prob: float = 0.99,
     kpts = np.asarray(keypoints, np.float32)
     if rng.uniform() >= prob:
         return kpts, False
-    kpts = realign(kpts, pool[int(rng.integers(len(pool)))])
+    anchor = pool[int(rng.integers(len(pool)))]
+    kpts = realign(kpts, anchor)
     log_m = np.log(max_factor)
     factors = {g: float(np.exp(rng.uniform(-log_m, log_m))) for g in RESCALE_GROUPS
                if rng.uniform() < rescale_prob}
-    return drop_parts(rescale(kpts, factors), [p for p in REMOVABLE_PARTS
-                                               if rng.uniform() < drop_prob]), True
+    added = [p for p in REMOVABLE_PARTS if rng.uniform() < add_prob]
+    kpts = add_parts(rescale(kpts, factors), anchor, added)
+    return drop_parts(kpts, [p for p in REMOVABLE_PARTS
+                             if p not in added and rng.uniform() < drop_prob]), True
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -144,6 +174,7 @@ class ExplicitPoseIndicator:
     rescale_prob: float = 0.5
     max_factor: float = 1.3
     drop_prob: float = 0.1
+    add_prob: float = 0.1
     clip_augment: augment.ClipAugment | None = None
 
     def __call__(self, frames, keypoints, rng: np.random.Generator) -> dict:
@@ -156,12 +187,14 @@ class ExplicitPoseIndicator:
             kpts = np.asarray(keypoints, np.float32)
             out = {"frames": np.asarray(frames), "keypoints": kpts, "target_keypoints": kpts}
         moved, applied = transform(out["keypoints"], rng, self.pool, self.prob,
-                                   self.rescale_prob, self.max_factor, self.drop_prob)
+                                   self.rescale_prob, self.max_factor, self.drop_prob,
+                                   self.add_prob)
         return dict(out, keypoints=moved, epi_applied=applied)
 
 
 def explicit_pose_indicator(cfg, pool, clip_augment=None) -> ExplicitPoseIndicator:
-    """ExplicitPoseIndicator from a config block (prob, rescale_prob, max_factor, drop_prob)."""
+    """ExplicitPoseIndicator from a config block (prob, rescale_prob, max_factor, drop_prob,
+    add_prob)."""
     return ExplicitPoseIndicator(pool=tuple(pool), prob=cfg.prob, rescale_prob=cfg.rescale_prob,
                                  max_factor=cfg.max_factor, drop_prob=cfg.drop_prob,
-                                 clip_augment=clip_augment)
+                                 add_prob=cfg.add_prob, clip_augment=clip_augment)

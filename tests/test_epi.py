@@ -104,3 +104,29 @@ def test_transform_probability_and_augment_interface(tiny_dataset):
     np.testing.assert_array_equal(out["target_keypoints"], drv)
     assert out["epi_applied"] and out["keypoints"].shape == drv.shape
     assert_connected_same_directions(drv, out["keypoints"])
+
+
+def test_added_parts_come_from_the_anchor_attached_to_the_driving_body():
+    rng = np.random.default_rng(3)
+    driving, anchor = pose_clip(rng, t=6), pose_clip(rng, t=4, scale=2.0, shift=(50, 50))
+    lacking = epi.drop_parts(driving, ["arms"])
+    lacking[2, skeleton.JOINT_INDEX["r_elbow"], 2] = 1.0  # one frame shows one elbow
+    added = epi.add_parts(lacking, anchor, ["arms"])
+    arm = epi.PART_JOINTS["arms"]
+    # Joints that were visible do not move; the rest of the body is untouched.
+    np.testing.assert_array_equal(added[:, ~arm], lacking[:, ~arm])
+    np.testing.assert_array_equal(added[2, skeleton.JOINT_INDEX["r_elbow"]],
+                                  lacking[2, skeleton.JOINT_INDEX["r_elbow"]])
+    # Every arm joint is visible again, hanging off its parent by the anchor's bone of frame
+    # t mod 4: the skeleton stays one connected tree, the motion keeps the driving's timing.
+    assert np.all(added[..., arm, 2] > 0)
+    for t in range(6):
+        for p, c in skeleton.BONES:
+            if arm[c] and not (t == 2 and c == skeleton.JOINT_INDEX["r_elbow"]):
+                np.testing.assert_allclose(added[t, c, :2] - added[t, p, :2],
+                                           anchor[t % 4, c, :2] - anchor[t % 4, p, :2],
+                                           atol=1e-4)
+    # Nothing to add where the part is present; unknown parts are refused.
+    np.testing.assert_array_equal(epi.add_parts(driving, anchor, ["arms"]), driving)
+    with pytest.raises(ValueError, match="unknown parts"):
+        epi.add_parts(driving, anchor, ["tail"])
