@@ -46,9 +46,10 @@ def _check_protocol() -> None:
 def _main(argv):
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments {argv[1:]}")
-    from im_anim_jax import cli
+    from im_anim_jax import cli, distributed
     from im_anim_jax.evaluation import video_folder
 
+    distributed.initialize()  # multi-host: from the environment, before any other JAX work
     if FLAGS.stage not in cli.IMPLEMENTED_STAGES:
         raise ValueError(f"--stage {FLAGS.stage}: the stages are {cli.IMPLEMENTED_STAGES}")
     _check_protocol()

@@ -33,12 +33,13 @@ def _main(argv):
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments {argv[1:]}")
     from data_pipelines import datasets  # heavy imports after flag parsing
-    from im_anim_jax import cli, config_validation
+    from im_anim_jax import cli, config_validation, distributed
     from im_anim_jax.evaluation import stage1 as stage1_eval
     from im_anim_jax.evaluation import stage2 as stage2_eval
     from im_anim_jax.evaluation import stage3 as stage3_eval
     from im_anim_jax.training import stage1, stage2, stage3
 
+    distributed.initialize()  # multi-host: from the environment, before any other JAX work
     config, workdir = cli.load_config(FLAGS), os.path.abspath(FLAGS.workdir)
     stages = cli.parse_stages(FLAGS.stages, config.stages)
     config_validation.validate(config, stages, workdir)  # before any data, model or compile

@@ -1,4 +1,10 @@
-"""Meshes and logical-axis shardings from the config (`config.mesh.shape`, `config.mesh.rules`)."""
+"""Meshes and logical-axis shardings from the config (`config.mesh.shape`, `config.mesh.rules`).
+
+Mesh axes MESH_AXES = ('data', 'fsdp', 'context', 'tensor'): the batch is split over data x fsdp,
+parameters and optimizer moments ZeRO-3 style over fsdp (`embed`) and by heads / mlp over tensor,
+the DiT's token axis (`act_length`) over context. A parameter dimension that its mesh axes do not
+divide stays unsharded (fit_spec), so any mesh shape places every parameter.
+"""
 from __future__ import annotations
 
 import math
@@ -32,7 +38,26 @@ def mesh_shape(shape_cfg, num_devices: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """"fsdp=16,tensor=4" -> {'data': 1, 'fsdp': 16, 'context': 1, 'tensor': 4} (axes not named
+    are 1; one size may be -1). ValueError with one line for anything else."""
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = part.partition("=")
+        if not eq or name.strip() not in MESH_AXES:
+            raise ValueError(f"--mesh {text!r}: {part!r} is not AXIS=SIZE with AXIS one of "
+                             f"{', '.join(MESH_AXES)}")
+        try:
+            sizes[name.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"--mesh {text!r}: size {value!r} of {name.strip()} is not an "
+                             f"integer") from None
+    mesh_shape(sizes, max(1, math.prod(abs(s) for s in sizes.values())))  # validates the sizes
+    return sizes
+
+
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+    """Auto-typed mesh over `devices` (default: all) with mesh_cfg.shape's sizes."""
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(mesh_cfg.shape, len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
@@ -43,10 +68,29 @@ def rules(mesh_cfg) -> tuple:
     return tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in mesh_cfg.rules)
 
 
+def fit_spec(shape, spec: P, mesh) -> P:
+    """`spec` with every dimension's mesh axes dropped unless their product divides it."""
+    out = []
+    for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        out.append(axes if size % math.prod(mesh.shape[a] for a in names) == 0 else None)
+    return P(*out)
+
+
 def param_shardings(boxed_abstract_params, mesh, axis_rules):
-    """NamedShardings for (unboxed) params from their logical axis metadata."""
-    return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_abstract_params), mesh,
-                                       axis_rules)
+    """NamedShardings for (unboxed) params from their logical axis metadata (boxed abstract
+    params, e.g. jax.eval_shape(model.init, ...)["params"]), each fitted by fit_spec."""
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_abstract_params), mesh,
+                                            axis_rules)
+    return jax.tree.map(lambda x, s: NamedSharding(mesh, fit_spec(x.shape, s.spec, mesh)),
+                        raw_values(boxed_abstract_params), shardings)
+
+
+def raw_values(boxed):
+    """The values inside logical boxes (nn.unbox without its sharding constraint, which fails
+    on abstract values inside a mesh context)."""
+    return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, params_sh, mesh):

@@ -1,0 +1,208 @@
+"""Weak- and strong-scaling sweep of a stage's training step over mesh shapes: CSV + PNG of step
+time, collective bytes and memory per device against the device count.
+
+  python benchmarks/scaling.py --config configs/im_animation.py:tiny --stage 1 \\
+      --devices 1,2,4,8 --axis fsdp --per_device_batch 2 --out runs/scaling
+  python benchmarks/scaling.py --config configs/im_animation.py:paper --stage 3 --mfu   # GPU host
+
+Each point builds the mesh {axis: n} over the first n devices, compiles the trainer's step
+(im_anim_jax.plan: the same compiled executable gives XLA's memory analysis, FLOPs and the
+collectives of its HLO) and times `--steps` calls on random parameters and inputs of the right
+shapes (placed by the step's shardings). Weak scaling: global batch = per_device_batch x n;
+strong scaling: global batch = per_device_batch x max(devices), fixed. Without accelerators the
+devices are simulated CPU devices (this script sets jax_num_cpu_devices = max(devices)) sharing
+the host's cores, so the step times show the partitioning's overhead, not a speed-up; collective
+bytes and memory per device are the real per-device figures.
+
+--mfu adds one row per device count on the real devices: the stage's step in bfloat16 with
+cuDNN attention (GPU) and its achieved TFLOP/s and MFU against --peak_tflops per device (default
+by device kind: H100/H200 989, A100 312 dense bf16; on CPU a measured float32 matmul peak and
+XLA attention, which only exercises the code path).
+
+Outputs OUT/scaling.csv (one row per point) and OUT/scaling.png; the last stdout line is JSON.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "configs")]
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per device
+FIELDS = ("sweep", "devices", "mesh", "global_batch", "step_s", "flops_per_step",
+          "achieved_tflops", "mfu", "collective_gib", "all_gather_gib", "reduce_scatter_gib",
+          "all_reduce_gib", "all_to_all_gib", "collective_permute_gib", "peak_gib", "params_gib",
+          "compile_s")
+
+
+def random_args(args, seed: int = 0):
+    """Arrays of the ShapeDtypeStructs in `args`, made on their shardings: floats ~ 0.02 N(0, 1)
+    (params, moments, inputs), integers uniform in [0, 255] (pixels), step counters 0."""
+    import jax
+    import jax.numpy as jnp
+    leaves, tree = jax.tree.flatten(args)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+
+    def make(key, x):
+        def fill(key):
+            if jnp.issubdtype(x.dtype, jnp.floating):
+                return (0.02 * jax.random.normal(key, x.shape, jnp.float32)).astype(x.dtype)
+            if x.shape == ():
+                return jnp.zeros((), x.dtype)
+            return jax.random.randint(key, x.shape, 0, 256).astype(x.dtype)
+        return jax.jit(fill, out_shardings=x.sharding)(key)
+    return jax.tree.unflatten(tree, [make(k, x) for k, x in zip(keys, leaves)])
+
+
+def measure(config, stage: int, mesh, steps: int) -> dict:
+    """Compiled step figures (plan) plus the mean time of `steps` calls after one warm-up."""
+    import flax.linen as nn
+    import jax
+
+    from im_anim_jax import plan, sharding
+    rules = sharding.rules(config.mesh)
+    t0 = time.perf_counter()
+    step, args = plan.stage_step(config, stage, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):  # as the trainers' run_step
+        compiled = step.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    coll = plan.collective_bytes(compiled.as_text(), mesh.size)
+    state, *rest = random_args(args)
+    state = compiled(state, *rest)[0]  # warm-up
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state = compiled(state, *rest)[0]
+    jax.block_until_ready(state)
+    step_s = (time.perf_counter() - t0) / steps
+    flops = float(cost.get("flops", math.nan)) * mesh.size
+    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes)
+    out = {"devices": mesh.size, "mesh": "x".join(f"{k}{v}" for k, v in mesh.shape.items()),
+           "global_batch": config[f"stage{stage}"].batch_size, "step_s": step_s,
+           "flops_per_step": flops, "achieved_tflops": flops / step_s / 1e12,
+           "collective_gib": sum(coll[k]["bytes"] for k in plan.KINDS) / plan.GIB,
+           "peak_gib": peak / plan.GIB,
+           "params_gib": sum(plan._shard_bytes(x) for x in jax.tree.leaves(args[0].params))
+           / plan.GIB, "compile_s": compile_s}
+    for k in plan.KINDS:
+        out[k.replace("-", "_") + "_gib"] = coll[k]["bytes"] / plan.GIB
+    return out
+
+
+def point(base, stage: int, axis: str, n: int, batch: int):
+    """`base` with mesh {axis: n} and stage<stage>.batch_size = batch; and the mesh."""
+    import jax
+
+    from im_anim_jax import sharding
+    config = base.copy_and_resolve_references()
+    config.mesh.shape.update({a: (n if a == axis else 1) for a in sharding.MESH_AXES})
+    config[f"stage{stage}"].batch_size = batch
+    return config, sharding.make_mesh(config.mesh, jax.devices()[:n])
+
+
+def peak_tflops(device, given: float | None) -> float:
+    """Per-device peak: --peak_tflops, the table by device kind, or (CPU) a measured matmul."""
+    if given:
+        return given
+    for name, tflops in PEAK_TFLOPS.items():
+        if name in device.device_kind:
+            return tflops
+    if device.platform == "cpu":
+        from benchmarks.common import matmul_peak
+        return matmul_peak() / 1e12
+    raise ValueError(f"unknown peak for {device.device_kind!r}: pass --peak_tflops")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for sweep in sorted({r["sweep"] for r in rows if r["sweep"] != "mfu"}):
+        pts = sorted((r for r in rows if r["sweep"] == sweep), key=lambda r: r["devices"])
+        x = [r["devices"] for r in pts]
+        for ax, key, label in zip(axes, ("step_s", "collective_gib", "peak_gib"),
+                                  ("step time (s)", "collective GiB sent per device per step",
+                                   "peak memory per device (GiB)")):
+            ax.plot(x, [r[key] for r in pts], "o-", label=sweep)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("devices")
+            ax.set_ylabel(label)
+            ax.grid(True, alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("training-step scaling (weak: batch per device fixed; strong: global batch "
+                 "fixed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/im_animation.py:tiny", help="file.py:variant")
+    p.add_argument("--stage", type=int, default=1, choices=(1, 2, 3))
+    p.add_argument("--devices", default="1,2,4,8", help="device counts of the sweep")
+    p.add_argument("--axis", default="fsdp", choices=("data", "fsdp", "context", "tensor"),
+                   help="the mesh axis that grows (the others stay 1)")
+    p.add_argument("--per_device_batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per point")
+    p.add_argument("--out", default="runs/scaling")
+    p.add_argument("--mfu", action="store_true", help="bf16 + cuDNN MFU rows (see the doc)")
+    p.add_argument("--peak_tflops", type=float, default=None)
+    args = p.parse_args()
+    counts = sorted({int(c) for c in args.devices.split(",")})
+    import jax
+    jax.config.update("jax_num_cpu_devices", max(counts))  # the CPU backend only
+    if jax.device_count() < max(counts):
+        raise SystemExit(f"{jax.device_count()} devices; the sweep needs {max(counts)}")
+    import importlib.util
+    path, _, variant = args.config.partition(":")
+    spec = importlib.util.spec_from_file_location("config_module", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base = module.get_config(variant) if variant else module.get_config()
+
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for sweep in ("weak", "strong"):
+        for n in counts:
+            batch = args.per_device_batch * (n if sweep == "weak" else max(counts))
+            config, mesh = point(base, args.stage, args.axis, n, batch)
+            row = dict(sweep=sweep, mfu="", **measure(config, args.stage, mesh, args.steps))
+            rows.append(row)
+            print(f"{sweep:>6} {n:3d} devices ({row['mesh']}), batch {batch}: "
+                  f"{row['step_s']:.3f} s/step, {row['collective_gib']:.4f} GiB collectives, "
+                  f"{row['peak_gib']:.4f} GiB peak per device", flush=True)
+    if args.mfu:
+        device = jax.devices()[0]
+        peak = peak_tflops(device, args.peak_tflops)
+        gpu = device.platform == "gpu"
+        mfu_base = base.copy_and_resolve_references()
+        mfu_base.model.dtype = "bfloat16" if gpu else mfu_base.model.dtype
+        mfu_base.model.attention_impl = "cudnn" if gpu else "xla"
+        for n in counts:
+            config, mesh = point(mfu_base, args.stage, args.axis, n, args.per_device_batch * n)
+            row = dict(sweep="mfu", **measure(config, args.stage, mesh, args.steps))
+            row["mfu"] = row["achieved_tflops"] / (peak * n)
+            rows.append(row)
+            print(f"   mfu {n:3d} devices: {row['achieved_tflops']:.3f} TFLOP/s achieved, MFU "
+                  f"{row['mfu']:.1%} of {peak:.4g} TFLOP/s per device "
+                  f"({config.model.dtype}, {config.model.attention_impl} attention)", flush=True)
+    with open(os.path.join(args.out, "scaling.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in FIELDS} for r in rows)
+    plot(rows, os.path.join(args.out, "scaling.png"))
+    print(json.dumps({"csv": os.path.join(args.out, "scaling.csv"),
+                      "png": os.path.join(args.out, "scaling.png"), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

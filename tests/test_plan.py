@@ -1,0 +1,80 @@
+"""The planner (im_anim_jax/plan.py): --mesh parsing and its one-line errors, the HLO collective
+counter (loops counted per iteration), and one abstract plan of the tiny stage-1 step."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from im_anim_jax import plan, sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_parse_mesh_and_its_errors():
+    assert sharding.parse_mesh("fsdp=16,tensor=4") == dict(data=1, fsdp=16, context=1, tensor=4)
+    assert sharding.parse_mesh("data=-1, context=2")["data"] == -1
+    for bad, words in (("fsdp=4,model=2", "AXIS=SIZE"), ("fsdp", "AXIS=SIZE"),
+                       ("fsdp=x", "not an integer"), ("fsdp=-1,data=-1", "at most one -1"),
+                       ("tensor=0", "positive")):
+        with pytest.raises(ValueError, match=words) as e:
+            sharding.parse_mesh(bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="needs 6 devices, but 8 are available"):
+        sharding.mesh_shape(dict(fsdp=3, tensor=2), 8)
+    with pytest.raises(ValueError, match="does not divide 8 devices"):
+        sharding.mesh_shape(dict(fsdp=-1, tensor=3), 8)
+
+
+HLO = """HloModule step, entry_computation_layout={()->f32[]}
+
+%body.1 (p: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
+  %p = (s32[], f32[8,4]) parameter(0)
+  %x = f32[2,4]{1,0} get-tuple-element(%p), index=1
+  %ag = f32[8,4]{1,0} all-gather(f32[2,4]{1,0} %x), replica_groups=[2,4]<=[8], dimensions={0}
+  ROOT %t = (s32[], f32[8,4]) tuple(%i, %ag)
+}
+
+%cond.2 (p: (s32[], f32[8,4])) -> pred[] {
+  ROOT %lt = pred[] compare(%a, %b), direction=LT
+}
+
+ENTRY %main.3 (a: f32[8,4]) -> f32[] {
+  %w = (s32[], f32[8,4]) while(%init), condition=%cond.2, body=%body.1, backend_config={"known_trip_count":{"n":"30"}}
+  %rs = f32[2,4]{1,0} reduce-scatter(f32[8,4]{1,0} %a), replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}, to_apply=%add
+  %ar = f32[16]{0} all-reduce(f32[16]{0} %b), replica_groups={}, to_apply=%add
+  ROOT %r = f32[] constant(0)
+}
+"""
+
+
+def test_collective_bytes_counts_loop_iterations_and_group_sizes():
+    out = plan.collective_bytes(HLO, 8)
+    assert out["all-gather"]["ops"] == 30 and out["all-gather"]["static_ops"] == 1
+    assert out["all-gather"]["bytes"] == pytest.approx(30 * 128 * 3 / 4)  # n = 4 per group
+    assert out["reduce-scatter"]["bytes"] == pytest.approx(32 * 3)  # result 32 B x (n - 1)
+    assert out["all-reduce"]["bytes"] == pytest.approx(2 * 64 * 7 / 8)  # all 8 devices
+    assert out["unknown_trip_counts"] == 0
+
+
+def _plan(*args):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "im_anim_jax.plan",
+                           "--config", os.path.join(ROOT, "configs/im_animation.py:tiny"),
+                           *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600)
+
+
+def test_planner_cli_on_the_tiny_stage1_and_a_bad_mesh():
+    res = _plan("--mesh", "fsdp=2", "--stage", "1", "--batch", "4", "--device_gib", "1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert r["devices"] == 2 and r["mesh"]["fsdp"] == 2 and r["fits"] is True
+    assert r["flops_per_step"] > 0 and r["temps_gib"] > 0
+    assert r["params_gib"] <= 1.05 * r["params_ideal_gib"] + 1e-4  # ZeRO-3: half per device
+    # XLA:CPU gathers the fsdp-sharded params and all-reduces the gradients (no reduce-scatter).
+    assert r["collective_gib"]["all-gather"] > 0 and r["collective_gib"]["all-reduce"] > 0
+    assert "fits on 2 x 1 GiB: yes" in res.stdout
+    res = _plan("--mesh", "fsdp=2,pipeline=2")
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: --mesh")
