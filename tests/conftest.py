@@ -81,3 +81,13 @@ def tiny_stage3(tmp_path_factory, tiny_stage2, tiny_dataset):
                               checkpoint_every=TINY_STAGE3_STEPS, batch_size=2, ema_decay=0.9))
     stage3.train(config, workdir, tiny_dataset, log=lambda _: None)
     return config, workdir
+
+
+@pytest.fixture(scope="module")
+def tiny_stage3_copy(tmp_path_factory, tiny_stage3):
+    """(config, workdir): a private copy of tiny_stage3 per test module, free to write into."""
+    import shutil
+    config, source = tiny_stage3
+    workdir = str(tmp_path_factory.mktemp("stage3_copy") / "run")
+    shutil.copytree(source, workdir)
+    return config, workdir

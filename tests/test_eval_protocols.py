@@ -5,7 +5,6 @@ run; bad --videos input (one error line, exit 2)."""
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -272,12 +271,9 @@ def test_history_keeps_one_line_per_step_and_protocol_and_is_plotted(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def stage3_run(tmp_path_factory, tiny_stage3):
-    """A private copy of conftest.tiny_stage3 (a stage-3 checkpoint to generate with)."""
-    config, source = tiny_stage3
-    workdir = str(tmp_path_factory.mktemp("stage3_protocols") / "run")
-    shutil.copytree(source, workdir)
-    return config, workdir
+def stage3_run(tiny_stage3_copy):
+    """conftest.tiny_stage3_copy: this module's copy of the tiny stage-3 run."""
+    return tiny_stage3_copy
 
 
 def write_videos(folder, frames: int):

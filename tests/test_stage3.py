@@ -3,7 +3,6 @@ inputs/loss, a tiny run that learns, generation in windows, the report and the a
 a real trained run."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -150,12 +149,9 @@ def test_windows_cover_the_video_with_the_stated_overlap():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_stage3):
-    """A private copy of conftest.tiny_stage3 (STEPS stage-3 steps on the tiny stage-2 run)."""
-    config, source = tiny_stage3
-    workdir = str(tmp_path_factory.mktemp("stage3_tests") / "run")
-    shutil.copytree(source, workdir)
-    return config, workdir
+def trained(tiny_stage3_copy):
+    """conftest.tiny_stage3_copy: this module's copy of the tiny stage-3 run."""
+    return tiny_stage3_copy
 
 
 def test_stage3_learns(trained):
