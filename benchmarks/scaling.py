@@ -14,17 +14,18 @@ devices are simulated CPU devices (this script sets jax_num_cpu_devices = max(de
 the host's cores, so the step times show the partitioning's overhead, not a speed-up; collective
 bytes and memory per device are the real per-device figures.
 
---mfu adds one row per device count on the real devices: the stage's step in bfloat16 with
-cuDNN attention (GPU) and its achieved TFLOP/s and MFU against --peak_tflops per device (default
-by device kind: H100/H200 989, A100 312 dense bf16; on CPU a measured float32 matmul peak and
-XLA attention, which only exercises the code path).
+FLOPs are counted from the step's jaxpr (im_anim_jax.plan.step_flops: matmuls and convolutions,
+each scanned layer counted). --mfu adds one row per device count on the real devices: the stage's
+step in bfloat16 with cuDNN attention (GPU), its achieved TFLOP/s and MFU = model FLOPs (XLA
+attention, no remat) / step time / (--peak_tflops per device; default by device kind: H100/H200
+989, A100 312 dense bf16; on CPU a measured float32 matmul peak and XLA attention, which only
+exercises the code path). --sweeps '' skips the float32 sweeps (a GPU host's MFU run alone).
 
 Outputs OUT/scaling.csv (one row per point) and OUT/scaling.png; the last stdout line is JSON.
 """
 import argparse
 import csv
 import json
-import math
 import os
 import sys
 import time
@@ -40,26 +41,46 @@ FIELDS = ("sweep", "devices", "mesh", "global_batch", "step_s", "flops_per_step"
 
 
 def random_args(args, seed: int = 0):
-    """Arrays of the ShapeDtypeStructs in `args`, made on their shardings: floats ~ 0.02 N(0, 1)
-    (params, moments, inputs), integers uniform in [0, 255] (pixels), step counters 0."""
+    """Arrays of the ShapeDtypeStructs in `args`, made by one jitted program on their shardings
+    (threefry would compile for minutes there):
+    floats ~ 0.02 N(0, 1) (params, moments, inputs), integers uniform in [0, 255] (pixels), step
+    counters 0."""
     import jax
     import jax.numpy as jnp
     leaves, tree = jax.tree.flatten(args)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
 
-    def make(key, x):
-        def fill(key):
-            if jnp.issubdtype(x.dtype, jnp.floating):
-                return (0.02 * jax.random.normal(key, x.shape, jnp.float32)).astype(x.dtype)
-            if x.shape == ():
-                return jnp.zeros((), x.dtype)
-            return jax.random.randint(key, x.shape, 0, 256).astype(x.dtype)
-        return jax.jit(fill, out_shardings=x.sharding)(key)
-    return jax.tree.unflatten(tree, [make(k, x) for k, x in zip(keys, leaves)])
+    def fill(key, x):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            return (0.02 * jax.random.normal(key, x.shape, jnp.float32)).astype(x.dtype)
+        if x.shape == ():
+            return jnp.zeros((), x.dtype)
+        return jax.random.randint(key, x.shape, 0, 256).astype(x.dtype)
+
+    def fill_all(key):
+        return [fill(k, x) for k, x in zip(jax.random.split(key, len(leaves)), leaves)]
+    made = jax.jit(fill_all, out_shardings=[x.sharding for x in leaves])(
+        jax.random.key(seed, impl="unsafe_rbg"))  # RngBitGenerator: compiles fast
+    return jax.tree.unflatten(tree, made)
 
 
-def measure(config, stage: int, mesh, steps: int) -> dict:
-    """Compiled step figures (plan) plus the mean time of `steps` calls after one warm-up."""
+def model_flops(config, stage: int, mesh) -> float:
+    """Model FLOPs of one step (all devices): plan.step_flops of the step traced with XLA
+    attention and no remat (a cuDNN attention call has no matmuls in the jaxpr; recomputation is
+    not model work), the numerator of MFU."""
+    import flax.linen as nn
+    import jax
+
+    from im_anim_jax import plan, sharding
+    config = config.copy_and_resolve_references()
+    config.model.attention_impl, config.model.remat_policy = "xla", "none"
+    step, args = plan.stage_step(config, stage, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
+        return plan.step_flops(step, *args)[0]
+
+
+def measure(config, stage: int, mesh, steps: int, flops: float | None = None) -> dict:
+    """Compiled step figures (plan) plus the mean time of `steps` calls after one warm-up;
+    `flops` (all devices, per step; default plan.step_flops of this step) is the FLOP count."""
     import flax.linen as nn
     import jax
 
@@ -69,20 +90,21 @@ def measure(config, stage: int, mesh, steps: int) -> dict:
     step, args = plan.stage_step(config, stage, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):  # as the trainers' run_step
         compiled = step.lower(*args).compile()
+        flops = flops or plan.step_flops(step, *args)[0]
     compile_s = time.perf_counter() - t0
+    print(f"   compiled in {compile_s:.0f} s", flush=True)
     mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     coll = plan.collective_bytes(compiled.as_text(), mesh.size)
     state, *rest = random_args(args)
+    print(f"   inputs made after {time.perf_counter() - t0:.0f} s", flush=True)
     state = compiled(state, *rest)[0]  # warm-up
     jax.block_until_ready(state)
+    print(f"   warm-up step done after {time.perf_counter() - t0:.0f} s", flush=True)
     t0 = time.perf_counter()
     for _ in range(steps):
         state = compiled(state, *rest)[0]
     jax.block_until_ready(state)
     step_s = (time.perf_counter() - t0) / steps
-    flops = float(cost.get("flops", math.nan)) * mesh.size
     peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
             + mem.temp_size_in_bytes)
     out = {"devices": mesh.size, "mesh": "x".join(f"{k}{v}" for k, v in mesh.shape.items()),
@@ -126,7 +148,7 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for sweep in sorted({r["sweep"] for r in rows if r["sweep"] != "mfu"}):
+    for sweep in sorted({r["sweep"] for r in rows}):  # "mfu": the bf16 (+cuDNN on GPU) rows
         pts = sorted((r for r in rows if r["sweep"] == sweep), key=lambda r: r["devices"])
         x = [r["devices"] for r in pts]
         for ax, key, label in zip(axes, ("step_s", "collective_gib", "peak_gib"),
@@ -152,10 +174,19 @@ def main():
     p.add_argument("--axis", default="fsdp", choices=("data", "fsdp", "context", "tensor"),
                    help="the mesh axis that grows (the others stay 1)")
     p.add_argument("--per_device_batch", type=int, default=2)
+    p.add_argument("--frames", type=int, default=None, help="clip frames (default the stage's)")
+    p.add_argument("--size", type=int, default=None, help="frame height = width (default "
+                   "model.motion_tokenizer.image_size)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per point")
     p.add_argument("--out", default="runs/scaling")
+    p.add_argument("--remat", default=None, choices=("none", "full", "dots", "dots_no_batch"),
+                   help="model.remat_policy (default the config's)")
+    p.add_argument("--sweeps", default="weak,strong", help="scaling sweeps to run: weak, strong, "
+                   "both or '' (e.g. only the --mfu rows on a GPU host)")
     p.add_argument("--mfu", action="store_true", help="bf16 + cuDNN MFU rows (see the doc)")
     p.add_argument("--peak_tflops", type=float, default=None)
+    p.add_argument("--model_flops", type=float, default=None, help="the --mfu rows' model "
+                   "FLOPs per step per device, when already counted (skips that trace)")
     args = p.parse_args()
     counts = sorted({int(c) for c in args.devices.split(",")})
     import jax
@@ -168,10 +199,18 @@ def main():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     base = module.get_config(variant) if variant else module.get_config()
+    from im_anim_jax import plan as planner
+    if args.remat:
+        base.model.remat_policy = args.remat
+    base, _ = planner.configure(base, args.stage, "data=1", args.frames, args.size, args.size,
+                                None)
 
     os.makedirs(args.out, exist_ok=True)
     rows = []
-    for sweep in ("weak", "strong"):
+    sweeps = [w for w in args.sweeps.split(",") if w]
+    if not set(sweeps) <= {"weak", "strong"}:
+        raise SystemExit(f"--sweeps {args.sweeps!r}: expected a comma list of weak, strong")
+    for sweep in sweeps:
         for n in counts:
             batch = args.per_device_batch * (n if sweep == "weak" else max(counts))
             config, mesh = point(base, args.stage, args.axis, n, batch)
@@ -189,7 +228,9 @@ def main():
         mfu_base.model.attention_impl = "cudnn" if gpu else "xla"
         for n in counts:
             config, mesh = point(mfu_base, args.stage, args.axis, n, args.per_device_batch * n)
-            row = dict(sweep="mfu", **measure(config, args.stage, mesh, args.steps))
+            flops = (args.model_flops * n if args.model_flops
+                     else model_flops(config, args.stage, mesh))
+            row = dict(sweep="mfu", **measure(config, args.stage, mesh, args.steps, flops))
             row["mfu"] = row["achieved_tflops"] / (peak * n)
             rows.append(row)
             print(f"   mfu {n:3d} devices: {row['achieved_tflops']:.3f} TFLOP/s achieved, MFU "

@@ -91,6 +91,9 @@ def test_attention_matches_reference_softmax_and_auto_is_xla_on_cpu():
     np.testing.assert_allclose(layers.attention(q, k, v, "auto"), ref, atol=1e-5)
     with pytest.raises(ValueError, match="not in"):
         layers.attention(q, k, v, "flash9000")
+    assert not layers.cudnn_supports(q.astype(jnp.bfloat16), k)  # no GPU here
+    with pytest.raises(ValueError, match="needs a GPU and bfloat16/float16"):
+        layers.attention(q, k, v, "cudnn")
 
 
 def test_bad_frame_size_is_a_clear_error(tiny_config):

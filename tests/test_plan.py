@@ -27,6 +27,29 @@ def test_parse_mesh_and_its_errors():
         sharding.mesh_shape(dict(fsdp=-1, tensor=3), 8)
 
 
+def test_jaxpr_flops_count_every_scanned_layer_convolutions_and_remat():
+    import jax
+    import jax.numpy as jnp
+
+    def stack(w, x):  # 10 remat'd layers: forward, recomputed forward, 2 backward matmuls each
+        body = jax.checkpoint(lambda x, wi: (jnp.tanh(x @ wi), None))
+        return jax.lax.scan(body, x, w)[0].sum()
+    w, x = jnp.ones((10, 256, 256)), jnp.ones((64, 256))
+    assert plan.step_flops(jax.grad(stack), w, x) == (10 * 4 * 2 * 64 * 256 * 256, 0)
+    xla = jax.jit(jax.grad(stack)).lower(w, x).cost_analysis()["flops"]
+    assert xla < 0.2 * 10 * 4 * 2 * 64 * 256 * 256  # why: XLA counts the scan body once
+
+    def conv(k, x, groups):
+        return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                            feature_group_count=groups).sum()
+    x = jnp.ones((2, 8, 32, 32))
+    dense = 2 * 2 * 16 * 32 * 32 * 8 * 9  # batch, out channels, pixels, in channels, 3x3
+    assert plan.step_flops(lambda k: conv(k, x, 1), jnp.ones((16, 8, 3, 3)))[0] == dense
+    # Depthwise: 8 channels, one input channel each; its weight gradient is a batch-grouped conv.
+    assert plan.step_flops(jax.grad(lambda k: conv(k, x, 8)), jnp.ones((8, 1, 3, 3)))[0] == (
+        2 * 2 * 2 * 8 * 32 * 32 * 9)
+
+
 HLO = """HloModule step, entry_computation_layout={()->f32[]}
 
 %body.1 (p: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {

@@ -27,18 +27,34 @@ def axes(init_fn, *names):
     return nn.with_logical_partitioning(init_fn, names)
 
 
+def cudnn_supports(q, k) -> bool:
+    """Whether cuDNN flash attention takes q [B, Lq, H, D], k [B, Lk, H, D], forward and backward:
+    a GPU, bf16/fp16, D a multiple of 8 and <= 256 (Hopper and later; 128 before), even Lq and
+    Lk (its backward rejects odd lengths)."""
+    if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return False
+    capability = getattr(jax.devices()[0], "compute_capability", "0")
+    max_dim = 256 if float(capability) >= 9.0 else 128
+    d, lq, lk = q.shape[-1], q.shape[1], k.shape[1]
+    return d % 8 == 0 and d <= max_dim and lq % 2 == 0 and lk % 2 == 0
+
+
 def attention(q, k, v, implementation: str = "xla"):
     """Softmax attention. q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
 
-    `implementation`: "xla" everywhere; "cudnn" (flash, GPU, bf16/fp16 only); "auto" picks cuDNN
-    on GPU for half-precision inputs and XLA otherwise.
+    `implementation`: "xla" everywhere; "cudnn": cuDNN flash wherever `cudnn_supports` the shapes
+    (XLA for the rest, e.g. the VAE's single 640-wide head); ValueError off GPU or outside
+    bf16/fp16; "auto": "cudnn" on GPU in half precision, else "xla".
     """
     if implementation not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {implementation!r} not in {ATTENTION_IMPLS}")
-    if implementation == "auto":
-        on_gpu = jax.default_backend() == "gpu"
-        implementation = "cudnn" if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    if implementation == "cudnn" and (jax.default_backend() != "gpu"
+                                      or q.dtype not in (jnp.bfloat16, jnp.float16)):
+        raise ValueError(f"attention_impl 'cudnn' needs a GPU and bfloat16/float16 activations; "
+                         f"got backend {jax.default_backend()!r}, dtype {q.dtype} (use 'auto' or "
+                         f"'xla', or model.dtype='bfloat16')")
+    fast = implementation != "xla" and cudnn_supports(q, k)
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn" if fast else "xla")
 
 
 def layer_norm(name: str, dtype: Dtype, eps: float = 1e-5) -> nn.LayerNorm:
