@@ -10,7 +10,9 @@ its two baselines (L1, PSNR*, SSIM, LPIPS, FID, FVD, motion PCK) under a protoco
   --protocol self --videos DIR: each video of DIR animates its own first frame; writes
     WORKDIR/eval/stage3_self.json, stage3_self.png, eval/stage3_self_videos.
 Both then refresh WORKDIR/eval/table.md (the paper's table per protocol), stage3_history.jsonl and
-stage3_metrics.png (figures against checkpoint step). LPIPS/FID/FVD need converted networks
+stage3_metrics.png (figures against checkpoint step). --all_checkpoints evaluates every kept
+stage-3 checkpoint, oldest first (one JSON line each; the reports and videos left are the
+newest's, the history and its plot hold them all). LPIPS/FID/FVD need converted networks
 (--config.eval.metric_weights.{lpips,inception,i3d}=DIR); without them the JSON says
 "not computed: ..." in place of the number.
 """
@@ -28,13 +30,17 @@ flags.DEFINE_enum("protocol", "cross", ["cross", "self"],
                   "Stage-3 protocol: cross (held-out cross-identity pairs) or self (--videos).")
 flags.DEFINE_string("videos", None, "--protocol self: a folder of videos (mp4/mov/webm/mkv/avi/"
                     "gif) or folders of frames; each animates its own first frame.")
+flags.DEFINE_bool("all_checkpoints", False, "--stage 3: evaluate every kept stage-3 checkpoint "
+                  "(oldest first), not only the newest.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
 def _check_protocol() -> None:
-    if FLAGS.stage != 3 and (FLAGS["protocol"].present or FLAGS.videos is not None):
-        raise ValueError(f"--protocol and --videos apply to --stage 3, not --stage {FLAGS.stage}")
+    if FLAGS.stage != 3 and (FLAGS["protocol"].present or FLAGS.videos is not None
+                             or FLAGS.all_checkpoints):
+        raise ValueError(f"--protocol, --videos and --all_checkpoints apply to --stage 3, not "
+                         f"--stage {FLAGS.stage}")
     if FLAGS.protocol == "self" and not FLAGS.videos:
         raise ValueError("--protocol self needs --videos DIR (a folder of videos or of folders "
                          "of frames)")
@@ -57,10 +63,15 @@ def _main(argv):
     workdir = os.path.abspath(FLAGS.workdir)
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"--workdir {workdir} does not exist; train first with train.py")
+    steps = [None]  # the newest
+    if FLAGS.all_checkpoints:
+        from im_anim_jax.training import checkpointing, stage3
+        steps = checkpointing.all_steps(stage3.stage_dir(workdir)) or [None]  # None: its error
     if FLAGS.protocol == "self":  # the videos are checked before the heavy imports
         paths = video_folder.find_videos(FLAGS.videos, config.stage3.clip_frames)
         from im_anim_jax.evaluation import stage3_self
-        print(json.dumps(stage3_self.evaluate(config, workdir, paths)))
+        for step in steps:
+            print(json.dumps(stage3_self.evaluate(config, workdir, paths, step=step)))
         return
     from data_pipelines import datasets
     from im_anim_jax.evaluation import stage1 as stage1_eval
@@ -68,10 +79,12 @@ def _main(argv):
     from im_anim_jax.evaluation import stage3 as stage3_eval
 
     data_path = datasets.resolve(config, workdir)
-    evaluate = {1: stage1_eval.evaluate, 2: stage2_eval.evaluate,
-                3: stage3_eval.evaluate}[FLAGS.stage]
-    result = evaluate(config, workdir, data_path)
-    print(json.dumps(result))
+    if FLAGS.stage == 3:
+        for step in steps:
+            print(json.dumps(stage3_eval.evaluate(config, workdir, data_path, step=step)))
+        return
+    evaluate = {1: stage1_eval.evaluate, 2: stage2_eval.evaluate}[FLAGS.stage]
+    print(json.dumps(evaluate(config, workdir, data_path)))
 
 
 def main(argv):

@@ -59,12 +59,13 @@ class Animator:
         self.resolution = (size, size)
 
     @classmethod
-    def from_workdir(cls, config, workdir: str) -> "Animator":
-        """Loads the VAE, the stage-3 model (EMA params where kept) and the stage-1 keypoint
-        reader of a run (FileNotFoundError / ValueError naming what is missing or mismatched)."""
+    def from_workdir(cls, config, workdir: str, step: int | None = None) -> "Animator":
+        """Loads the VAE, the stage-3 model of checkpoint `step` (default the newest; EMA params
+        where kept) and the stage-1 keypoint reader of a run (FileNotFoundError / ValueError
+        naming what is missing or mismatched)."""
         vae_model, vae_params = vae_training.load_vae(config, workdir)
         encoder = vae_training.reference_encoder(config, vae_model, vae_params)
-        model, params, step = stage3_training.load_params(config, workdir, encoder)
+        model, params, step = stage3_training.load_params(config, workdir, encoder, step)
         s1_model, s1_params, _ = stage1_training.load_params(config, workdir)
         return cls(config, model, params, vae_model, vae_params, encoder,
                    keypoint_reader(s1_model, s1_params, config), step)

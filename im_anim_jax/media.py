@@ -222,6 +222,18 @@ def _temp_sibling(path: str) -> str:
     return os.path.join(head, f".{stem}.tmp-{uuid.uuid4().hex[:8]}{ext}")
 
 
+def write_atomic(path: str, write) -> None:
+    """write(temp) to a temporary sibling of `path` (same extension), then os.replace onto it:
+    a reader never sees half a file; on failure the temporary file is removed and `path` kept."""
+    temp = _temp_sibling(path)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
 def write_videos(videos: dict, fps: float) -> None:
     """{path: frames [T, H, W, 3] (uint8, or float in [0, 1])} -> files, all or nothing.
 

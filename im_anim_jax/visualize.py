@@ -4,7 +4,7 @@ from __future__ import annotations
 import imageio.v3 as iio
 import numpy as np
 
-from im_anim_jax import skeleton
+from im_anim_jax import media, skeleton
 
 
 def heatmap_panel(heatmaps: np.ndarray, size: int) -> np.ndarray:
@@ -51,4 +51,5 @@ def pair_grid(driving, reference, gt, pred, gap: int = 4, min_panel: int = 192) 
 
 
 def write_png(path: str, image: np.ndarray) -> None:
-    iio.imwrite(path, image)
+    """`image` [H, W, 3] uint8 -> PNG at `path`, written atomically (media.write_atomic)."""
+    media.write_atomic(path, lambda temp: iio.imwrite(temp, image))

@@ -68,7 +68,8 @@ TINY_STAGE3_STEPS = 40
 @pytest.fixture(scope="session")
 def tiny_stage3(tmp_path_factory, tiny_stage2, tiny_dataset):
     """(config, workdir): the tiny stage-2 run copied, then TINY_STAGE3_STEPS stage-3 steps
-    (EMA 0.9, metrics every 10). Read-only for its users (copy the workdir to write into it)."""
+    (EMA 0.9, metrics every 10, checkpoints at 20 and 40). Read-only for its users (copy the
+    workdir to write into it)."""
     import shutil
 
     from im_anim_jax.training import stage3
@@ -78,7 +79,8 @@ def tiny_stage3(tmp_path_factory, tiny_stage2, tiny_dataset):
         shutil.copytree(os.path.join(stage2_dir, d), os.path.join(workdir, d))
     config = base.copy_and_resolve_references()
     config.stage3.update(dict(steps=TINY_STAGE3_STEPS, log_every=10,
-                              checkpoint_every=TINY_STAGE3_STEPS, batch_size=2, ema_decay=0.9))
+                              checkpoint_every=TINY_STAGE3_STEPS // 2, batch_size=2,
+                              ema_decay=0.9))
     stage3.train(config, workdir, tiny_dataset, log=lambda _: None)
     return config, workdir
 

@@ -148,6 +148,21 @@ def test_write_videos_is_all_or_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_png_report_written_atomically(tmp_path, monkeypatch):
+    from im_anim_jax import visualize
+    path = tmp_path / "stage3.png"
+    visualize.write_png(str(path), np.full((4, 6, 3), 200, np.uint8))
+    before = path.read_bytes()
+
+    def crash(temp, image):
+        open(temp, "wb").write(b"\x89PNG half")
+        raise OSError("No space left on device")
+    monkeypatch.setattr(visualize.iio, "imwrite", crash)
+    with pytest.raises(OSError, match="No space left"):
+        visualize.write_png(str(path), np.zeros((4, 6, 3), np.uint8))
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["stage3.png"]
+
+
 def test_write_video_replaces_existing(tmp_path):
     path = tmp_path / "out.mp4"
     path.write_bytes(b"old")

@@ -4,16 +4,17 @@ from __future__ import annotations
 import json
 import os
 
-from im_anim_jax import visualize
+from im_anim_jax import media, visualize
 
 
 def write_report(workdir: str, name: str, result: dict, image) -> None:
-    """WORKDIR/eval/<name>.png and <name>.json (the JSON written under a temporary name, then
-    renamed, so a reader never sees half a report)."""
+    """WORKDIR/eval/<name>.png and <name>.json, each written under a temporary name and then
+    renamed (media.write_atomic), so a reader never sees half a report."""
     out = os.path.join(workdir, "eval")
     os.makedirs(out, exist_ok=True)
     visualize.write_png(os.path.join(out, f"{name}.png"), image)
-    tmp = os.path.join(out, f"{name}.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, os.path.join(out, f"{name}.json"))
+
+    def write(temp):
+        with open(temp, "w") as f:
+            json.dump(result, f, indent=2)
+    media.write_atomic(os.path.join(out, f"{name}.json"), write)

@@ -151,11 +151,13 @@ def report_fields(config, animator, protocol: str, variants: dict, pck_reference
             "sampler": {k: config.sampling[k] for k in ("method", "steps", "shift", "guidance")}}
 
 
-def evaluate(config, workdir: str, data_path: str, load=metrics.load_extractor) -> dict:
+def evaluate(config, workdir: str, data_path: str, load=metrics.load_extractor,
+             step: int | None = None) -> dict:
     """The cross protocol's report (also written to WORKDIR/eval); `load` loads the metric
-    networks (metrics.load_extractor's signature)."""
+    networks (metrics.load_extractor's signature); `step`: the stage-3 checkpoint (default the
+    newest)."""
     networks = metric_suite.load_networks(config, load)
-    animator = generation.Animator.from_workdir(config, workdir)
+    animator = generation.Animator.from_workdir(config, workdir, step)
     video_dir = os.path.join(workdir, "eval", "stage3_videos")
     os.makedirs(video_dir, exist_ok=True)
     variants, vis, pairs = pair_figures(config, animator, data_path, video_dir, networks)

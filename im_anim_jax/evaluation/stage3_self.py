@@ -67,12 +67,13 @@ def video_figures(config, animator, paths: list[str], video_dir: str, networks: 
     return {n: suite.result(n) for n in cross.VARIANTS}, vis
 
 
-def evaluate(config, workdir: str, paths: list[str], load=metrics.load_extractor) -> dict:
+def evaluate(config, workdir: str, paths: list[str], load=metrics.load_extractor,
+             step: int | None = None) -> dict:
     """The self protocol's report on the videos at `paths` (from video_folder.find_videos; also
     written to WORKDIR/eval); `load` loads the metric networks (metrics.load_extractor's
-    signature)."""
+    signature); `step`: the stage-3 checkpoint (default the newest)."""
     networks = metric_suite.load_networks(config, load)
-    animator = generation.Animator.from_workdir(config, workdir)
+    animator = generation.Animator.from_workdir(config, workdir, step)
     video_dir = os.path.join(workdir, "eval", "stage3_self_videos")
     os.makedirs(video_dir, exist_ok=True)
     variants, vis = video_figures(config, animator, paths, video_dir, networks)

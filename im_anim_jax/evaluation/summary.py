@@ -18,6 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from im_anim_jax import media
+
 REPORTS = {"cross": "stage3", "self": "stage3_self"}  # protocol -> WORKDIR/eval/<name>.json
 TITLES = {"cross": "Cross-reenactment (held-out identities driven by held-out motions)",
           "self": "Self-reenactment (each video animates its own first frame)"}
@@ -29,22 +31,11 @@ COLUMNS = (("psnr_star", "PSNR* ↑", 2), ("ssim", "SSIM ↑", 3), ("lpips", "LP
 TABLE, HISTORY, PLOT = "table.md", "stage3_history.jsonl", "stage3_metrics.png"
 
 
-def _write_atomic(path: str, write) -> None:
-    """write(tmp_path), then rename onto `path`."""
-    tmp = f"{path}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _write_text(path: str, text: str) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
-    _write_atomic(path, write)
+    media.write_atomic(path, write)
 
 
 def variants(report: dict) -> dict:
@@ -164,7 +155,7 @@ def plot_history(rows: list[dict], path: str) -> None:
                            ([], []))
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncols=len(handles))
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    media.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
 
 
 def update(workdir: str, protocol: str, report: dict) -> None:

@@ -28,6 +28,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(self, step: int, state, data_iter, meta: dict) -> bool:
         args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iter is not None:
@@ -101,17 +104,35 @@ def latest_step(directory: str) -> int | None:
         ckpt.close()
 
 
-def restore_checked_params(stage_dir: str, abstract_params, name: str, hint: str):
-    """(params, step) of the newest checkpoint in `stage_dir`, read-only, after checking that its
-    recorded param shapes equal those of `abstract_params`. A missing checkpoint or another
-    architecture -> FileNotFoundError / ValueError naming `name` (e.g. "stage-1") and `hint`."""
+def all_steps(directory: str) -> list[int]:
+    """Finished checkpoint steps in `directory`, ascending ([] if none or no such directory)."""
+    if not os.path.isdir(directory):
+        return []
+    ckpt = Checkpointer(directory, async_save=False)
+    try:
+        return ckpt.all_steps()
+    finally:
+        ckpt.close()
+
+
+def restore_checked_params(stage_dir: str, abstract_params, name: str, hint: str,
+                           step: int | None = None):
+    """(params, step) of checkpoint `step` (default the newest) in `stage_dir`, read-only, after
+    checking that its recorded param shapes equal those of `abstract_params`. A missing
+    checkpoint or another architecture -> FileNotFoundError / ValueError naming `name` (e.g.
+    "stage-1") and `hint`."""
     if not os.path.isdir(stage_dir):
         raise FileNotFoundError(f"no {name} checkpoint: {stage_dir} does not exist; {hint}")
     ckpt = Checkpointer(stage_dir, async_save=False)
     try:
-        step = ckpt.latest_step()
-        if step is None:
+        steps = ckpt.all_steps()
+        if not steps:
             raise FileNotFoundError(f"no finished {name} checkpoint in {stage_dir}; {hint}")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise FileNotFoundError(f"no {name} checkpoint of step {step} in {stage_dir}; it "
+                                    f"holds steps {steps}")
         want = param_shapes(abstract_params)
         have = ckpt.meta(step)["param_shapes"]
         diffs = [f"{k}: checkpoint {have.get(k)} vs config {want.get(k)}"

@@ -299,14 +299,15 @@ def train(config, workdir: str, data_path: str, log=print) -> dict:
     return last
 
 
-def load_params(config, workdir: str, ref_encoder):
-    """(model, params for generation (EMA where kept), step) of the newest WORKDIR/stage3
-    checkpoint, checked against the config."""
+def load_params(config, workdir: str, ref_encoder, step: int | None = None):
+    """(model, params for generation (EMA where kept), step) of WORKDIR/stage3 checkpoint `step`
+    (default the newest), checked against the config."""
     model = build(config, ref_encoder)
     abstract = abstract_params(model, config, ref_encoder.dim)
     tx = make_optimizer(config.stage3, _trained(abstract))
     ckpt_dir = stage_dir(workdir)
-    params, step = checkpointing.restore_checked_params(ckpt_dir, abstract, "stage-3", MISSING_HINT)
+    params, step = checkpointing.restore_checked_params(ckpt_dir, abstract, "stage-3",
+                                                        MISSING_HINT, step)
     if config.stage3.ema_decay:
         params = {**params, **_restore_ema(ckpt_dir, step, abstract, tx)}
     return model, params, step
