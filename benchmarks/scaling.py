@@ -167,6 +167,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main():
+    from im_anim_jax.models import layers
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/im_animation.py:tiny", help="file.py:variant")
     p.add_argument("--stage", type=int, default=1, choices=(1, 2, 3))
@@ -179,7 +180,7 @@ def main():
                    "model.motion_tokenizer.image_size)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per point")
     p.add_argument("--out", default="runs/scaling")
-    p.add_argument("--remat", default=None, choices=("none", "full", "dots", "dots_no_batch"),
+    p.add_argument("--remat", default=None, choices=tuple(layers.REMAT_POLICIES),
                    help="model.remat_policy (default the config's)")
     p.add_argument("--sweeps", default="weak,strong", help="scaling sweeps to run: weak, strong, "
                    "both or '' (e.g. only the --mfu rows on a GPU host)")

@@ -5,8 +5,8 @@ does per step.
   python -m im_anim_jax.plan --config configs/im_animation.py:paper --mesh fsdp=16,tensor=4 \\
       [--stage 3 --frames 81 --height 256 --width 256] [--device_gib 80] [--config.X=...]
 
-The step is the trainer's own (training/stage<N>.make_train_step, stage 2/3 with the frozen VAE
-encoding inside), jitted with the state donated, lowered with jax.jit(...).lower on a mesh of
+The step is the trainer's own (training/stage<N>.make_train_step; stages 2/3 take the frozen
+VAE's encodings as inputs, its encoder running as its own jit before the step), jitted with the state donated, lowered with jax.jit(...).lower on a mesh of
 simulated CPU devices (jax_num_cpu_devices = the mesh's size: 8, 16, 64 ... all work on one
 host) and compiled by XLA:CPU. Printed per device:
   - params and optimizer state bytes (from the state's shardings), beside the ideal
