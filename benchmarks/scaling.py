@@ -22,6 +22,8 @@ attention, no remat) / step time / (--peak_tflops per device; default by device 
 exercises the code path). --sweeps '' skips the float32 sweeps (a GPU host's MFU run alone).
 
 Outputs OUT/scaling.csv (one row per point) and OUT/scaling.png; the last stdout line is JSON.
+--profile also traces one step per point into OUT/profile/<sweep>_<n>/ (perfetto trace + the
+step's HLO) and prints its top kernels and model scopes (benchmarks/profile_summary.py).
 """
 import argparse
 import csv
@@ -40,26 +42,29 @@ FIELDS = ("sweep", "devices", "mesh", "global_batch", "step_s", "flops_per_step"
           "compile_s")
 
 
-def random_args(args, seed: int = 0):
-    """Arrays of the ShapeDtypeStructs in `args`, made by one jitted program on their shardings
-    (threefry would compile for minutes there):
-    floats ~ 0.02 N(0, 1) (params, moments, inputs), integers uniform in [0, 255] (pixels), step
-    counters 0."""
+def synthetic_args(args):
+    """Arrays of the ShapeDtypeStructs in `args`, made by one jitted program on their shardings:
+    floats 0.02 sin(a hash of the element index and the leaf; params, moments, inputs), integers
+    in [0, 255] from the hash's top byte (pixels), step counters 0. No RNG: with a real model's
+    leaf count it compiled for minutes (threefry) or 36 s for the tiny config (RBG)."""
     import jax
     import jax.numpy as jnp
     leaves, tree = jax.tree.flatten(args)
 
-    def fill(key, x):
-        if jnp.issubdtype(x.dtype, jnp.floating):
-            return (0.02 * jax.random.normal(key, x.shape, jnp.float32)).astype(x.dtype)
+    def fill(i, x):
         if x.shape == ():
             return jnp.zeros((), x.dtype)
-        return jax.random.randint(key, x.shape, 0, 256).astype(x.dtype)
+        n = jax.lax.broadcasted_iota(jnp.uint32, x.shape, 0)
+        for d in range(1, len(x.shape)):
+            n = n * jnp.uint32(x.shape[d]) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d)
+        h = (n ^ jnp.uint32(i * 0x9E3779B9 % 2 ** 32)) * jnp.uint32(2654435761)  # Knuth's hash
+        h = h ^ (h >> 15)
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            return (0.02 * jnp.sin(h.astype(jnp.float32))).astype(x.dtype)
+        return (h >> 24).astype(x.dtype)
 
-    def fill_all(key):
-        return [fill(k, x) for k, x in zip(jax.random.split(key, len(leaves)), leaves)]
-    made = jax.jit(fill_all, out_shardings=[x.sharding for x in leaves])(
-        jax.random.key(seed, impl="unsafe_rbg"))  # RngBitGenerator: compiles fast
+    made = jax.jit(lambda: [fill(i, x) for i, x in enumerate(leaves)],
+                   out_shardings=[x.sharding for x in leaves])()
     return jax.tree.unflatten(tree, made)
 
 
@@ -78,9 +83,11 @@ def model_flops(config, stage: int, mesh) -> float:
         return plan.step_flops(step, *args)[0]
 
 
-def measure(config, stage: int, mesh, steps: int, flops: float | None = None) -> dict:
+def measure(config, stage: int, mesh, steps: int, flops: float | None = None,
+            profile: str | None = None) -> dict:
     """Compiled step figures (plan) plus the mean time of `steps` calls after one warm-up;
-    `flops` (all devices, per step; default plan.step_flops of this step) is the FLOP count."""
+    `flops` (all devices, per step; default plan.step_flops of this step) is the FLOP count.
+    `profile`: a directory; one more step is traced there and its summary printed."""
     import flax.linen as nn
     import jax
 
@@ -94,8 +101,10 @@ def measure(config, stage: int, mesh, steps: int, flops: float | None = None) ->
     compile_s = time.perf_counter() - t0
     print(f"   compiled in {compile_s:.0f} s", flush=True)
     mem = compiled.memory_analysis()
-    coll = plan.collective_bytes(compiled.as_text(), mesh.size)
-    state, *rest = random_args(args)
+    hlo = compiled.as_text()
+    coll = plan.collective_bytes(hlo, mesh.size)
+    print(f"   HLO read after {time.perf_counter() - t0:.0f} s", flush=True)
+    state, *rest = synthetic_args(args)
     print(f"   inputs made after {time.perf_counter() - t0:.0f} s", flush=True)
     state = compiled(state, *rest)[0]  # warm-up
     jax.block_until_ready(state)
@@ -105,6 +114,15 @@ def measure(config, stage: int, mesh, steps: int, flops: float | None = None) ->
         state = compiled(state, *rest)[0]
     jax.block_until_ready(state)
     step_s = (time.perf_counter() - t0) / steps
+    print(f"   {step_s:.3f} s per step", flush=True)
+    if profile:
+        from benchmarks import profile_summary
+        with jax.profiler.trace(profile, create_perfetto_trace=True):
+            state = compiled(state, *rest)[0]
+            jax.block_until_ready(state)
+        with open(os.path.join(profile, "step.hlo.txt"), "w") as f:
+            f.write(hlo)
+        print(profile_summary.report(profile_summary.summarize(profile, hlo)), flush=True)
     peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
             + mem.temp_size_in_bytes)
     out = {"devices": mesh.size, "mesh": "x".join(f"{k}{v}" for k, v in mesh.shape.items()),
@@ -166,6 +184,10 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+def trace_dir(args, sweep: str, n: int) -> str | None:
+    return os.path.join(args.out, "profile", f"{sweep}_{n}") if args.profile else None
+
+
 def main():
     from im_anim_jax.models import layers
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -186,6 +208,8 @@ def main():
                    "both or '' (e.g. only the --mfu rows on a GPU host)")
     p.add_argument("--mfu", action="store_true", help="bf16 + cuDNN MFU rows (see the doc)")
     p.add_argument("--peak_tflops", type=float, default=None)
+    p.add_argument("--profile", action="store_true", help="trace one more step of each point "
+                   "into OUT/profile/<sweep>_<devices> and print where its device time goes")
     p.add_argument("--model_flops", type=float, default=None, help="the --mfu rows' model "
                    "FLOPs per step per device, when already counted (skips that trace)")
     args = p.parse_args()
@@ -215,7 +239,8 @@ def main():
         for n in counts:
             batch = args.per_device_batch * (n if sweep == "weak" else max(counts))
             config, mesh = point(base, args.stage, args.axis, n, batch)
-            row = dict(sweep=sweep, mfu="", **measure(config, args.stage, mesh, args.steps))
+            row = dict(sweep=sweep, mfu="", **measure(config, args.stage, mesh, args.steps,
+                                                      profile=trace_dir(args, sweep, n)))
             rows.append(row)
             print(f"{sweep:>6} {n:3d} devices ({row['mesh']}), batch {batch}: "
                   f"{row['step_s']:.3f} s/step, {row['collective_gib']:.4f} GiB collectives, "
@@ -231,7 +256,8 @@ def main():
             config, mesh = point(mfu_base, args.stage, args.axis, n, args.per_device_batch * n)
             flops = (args.model_flops * n if args.model_flops
                      else model_flops(config, args.stage, mesh))
-            row = dict(sweep="mfu", **measure(config, args.stage, mesh, args.steps, flops))
+            row = dict(sweep="mfu", **measure(config, args.stage, mesh, args.steps, flops,
+                                              trace_dir(args, "mfu", n)))
             row["mfu"] = row["achieved_tflops"] / (peak * n)
             rows.append(row)
             print(f"   mfu {n:3d} devices: {row['achieved_tflops']:.3f} TFLOP/s achieved, MFU "

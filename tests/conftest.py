@@ -11,7 +11,7 @@ from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "configs")]  # configs, and benchmarks' tools
 
 
 @pytest.fixture(scope="session")

@@ -29,14 +29,30 @@ def axes(init_fn, *names):
 
 def cudnn_supports(q, k) -> bool:
     """Whether cuDNN flash attention takes q [B, Lq, H, D], k [B, Lk, H, D], forward and backward:
-    a GPU, bf16/fp16, D a multiple of 8 and <= 256 (Hopper and later; 128 before), even Lq and
-    Lk (its backward rejects odd lengths)."""
+    a GPU, bf16/fp16, D a multiple of 8 and <= 256 (Hopper and later; 128 before). Odd Lq or Lk
+    (its backward rejects them) go through `even_length_attention`."""
     if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
         return False
     capability = getattr(jax.devices()[0], "compute_capability", "0")
     max_dim = 256 if float(capability) >= 9.0 else 128
-    d, lq, lk = q.shape[-1], q.shape[1], k.shape[1]
-    return d % 8 == 0 and d <= max_dim and lq % 2 == 0 and lk % 2 == 0
+    return q.shape[-1] % 8 == 0 and q.shape[-1] <= max_dim
+
+
+def even_length_attention(q, k, v, implementation: str):
+    """jax.nn.dot_product_attention with an odd Lq / Lk padded by one to even (cuDNN's backward
+    rejects odd lengths, e.g. TiTok's 16x16 patches + 32 latents + 1 class token = 289): the
+    padded key masked by key_value_seq_lengths, the padded query row dropped.
+    q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
+    (b, lq), lk = q.shape[:2], k.shape[1]
+    if lq % 2 == 0 and lk % 2 == 0:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+    def even(x):
+        return jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)))
+    out = jax.nn.dot_product_attention(
+        even(q), even(k), even(v), query_seq_lengths=jnp.full((b,), lq, jnp.int32),
+        key_value_seq_lengths=jnp.full((b,), lk, jnp.int32), implementation=implementation)
+    return out[:, :lq]
 
 
 def attention(q, k, v, implementation: str = "xla"):
@@ -53,8 +69,9 @@ def attention(q, k, v, implementation: str = "xla"):
         raise ValueError(f"attention_impl 'cudnn' needs a GPU and bfloat16/float16 activations; "
                          f"got backend {jax.default_backend()!r}, dtype {q.dtype} (use 'auto' or "
                          f"'xla', or model.dtype='bfloat16')")
-    fast = implementation != "xla" and cudnn_supports(q, k)
-    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn" if fast else "xla")
+    if implementation != "xla" and cudnn_supports(q, k):
+        return even_length_attention(q, k, v, "cudnn")
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
 
 def layer_norm(name: str, dtype: Dtype, eps: float = 1e-5) -> nn.LayerNorm:

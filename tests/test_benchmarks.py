@@ -1,0 +1,64 @@
+"""The benchmark tools' own logic: the step-profile summary and the scaling sweep's inputs."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import profile_summary, scaling
+
+
+class _Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(5):
+            x = jnp.tanh(nn.Dense(512, name=f"big_{i}")(x))
+        return nn.Dense(1, name="small")(x).sum()
+
+
+def test_profile_summary_names_the_scope_that_does_the_work(tmp_path):
+    net = _Net()
+    x = jnp.ones((256, 512))
+    params = net.init(jax.random.key(0), x)
+    grad = jax.jit(jax.grad(lambda p: net.apply(p, x)))
+    compiled = grad.lower(params).compile()
+    jax.block_until_ready(compiled(params))
+    with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+        jax.block_until_ready(compiled(params))
+    summary = profile_summary.summarize(str(tmp_path), compiled.as_text(), top=50, depth=1)
+    scopes = {name: ms for name, ms, _ in summary["scopes"]}
+    assert summary["busy_ms"] > 0 and summary["kernels"]
+    # each big_i: a [256, 512] x [512, 512] matmul forward and two backward; small: 512 -> 1;
+    # the tanh (in _Net's own code) is '(top level)'
+    big = sum(scopes.get(f"big_{i}", 0.0) for i in range(5))
+    assert all(f"big_{i}" in scopes for i in range(5)) and "(top level)" in scopes, scopes
+    assert big > 0.3 * summary["busy_ms"] and big > 10 * scopes.get("small", 0.0), scopes
+    assert sum(share for *_, share in summary["kernels"]) <= 1.0 + 1e-6
+    assert "top kernels" in profile_summary.report(summary)
+    with pytest.raises(FileNotFoundError, match="perfetto_trace"):
+        profile_summary.find_trace(str(tmp_path / "nothing"))
+
+
+def test_scope_drops_transforms_and_flax_class_names():
+    name = ("jit(step)/transpose(jvp(Stage3Model))/Stage3Model.conditions/Stage3Model/"
+            "motion_encoder/transformer/while/body/eval_jaxpr/checkpoint/blocks/attn/dot_general")
+    assert profile_summary.scope(name, 2) == "motion_encoder/transformer"
+    assert profile_summary.scope(name, 9) == "motion_encoder/transformer/blocks/attn"
+    assert profile_summary.scope("jit(step)/select_n", 2) == "(top level)"
+    assert profile_summary.scope("", 2) == "(no HLO name)"
+
+
+def test_synthetic_args_fill_every_leaf_on_its_sharding():
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    specs = [jax.ShapeDtypeStruct((64, 33), jnp.float32, sharding=sharding),
+             jax.ShapeDtypeStruct((7, 9, 3), jnp.uint8, sharding=sharding),
+             jax.ShapeDtypeStruct((4,), jnp.bfloat16, sharding=sharding),
+             jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding)]
+    made = scaling.synthetic_args(specs)
+    for x, s in zip(made, specs):
+        assert (x.shape, x.dtype, x.sharding) == (s.shape, s.dtype, sharding)
+    floats, pixels = np.asarray(made[0]), np.asarray(made[1])
+    assert np.abs(floats).max() <= 0.02 and 0.01 < floats.std() < 0.02
+    assert np.unique(floats).size > 0.9 * floats.size
+    assert np.unique(pixels).size > 100  # spread over [0, 255], not a few values
+    assert int(made[3]) == 0
