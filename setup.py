@@ -31,7 +31,7 @@ setup(
         "matplotlib>=3.8,<4",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "torch==2.13.0", "scikit-image>=0.24,<1",
-                 "hypothesis>=6.100,<7"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "torch==2.13.0",
+                 "scikit-image>=0.24,<1", "hypothesis>=6.100,<7"],
     },
 )

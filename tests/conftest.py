@@ -14,6 +14,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "configs")]  # configs, and benchmarks' tools
 
 
+# pytest-xdist (pytest.ini: `-n 2 --dist loadgroup`): every file runs whole on one worker (its
+# module fixtures are built once), the files that use the trained tiny_stage3 run form one group
+# (it is trained once), and the longest groups start first so the two workers end together.
+LONGEST_FIRST = ("tiny_stage3", "test_sharding_equivalence.py", "test_stage2.py", "faults")
+
+
+def pytest_collection_modifyitems(config, items):
+    groups = {}
+    for item in items:
+        groups.setdefault(item.path, set()).update(item.fixturenames)
+    for item in items:
+        name = ("tiny_stage3" if "tiny_stage3" in groups[item.path] else
+                f"{item.path.parent.name}/{item.path.name}")
+        item.add_marker(pytest.mark.xdist_group(name))
+        item.stash[_ORDER] = next((i for i, k in enumerate(LONGEST_FIRST) if k in name),
+                                  len(LONGEST_FIRST))
+    items.sort(key=lambda item: item.stash[_ORDER])  # stable: file order otherwise kept
+
+
+_ORDER = pytest.StashKey[int]()
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     """The `tiny` variant of configs/im_animation.py (a fresh copy per call of .copy_and_resolve)."""
