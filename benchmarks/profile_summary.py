@@ -8,7 +8,10 @@ create_perfetto_trace=True), as `scaling.py --profile` writes). Device events ar
 processes named /device:... (GPU/TPU streams); with no device process (CPU) the host's XLA
 events are used. With the compiled step's HLO text (`--hlo`; scaling.py passes it in process),
 each kernel's HLO instruction is mapped to its `op_name` metadata (jit(step)/.../dit/blocks/...)
-and the time is also summed by model scope, `--depth` components deep.
+and the time is also summed by model scope, `--depth` module names deep (plan.op_scope). On GPU,
+library kernels (cuBLAS, cuDNN) inside CUDA graphs carry only their command buffer's name and
+land in '(no HLO name)': profile with XLA_FLAGS=--xla_gpu_enable_command_buffer= to attribute
+every kernel (measured: the same step time on the H200).
 """
 import argparse
 import collections
@@ -17,11 +20,12 @@ import gzip
 import json
 import os
 import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from im_anim_jax import plan  # noqa: E402
 
 _HLO_OP = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?op_name="([^"]*)"', re.M)
-_NOISE = re.compile(r"^(jit|pjit|transpose|jvp|vmap|remat|checkpoint|rematted_computation|while|"
-                    r"body|cond|branch_\d+_fun|closed_call|core_call|custom_jvp_call|"
-                    r"custom_vjp_call|eval_jaxpr)\b|^[A-Z]\w*(\.\w+)?$")  # and Flax Class(.method)
 _KERNEL_N = re.compile(r"_(\d+)$")
 
 
@@ -55,18 +59,6 @@ def op_scopes(hlo_text: str) -> dict[str, str]:
     return {m.group(1): m.group(2) for m in _HLO_OP.finditer(hlo_text)}
 
 
-def scope(op_name: str, depth: int) -> str:
-    """The first `depth` module names of an op_name (transforms, control flow and Flax class
-    names dropped; the last component, the primitive, too); '(top level)' outside every named
-    submodule (the root module's own code, the loss, the optimizer); '(no HLO name)' for a kernel the trace names only by its library and
-    command buffer (GPU cuBLAS/cuDNN calls inside CUDA graphs: profile with XLA_FLAGS=
-    --xla_gpu_enable_command_buffer= to attribute them)."""
-    if not op_name:
-        return "(no HLO name)"
-    parts = [p for p in op_name.split("/")[:-1] if p and not _NOISE.match(p)]
-    return "/".join(parts[:depth]) or "(top level)"
-
-
 def summarize(trace: str, hlo_text: str | None = None, top: int = 25, depth: int = 2) -> dict:
     """{'busy_ms', 'span_ms', 'kernels': [(name, ms, share)], 'scopes': [(scope, ms, share)]}:
     device busy time (summed over streams), the span first-start to last-end, and the `top`
@@ -85,7 +77,7 @@ def summarize(trace: str, hlo_text: str | None = None, top: int = 25, depth: int
         by_kernel[e["name"] if op == e["name"] else f"{e['name']} [{op}]"] += e["dur"]
         if ops:  # a kernel of a command buffer is named like its HLO fusion, "_N" for ".N"
             name = ops.get(op) or ops.get(e["name"]) or ops.get(_KERNEL_N.sub(r".\1", e["name"]))
-            by_scope[scope(name or "", depth)] += e["dur"]
+            by_scope[plan.op_scope(name or "", depth)] += e["dur"]
 
     def rows(counter):
         return [(k, v / 1e3, v / busy) for k, v in counter.most_common(top)]

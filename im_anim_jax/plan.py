@@ -18,7 +18,8 @@ host) and compiled by XLA:CPU. Printed per device:
     once per layer (XLA's cost analysis counts a scan body once, whatever its length), remat's
     recomputation included; per device = total / devices;
   - bytes moved per collective kind, summed from the compiled HLO (collectives inside the scanned
-    layers counted once per iteration), beside the ideal traffic of FSDP, data parallelism and
+    layers counted once per iteration), and the largest by model scope (op_name metadata) and
+    group size, beside the ideal traffic of FSDP, data parallelism and
     the DiT's tensor / context parallelism (see `ideal_collectives`). XLA:CPU emits no
     reduce-scatter (it all-reduces, 2x the bytes, and slices); the report also gives the ratio
     with all-reduce counted at half, the traffic a GPU/TPU compile's reduce-scatter would send.
@@ -230,12 +231,32 @@ def _group_size(line: str, num_devices: int) -> int:
     return len(m.group(1).split(",")) if m and m.group(1) else num_devices
 
 
-def collective_bytes(hlo: str, num_devices: int) -> dict:
+_NOISE = re.compile(r"^(jit|pjit|transpose|jvp|vmap|remat|checkpoint|rematted_computation|while|"
+                    r"body|cond|branch_\d+_fun|closed_call|core_call|custom_jvp_call|"
+                    r"custom_vjp_call|eval_jaxpr|shard_map)\b|^[A-Z][A-Za-z0-9]*(\.\w+)?$")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def op_scope(op_name: str, depth: int = 2) -> str:
+    """The first `depth` module names of an HLO op_name (jit(step)/transpose(jvp(Model))/Model/
+    motion_encoder/transformer/while/body/.../dot_general -> motion_encoder/transformer):
+    transforms, control flow, Flax class(.method) names (not auto-named modules like Dense_0) and
+    the primitive dropped. '(top level)'
+    outside every named submodule (the root module's code, loss, optimizer); '(no HLO name)'
+    without metadata."""
+    if not op_name:
+        return "(no HLO name)"
+    parts = [p for p in op_name.split("/")[:-1] if p and not _NOISE.match(p)]
+    return "/".join(parts[:depth]) or "(top level)"
+
+
+def collective_bytes(hlo: str, num_devices: int, depth: int = 2) -> dict:
     """Bytes each device sends per step, by collective kind, from an SPMD-partitioned HLO module
     (ring algorithms: all-gather / all-to-all (n-1)/n of the gathered size, reduce-scatter (n-1)
     x the scattered result, all-reduce 2 (n-1)/n of the array, collective-permute the array).
     Collectives inside while loops count once per iteration (XLA's known_trip_count).
-    -> {kind: {"bytes", "ops" (executions), "static_ops"}, "unknown_trip_counts": int}."""
+    -> {kind: {"bytes", "ops" (executions), "static_ops"}, "unknown_trip_counts": int,
+        "by_scope": {(kind, group size, op_scope(op_name, depth)): bytes}}."""
     comps, order, current = defaultdict(list), [], None
     entry = None
     for line in hlo.splitlines():
@@ -270,6 +291,7 @@ def collective_bytes(hlo: str, num_devices: int) -> dict:
         for callee, factor in calls.get(name, ()):
             mult[callee] += mult[name] * factor
     out = {k: {"bytes": 0.0, "ops": 0, "static_ops": 0} for k in KINDS}
+    by_scope = defaultdict(float)
     for name, lines in comps.items():
         for line in lines:
             m = _INSTR.match(line)
@@ -287,7 +309,11 @@ def collective_bytes(hlo: str, num_devices: int) -> dict:
             out[kind]["bytes"] += moved * mult[name]
             out[kind]["ops"] += mult[name]
             out[kind]["static_ops"] += 1
+            op_name = _OP_NAME.search(line)
+            by_scope[kind, n, op_scope(op_name.group(1) if op_name else "", depth)] += (
+                moved * mult[name])
     out["unknown_trip_counts"] = unknown
+    out["by_scope"] = dict(by_scope)
     return out
 
 
@@ -430,6 +456,9 @@ def plan(config, stage: int, mesh, device_gib: float) -> dict:
         "xla_cost_flops_per_device": float(cost.get("flops", float("nan"))),
         "collective_gib": {k: coll[k]["bytes"] / GIB for k in KINDS},
         "collective_ops": {k: coll[k]["ops"] for k in KINDS},
+        "collectives_by_scope": [  # the largest 12: [kind, group size, model scope, GiB]
+            [kind, size, where, b / GIB] for (kind, size, where), b
+            in sorted(coll["by_scope"].items(), key=lambda kv: -kv[1])[:12]],
         "ideal_collective_gib": {k: v / GIB for k, v in ideal.items()},
         "collective_ratio": measured_total / ideal_total if ideal_total else float("nan"),
         # XLA:CPU has no reduce-scatter: it all-reduces and slices (2x the bytes of one).
@@ -469,6 +498,10 @@ def report(r: dict) -> str:
     if r["collective_ratio_reduce_scatter_as_all_reduce"] is not None:
         lines.append(f"  no reduce-scatter emitted (XLA:CPU all-reduces, then slices): with "
                      f"all-reduce at half, {r['collective_ratio_reduce_scatter_as_all_reduce']:.2f}x")
+    if r["collectives_by_scope"]:
+        lines.append("  largest collectives by model scope (GiB sent, kind over a group of n):")
+        lines += [f"    {gib:10.3f}  {kind} over {size:<4d} {where}"
+                  for kind, size, where, gib in r["collectives_by_scope"]]
     verdict = "yes" if r["fits"] else "no"
     lines.append(f"fits on {r['devices']} x {r['device_gib']:g} GiB: {verdict} "
                  f"(margin {r['margin_gib']:+.2f} GiB per device)")

@@ -14,12 +14,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "configs")]  # configs, and benchmarks' tools
 
 
-# pytest-xdist (pytest.ini: `-n 2 --dist loadgroup`): every file runs whole on one worker (its
-# module fixtures are built once), the files that use the trained tiny_stage3 run form one group
-# (it is trained once), and the longest groups start first so the two workers end together.
+# pytest-xdist (pytest.ini: `-n 2 --dist loadgroup --no-loadscope-reorder`): every file runs
+# whole on one worker (its module fixtures are built once), the files that use the trained
+# tiny_stage3 run form one group (it is trained once), and the longest groups start first so the
+# two workers end together. tryfirst: the marks must exist before xdist's own hook reads them.
 LONGEST_FIRST = ("tiny_stage3", "test_sharding_equivalence.py", "test_stage2.py", "faults")
+# Two test processes on a GPU host must not each reserve 75% of its memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     groups = {}
     for item in items:
@@ -115,3 +119,4 @@ def tiny_stage3_copy(tmp_path_factory, tiny_stage3):
     workdir = str(tmp_path_factory.mktemp("stage3_copy") / "run")
     shutil.copytree(source, workdir)
     return config, workdir
+

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks import profile_summary, scaling
+from im_anim_jax import plan
 
 
 class _Net(nn.Module):
@@ -39,13 +40,13 @@ def test_profile_summary_names_the_scope_that_does_the_work(tmp_path):
         profile_summary.find_trace(str(tmp_path / "nothing"))
 
 
-def test_scope_drops_transforms_and_flax_class_names():
+def test_op_scope_drops_transforms_and_flax_class_names():
     name = ("jit(step)/transpose(jvp(Stage3Model))/Stage3Model.conditions/Stage3Model/"
             "motion_encoder/transformer/while/body/eval_jaxpr/checkpoint/blocks/attn/dot_general")
-    assert profile_summary.scope(name, 2) == "motion_encoder/transformer"
-    assert profile_summary.scope(name, 9) == "motion_encoder/transformer/blocks/attn"
-    assert profile_summary.scope("jit(step)/select_n", 2) == "(top level)"
-    assert profile_summary.scope("", 2) == "(no HLO name)"
+    assert plan.op_scope(name, 2) == "motion_encoder/transformer"
+    assert plan.op_scope(name, 9) == "motion_encoder/transformer/blocks/attn"
+    assert plan.op_scope("jit(step)/select_n", 2) == "(top level)"
+    assert plan.op_scope("", 2) == "(no HLO name)"
 
 
 def test_synthetic_args_fill_every_leaf_on_its_sharding():

@@ -55,7 +55,7 @@ HLO = """HloModule step, entry_computation_layout={()->f32[]}
 %body.1 (p: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
   %p = (s32[], f32[8,4]) parameter(0)
   %x = f32[2,4]{1,0} get-tuple-element(%p), index=1
-  %ag = f32[8,4]{1,0} all-gather(f32[2,4]{1,0} %x), replica_groups=[2,4]<=[8], dimensions={0}
+  %ag = f32[8,4]{1,0} all-gather(f32[2,4]{1,0} %x), replica_groups=[2,4]<=[8], dimensions={0}, metadata={op_name="jit(step)/transpose(jvp(Model))/Model/encoder/while/body/eval_jaxpr/blocks/attn/all_gather"}
   ROOT %t = (s32[], f32[8,4]) tuple(%i, %ag)
 }
 
@@ -79,6 +79,10 @@ def test_collective_bytes_counts_loop_iterations_and_group_sizes():
     assert out["reduce-scatter"]["bytes"] == pytest.approx(32 * 3)  # result 32 B x (n - 1)
     assert out["all-reduce"]["bytes"] == pytest.approx(2 * 64 * 7 / 8)  # all 8 devices
     assert out["unknown_trip_counts"] == 0
+    assert out["by_scope"] == {  # (kind, group size, module scope): bytes; no metadata: no name
+        ("all-gather", 4, "encoder/blocks"): pytest.approx(30 * 128 * 3 / 4),
+        ("reduce-scatter", 4, "(no HLO name)"): pytest.approx(32 * 3),
+        ("all-reduce", 8, "(no HLO name)"): pytest.approx(2 * 64 * 7 / 8)}
 
 
 def _plan(*args):
@@ -99,5 +103,8 @@ def test_planner_cli_on_the_tiny_stage1_and_a_bad_mesh():
     # XLA:CPU gathers the fsdp-sharded params and all-reduces the gradients (no reduce-scatter).
     assert r["collective_gib"]["all-gather"] > 0 and r["collective_gib"]["all-reduce"] > 0
     assert "fits on 2 x 1 GiB: yes" in res.stdout
+    scoped = sum(gib for kind, size, _, gib in r["collectives_by_scope"] if kind == "all-gather")
+    assert 0 < scoped <= r["collective_gib"]["all-gather"] * (1 + 1e-9)
+    assert any(where.startswith("motion_encoder") for *_, where, _ in r["collectives_by_scope"])
     res = _plan("--mesh", "fsdp=2,pipeline=2")
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: --mesh")
