@@ -246,7 +246,13 @@ def op_scope(op_name: str, depth: int = 2) -> str:
     without metadata."""
     if not op_name:
         return "(no HLO name)"
-    parts = [p for p in op_name.split("/")[:-1] if p and not _NOISE.match(p)]
+    parts, level, start = [], 0, 0  # split at the slashes outside parentheses
+    for i, ch in enumerate(op_name + "/"):
+        level += (ch == "(") - (ch == ")")
+        if ch == "/" and level == 0:
+            parts.append(op_name[start:i])
+            start = i + 1
+    parts = [p for p in parts[:-1] if p and not _NOISE.match(p)]
     return "/".join(parts[:depth]) or "(top level)"
 
 

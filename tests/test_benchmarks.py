@@ -46,6 +46,9 @@ def test_op_scope_drops_transforms_and_flax_class_names():
     assert plan.op_scope(name, 2) == "motion_encoder/transformer"
     assert plan.op_scope(name, 9) == "motion_encoder/transformer/blocks/attn"
     assert plan.op_scope("jit(step)/select_n", 2) == "(top level)"
+    # a transform's name may hold slashes: jvp(Model)/... inside transpose(...) is one part
+    assert plan.op_scope("jit(step)/transpose(jvp(Model)/reduce_sum)/head/mul", 2) == "head"
+    assert plan.op_scope("jit(step)/Model/Dense_0/dot_general", 2) == "Dense_0"
     assert plan.op_scope("", 2) == "(no HLO name)"
 
 
