@@ -241,9 +241,8 @@ def op_scope(op_name: str, depth: int = 2) -> str:
     """The first `depth` module names of an HLO op_name (jit(step)/transpose(jvp(Model))/Model/
     motion_encoder/transformer/while/body/.../dot_general -> motion_encoder/transformer):
     transforms, control flow, Flax class(.method) names (not auto-named modules like Dense_0) and
-    the primitive dropped. '(top level)'
-    outside every named submodule (the root module's code, loss, optimizer); '(no HLO name)'
-    without metadata."""
+    the primitive dropped. '(top level)' outside every named submodule (the root module's code,
+    loss, optimizer); '(no HLO name)' without metadata."""
     if not op_name:
         return "(no HLO name)"
     parts, level, start = [], 0, 0  # split at the slashes outside parentheses

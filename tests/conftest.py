@@ -19,6 +19,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "configs")]  # configs, and benchmarks'
 # tiny_stage3 run form one group (it is trained once), and the longest groups start first so the
 # two workers end together. tryfirst: the marks must exist before xdist's own hook reads them.
 LONGEST_FIRST = ("tiny_stage3", "test_sharding_equivalence.py", "test_stage2.py", "faults")
+_ORDER = pytest.StashKey[int]()
 # Two test processes on a GPU host must not each reserve 75% of its memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -35,9 +36,6 @@ def pytest_collection_modifyitems(config, items):
         item.stash[_ORDER] = next((i for i, k in enumerate(LONGEST_FIRST) if k in name),
                                   len(LONGEST_FIRST))
     items.sort(key=lambda item: item.stash[_ORDER])  # stable: file order otherwise kept
-
-
-_ORDER = pytest.StashKey[int]()
 
 
 @pytest.fixture(scope="session")
