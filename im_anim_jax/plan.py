@@ -21,8 +21,9 @@ host) and compiled by XLA:CPU. Printed per device:
     layers counted once per iteration), and the largest by model scope (op_name metadata) and
     group size, beside the ideal traffic of FSDP, data parallelism and
     the DiT's tensor / context parallelism (see `ideal_collectives`). XLA:CPU emits no
-    reduce-scatter (it all-reduces, 2x the bytes, and slices); the report also gives the ratio
-    with all-reduce counted at half, the traffic a GPU/TPU compile's reduce-scatter would send.
+    reduce-scatter (it all-reduces the gradients, 2x the bytes, and slices); the report also
+    gives the ratio with those all-reduces (groups other than tensor / context ones) at half,
+    the traffic a GPU/TPU compile's reduce-scatter would send.
 Memory figures are XLA:CPU's for the configured attention (`xla` on CPU: the score matrix is
 materialised); a GPU run with cuDNN flash attention needs less for activations.
 """
@@ -224,6 +225,12 @@ def _arrays(text: str) -> list[int]:
 
 
 def _group_size(line: str, num_devices: int) -> int:
+    """Devices per replica group: iota form [groups,size]<=[...], explicit {{0,1,..},..}, or the
+    mesh form mesh['axis_0'=16,'axis_1'=4] {'axis_1'} (the product of the named axes)."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    if m:
+        sizes = {a: int(n) for a, n in re.findall(r"'(\w+)'=(\d+)", m.group(1))}
+        return math.prod(sizes[a] for a in re.findall(r"'(\w+)'", m.group(2)))
     m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)
     if m:
         return int(m.group(2))
@@ -466,13 +473,23 @@ def plan(config, stage: int, mesh, device_gib: float) -> dict:
             in sorted(coll["by_scope"].items(), key=lambda kv: -kv[1])[:12]],
         "ideal_collective_gib": {k: v / GIB for k, v in ideal.items()},
         "collective_ratio": measured_total / ideal_total if ideal_total else float("nan"),
-        # XLA:CPU has no reduce-scatter: it all-reduces and slices (2x the bytes of one).
+        # XLA:CPU has no reduce-scatter: it all-reduces the gradients and slices (2x the bytes).
         "collective_ratio_reduce_scatter_as_all_reduce": (
-            (measured_total - coll["all-reduce"]["bytes"] / 2) / ideal_total
+            (measured_total - _gradient_all_reduce(coll, mesh) / 2) / ideal_total
             if ideal_total and not coll["reduce-scatter"]["ops"] else None),
         "unknown_trip_counts": coll["unknown_trip_counts"],
         "lower_s": t_lower, "compile_s": t_compile,
     }
+
+
+def _gradient_all_reduce(coll: dict, mesh) -> float:
+    """Bytes of the all-reduces that reduce over the batch (their groups are not a tensor /
+    context group, whose all-reduces are Megatron's and stay): the gradient reductions a GPU/TPU
+    compile emits as reduce-scatters. A batch group the size of a model group counts as model."""
+    m = dict(mesh.shape)
+    model_sizes = {m["tensor"], m["context"], m["tensor"] * m["context"]}
+    return sum(b for (kind, n, _), b in coll["by_scope"].items()
+               if kind == "all-reduce" and n not in model_sizes)
 
 
 def report(r: dict) -> str:
@@ -501,8 +518,9 @@ def report(r: dict) -> str:
                  + (f" ({r['unknown_trip_counts']} loops of unknown trip count counted once)"
                     if r["unknown_trip_counts"] else ""))
     if r["collective_ratio_reduce_scatter_as_all_reduce"] is not None:
-        lines.append(f"  no reduce-scatter emitted (XLA:CPU all-reduces, then slices): with "
-                     f"all-reduce at half, {r['collective_ratio_reduce_scatter_as_all_reduce']:.2f}x")
+        lines.append(f"  no reduce-scatter emitted (XLA:CPU all-reduces the gradients, then "
+                     f"slices): with those at half, "
+                     f"{r['collective_ratio_reduce_scatter_as_all_reduce']:.2f}x")
     if r["collectives_by_scope"]:
         lines.append("  largest collectives by model scope (GiB sent, kind over a group of n):")
         lines += [f"    {gib:10.3f}  {kind} over {size:<4d} {where}"

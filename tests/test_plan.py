@@ -67,6 +67,7 @@ ENTRY %main.3 (a: f32[8,4]) -> f32[] {
   %w = (s32[], f32[8,4]) while(%init), condition=%cond.2, body=%body.1, backend_config={"known_trip_count":{"n":"30"}}
   %rs = f32[2,4]{1,0} reduce-scatter(f32[8,4]{1,0} %a), replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}, to_apply=%add
   %ar = f32[16]{0} all-reduce(f32[16]{0} %b), replica_groups={}, to_apply=%add
+  %am = (f32[1,8]{1,0}, f32[1,8]{1,0}) all-reduce(%c, %d), channel_id=40, replica_groups=mesh['axis_0'=2,'axis_1'=1,'axis_2'=4] {'axis_2'}, use_global_device_ids=true, to_apply=%add
   ROOT %r = f32[] constant(0)
 }
 """
@@ -77,12 +78,14 @@ def test_collective_bytes_counts_loop_iterations_and_group_sizes():
     assert out["all-gather"]["ops"] == 30 and out["all-gather"]["static_ops"] == 1
     assert out["all-gather"]["bytes"] == pytest.approx(30 * 128 * 3 / 4)  # n = 4 per group
     assert out["reduce-scatter"]["bytes"] == pytest.approx(32 * 3)  # result 32 B x (n - 1)
-    assert out["all-reduce"]["bytes"] == pytest.approx(2 * 64 * 7 / 8)  # all 8 devices
+    # all 8 devices; then two [1, 8] floats over the mesh form's axis_2 (4 devices)
+    assert out["all-reduce"]["bytes"] == pytest.approx(2 * 64 * 7 / 8 + 2 * 64 * 3 / 4)
     assert out["unknown_trip_counts"] == 0
     assert out["by_scope"] == {  # (kind, group size, module scope): bytes; no metadata: no name
         ("all-gather", 4, "encoder/blocks"): pytest.approx(30 * 128 * 3 / 4),
         ("reduce-scatter", 4, "(no HLO name)"): pytest.approx(32 * 3),
-        ("all-reduce", 8, "(no HLO name)"): pytest.approx(2 * 64 * 7 / 8)}
+        ("all-reduce", 8, "(no HLO name)"): pytest.approx(2 * 64 * 7 / 8),
+        ("all-reduce", 4, "(no HLO name)"): pytest.approx(2 * 64 * 3 / 4)}
 
 
 def _plan(*args):

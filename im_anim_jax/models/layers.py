@@ -91,6 +91,8 @@ class Projection(nn.Module):
     """y = einsum(equation, x, kernel) + bias with an explicitly shaped, logically named kernel.
 
     (nn.DenseGeneral initialises a flattened kernel, which breaks logical sharding constraints.)
+    `.kernel` / `.bias` are readable from the parent, to fuse several projections of one input
+    into one einsum (see wan.dit.Attention).
     """
     equation: str
     kernel_shape: tuple
@@ -103,15 +105,17 @@ class Projection(nn.Module):
     dtype: Dtype = jnp.float32
     precision: Any = None  # jax.lax.Precision for the einsum (None: the backend default)
 
-    @nn.compact
-    def __call__(self, x):
+    def setup(self):
         init = nn.initializers.xavier_uniform(in_axis=self.fan_in, out_axis=self.fan_out,
                                               batch_axis=self.batch)
-        kernel = self.param("kernel", axes(init, *self.kernel_axes), self.kernel_shape)
-        bias = self.param("bias", axes(nn.initializers.zeros, *self.bias_axes), self.bias_shape)
-        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype),
+        self.kernel = self.param("kernel", axes(init, *self.kernel_axes), self.kernel_shape)
+        self.bias = self.param("bias", axes(nn.initializers.zeros, *self.bias_axes),
+                               self.bias_shape)
+
+    def __call__(self, x):
+        y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel.astype(self.dtype),
                        precision=self.precision)
-        return y + bias.astype(self.dtype)
+        return y + self.bias.astype(self.dtype)
 
 
 class MultiHeadAttention(nn.Module):

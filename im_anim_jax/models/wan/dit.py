@@ -162,7 +162,12 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     """q, k, v, o projections with RMS-normed q and k. Self-attention with RoPE on q, k when
-    `context` is None; cross-attention to every context position (no mask) otherwise."""
+    `context` is None; cross-attention to every context position (no mask) otherwise.
+
+    The projections of one input run as one einsum over their stacked kernels (q, k, v of x in
+    self-attention; k, v of the context in cross-attention), params kept apart as in Wan: with
+    heads split over `tensor`, the backward pass then all-reduces one input gradient, not three
+    (the paper stage 3 on fsdp=16,tensor=4: DiT tensor all-reduces 6.59 -> 4.88 GiB)."""
     num_heads: int
     eps: float
     dtype: layers.Dtype
@@ -178,10 +183,20 @@ class Attention(nn.Module):
                                      (h, d), ("heads", "head_dim"), fan_in=(0,), fan_out=(1, 2),
                                      dtype=self.dtype, precision=_precision(self.dtype), name=name)
 
-        src = x if context is None else context
-        q = RMSNorm(self.eps, self.dtype, name="norm_q")(proj("q")(x))
-        k = RMSNorm(self.eps, self.dtype, name="norm_k")(proj("k")(src))
-        v = proj("v")(src)
+        def fused(inputs, projections):  # -> one [B, L, h, d] per projection
+            w = jnp.stack([p.kernel for p in projections], 1).astype(self.dtype)
+            b = jnp.stack([p.bias for p in projections], 0).astype(self.dtype)
+            y = jnp.einsum("bld,dthk->blthk", inputs.astype(self.dtype), w,
+                           precision=_precision(self.dtype)) + b
+            return [y[:, :, i] for i in range(len(projections))]
+
+        if context is None:
+            q, k, v = fused(x, [proj("q"), proj("k"), proj("v")])
+        else:
+            q = proj("q")(x)
+            k, v = fused(context, [proj("k"), proj("v")])
+        q = RMSNorm(self.eps, self.dtype, name="norm_q")(q)
+        k = RMSNorm(self.eps, self.dtype, name="norm_k")(k)
         if rope is not None:
             q, k = (apply_rope(a, *rope).astype(self.dtype) for a in (q, k))
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
