@@ -102,11 +102,15 @@ def main():
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--depth", type=int, default=2, help="scope components to group by")
     args = p.parse_args()
-    hlo = None
-    if args.hlo:
-        with (gzip.open if args.hlo.endswith(".gz") else open)(args.hlo, "rt") as f:
-            hlo = f.read()
-    print(report(summarize(args.trace, hlo, args.top, args.depth)))
+    try:
+        hlo = None
+        if args.hlo:
+            with (gzip.open if args.hlo.endswith(".gz") else open)(args.hlo, "rt") as f:
+                hlo = f.read()
+        print(report(summarize(args.trace, hlo, args.top, args.depth)))
+    except (OSError, ValueError, KeyError) as e:  # missing/corrupt trace or HLO file
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
 """The benchmark tools' own logic: the step-profile summary and the scaling sweep's inputs."""
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -38,6 +41,12 @@ def test_profile_summary_names_the_scope_that_does_the_work(tmp_path):
     assert "top kernels" in profile_summary.report(summary)
     with pytest.raises(FileNotFoundError, match="perfetto_trace"):
         profile_summary.find_trace(str(tmp_path / "nothing"))
+    bad = tmp_path / "perfetto_trace.json.gz"
+    bad.write_bytes(b"not gzip")
+    res = subprocess.run([sys.executable, profile_summary.__file__, str(bad)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.startswith("error: "), res.stderr[-2000:]
+    assert len(res.stderr.strip().splitlines()) == 1
 
 
 def test_op_scope_drops_transforms_and_flax_class_names():
