@@ -41,8 +41,8 @@ def cudnn_supports(q, k) -> bool:
 def even_length_attention(q, k, v, implementation: str):
     """jax.nn.dot_product_attention with an odd Lq / Lk padded by one to even (cuDNN's backward
     rejects odd lengths: "Unsupported sequence length Q 25, KV 25" on jax 0.11.2, H200; e.g.
-    TiTok's 16x16 patches + 32 latents + 1 class token = 289): the
-    padded key masked by key_value_seq_lengths, the padded query row dropped.
+    TiTok's 16x16 patches + 32 latents + 1 class token = 289): the padded key masked by
+    key_value_seq_lengths, the padded query row dropped.
     q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
     (b, lq), lk = q.shape[:2], k.shape[1]
     if lq % 2 == 0 and lk % 2 == 0:
