@@ -6,14 +6,16 @@ on this machine's CPU cores, with JAX's achieved FLOP/s against a measured matmu
 
 Both run the same sizes from configs/im_animation.py `wan_dit(preset)` in float32 with the same
 random weights (the PyTorch model is tests/parity/torch_wan_dit.py, loaded from the converted
-state dict), per-token timesteps and loss = mean(velocity^2). FLOPs come from XLA's cost analysis
-of the jitted step (the same count is used for the PyTorch rates); the peak is a float32
-2048 x 2048 matmul in JAX. Prints one line per figure and a final JSON line.
+state dict), per-token timesteps and loss = mean(velocity^2). FLOPs are the matmul and
+convolution FLOPs of the jitted step counted from its jaxpr (plan.step_flops; XLA's cost analysis
+counts the scanned blocks once: it read 0.82 GFLOP for the demo step, against 2.24); the same
+count is used for the PyTorch rates. The peak is a float32 2048 x 2048 matmul in JAX. Prints one
+line per figure and a final JSON line.
 
-Measured on 2 CPU cores shared with other jobs (demo, 320 tokens, 0.82 GFLOP per step; four
-runs, so ranges): JAX 0.21-0.38 s/step (2.2-4.0 GFLOP/s, 4-9% of a 38-48 GFLOP/s matmul peak;
-16-20 s to compile), PyTorch eager 0.63-3.9 s (2.1-19x JAX's time; it runs upstream's float64
-complex RoPE), torch.compile 0.43 s (2.1x; its inductor compile took ~3 min, hence opt-in).
+Measured on an idle 2-core machine (demo, 320 tokens, 2.24 GFLOP per step, one run): JAX
+0.148 s/step (15.1 GFLOP/s, 12.7% of a 119 GFLOP/s matmul peak; 9 s to compile), PyTorch eager
+0.089 s (0.60x JAX's time). Earlier runs on shared cores: torch.compile 0.43 s, its inductor
+compile ~3 min, hence opt-in.
 """
 import argparse
 import json
@@ -34,6 +36,7 @@ from im_anim_jax.convert import wan_dit  # noqa: E402
 from im_anim_jax.models.wan import dit  # noqa: E402
 from tests.parity.torch_wan_dit import WanModel  # noqa: E402
 from benchmarks.common import matmul_peak  # noqa: E402
+from im_anim_jax import plan  # noqa: E402
 
 
 def timed(step, steps: int) -> tuple[float, float]:
@@ -88,8 +91,8 @@ def main():
     t0 = time.perf_counter()
     compiled = grad.lower(params).compile()
     jax_compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])
+    # Matmul/conv FLOPs from the jaxpr: XLA's cost analysis counts the scanned blocks once.
+    flops, _ = plan.step_flops(grad, params)
     _, jax_s = timed(lambda: jax.block_until_ready(compiled(params)), args.steps)
 
     x_t = torch.from_numpy(latents).permute(0, 4, 1, 2, 3).contiguous()
