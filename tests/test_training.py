@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from data_pipelines import records
 from im_anim_jax.evaluation import stage1 as stage1_eval
 from im_anim_jax.training.metric_writer import read_metrics
 
@@ -41,6 +42,12 @@ def test_evaluation_writes_report_and_png(trained, tiny_dataset):
     groups = [result[f"pck@0.1/{g}"] for g in ("body", "face", "feet", "hands")]
     assert all(0 <= g <= 1 for g in groups)
     assert min(groups) <= result["pck@0.1"] <= max(groups)  # the overall figure is their mix
+    index = records.read_index(tiny_dataset)["splits"]["test"]
+    framings = {e["framing"] for e in index}  # per clip, from the renderer
+    assert {k.split("framing_")[1] for k in result if k.startswith("clips/framing_")} == framings
+    assert sum(result[f"clips/framing_{f}"] for f in framings) == len(index)
+    by_framing = [result[f"pck@0.1/framing_{f}"] for f in framings]
+    assert min(by_framing) - 1e-9 <= result["pck@0.1"] <= max(by_framing) + 1e-9
     assert result["pck@0.1"] > 0.2  # far above chance (~0.03) after a short run
     assert result["step"] == LEARN_STEPS and result["split"] == "test"
     assert result["num_identities"] == config.data.synthetic.num_heldout_identities

@@ -1,6 +1,8 @@
 """Stage-1 evaluation on held-out identities: PCK, heatmap MSE, codebook usage and perplexity.
 
 Writes WORKDIR/eval/stage1.json and WORKDIR/eval/stage1.png (driving | GT | predicted heatmaps).
+PCK is also broken down by joint group and, where the dataset's index gives each clip's `framing`
+(the synthetic set: full / half body), by framing.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines import pipeline
+from data_pipelines import pipeline, records
 from im_anim_jax import keypoints as kp
 from im_anim_jax import evaluation, skeleton, visualize
 from im_anim_jax.models.quantizer import codebook_stats
@@ -35,10 +37,12 @@ def evaluate(config, workdir: str, data_path: str) -> dict:
         gt = kp.image_to_heatmap(batch["keypoints"][..., :2], targets.image_size, size)
         w = batch["joint_weights"]
         dist = jnp.linalg.norm((pred - gt) / size, axis=-1)
-        hits = {a: jnp.sum((dist <= a) * w, axis=(0, 1)) for a in thresholds}  # per joint
+        hits = {a: jnp.sum((dist <= a) * w, axis=1) for a in thresholds}  # per clip and joint
         sq = jnp.mean((heatmaps - batch["heatmaps"]) ** 2, axis=(-2, -1))
-        return heatmaps, aux["indices"], hits, jnp.sum(sq * w), jnp.sum(w, axis=(0, 1))
+        return heatmaps, aux["indices"], hits, jnp.sum(sq * w), jnp.sum(w, axis=1)
 
+    framing = [e.get("framing") for e in records.read_index(data_path)["splits"][config.eval.split]]
+    by_framing: dict = {}  # framing -> [clips, {alpha: hits}, weight]
     hits = {a: np.zeros(skeleton.NUM_JOINTS) for a in thresholds}
     joint_w = np.zeros(skeleton.NUM_JOINTS)
     sq_sum = 0.0
@@ -47,8 +51,16 @@ def evaluate(config, workdir: str, data_path: str) -> dict:
         jb = {k: batch[k] for k in ("frames", "keypoints", "heatmaps", "joint_weights")}
         heatmaps, idx, h, sq, w = jax.device_get(forward(jb))
         for a in thresholds:
-            hits[a] += np.asarray(h[a])
-        sq_sum, joint_w = sq_sum + float(sq), joint_w + np.asarray(w)
+            hits[a] += np.asarray(h[a]).sum(0)
+        sq_sum, joint_w = sq_sum + float(sq), joint_w + np.asarray(w).sum(0)
+        for i, record in enumerate(np.asarray(batch["record"])):
+            if framing[record] is None:
+                continue
+            acc = by_framing.setdefault(framing[record], [0, {a: 0.0 for a in thresholds}, 0.0])
+            acc[0] += 1
+            for a in thresholds:
+                acc[1][a] += float(np.sum(h[a][i]))
+            acc[2] += float(np.sum(w[i]))
         indices.append(np.asarray(idx).reshape(-1))
         identities.update(int(i) for i in batch["identity_id"])
         frames += int(np.prod(batch["frames"].shape[:2]))
@@ -63,6 +75,9 @@ def evaluate(config, workdir: str, data_path: str) -> dict:
         for group, idx in GROUPS.items():
             result[f"pck@{a}/{group}"] = (float(hits[a][idx].sum())
                                           / max(float(joint_w[idx].sum()), 1.0))
+    for name, (clips, fhits, fw) in sorted(by_framing.items()):  # e.g. half-body vs full-body
+        result.update({f"pck@{a}/framing_{name}": fhits[a] / max(fw, 1.0) for a in thresholds})
+        result[f"clips/framing_{name}"] = clips
     result.update(heatmap_mse=sq_sum / max(w_sum, 1.0),
                   **{k: float(v) for k, v in stats.items()},
                   step=int(step), split=config.eval.split, num_frames=frames,
