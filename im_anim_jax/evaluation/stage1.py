@@ -41,26 +41,17 @@ def evaluate(config, workdir: str, data_path: str) -> dict:
         sq = jnp.mean((heatmaps - batch["heatmaps"]) ** 2, axis=(-2, -1))
         return heatmaps, aux["indices"], hits, jnp.sum(sq * w), jnp.sum(w, axis=1)
 
-    framing = [e.get("framing") for e in records.read_index(data_path)["splits"][config.eval.split]]
-    by_framing: dict = {}  # framing -> [clips, {alpha: hits}, weight]
-    hits = {a: np.zeros(skeleton.NUM_JOINTS) for a in thresholds}
-    joint_w = np.zeros(skeleton.NUM_JOINTS)
-    sq_sum = 0.0
+    clip_hits = {a: [] for a in thresholds}  # per clip: [J] hits and [J] visible weights
+    clip_w, clip_records, sq_sum = [], [], 0.0
     indices, vis, identities, frames = [], None, set(), 0
     for batch in ds:
         jb = {k: batch[k] for k in ("frames", "keypoints", "heatmaps", "joint_weights")}
         heatmaps, idx, h, sq, w = jax.device_get(forward(jb))
         for a in thresholds:
-            hits[a] += np.asarray(h[a]).sum(0)
-        sq_sum, joint_w = sq_sum + float(sq), joint_w + np.asarray(w).sum(0)
-        for i, record in enumerate(np.asarray(batch["record"])):
-            if framing[record] is None:
-                continue
-            acc = by_framing.setdefault(framing[record], [0, {a: 0.0 for a in thresholds}, 0.0])
-            acc[0] += 1
-            for a in thresholds:
-                acc[1][a] += float(np.sum(h[a][i]))
-            acc[2] += float(np.sum(w[i]))
+            clip_hits[a].append(np.asarray(h[a]))
+        clip_w.append(np.asarray(w))
+        clip_records.extend(int(r) for r in batch["record"])
+        sq_sum += float(sq)
         indices.append(np.asarray(idx).reshape(-1))
         identities.update(int(i) for i in batch["identity_id"])
         frames += int(np.prod(batch["frames"].shape[:2]))
@@ -68,6 +59,9 @@ def evaluate(config, workdir: str, data_path: str) -> dict:
             n = config.eval.num_vis_frames
             vis = visualize.frames_heatmaps_grid(batch["frames"][0][:n], batch["heatmaps"][0][:n],
                                                  np.asarray(heatmaps[0][:n]))
+    clip_hits = {a: np.concatenate(v) for a, v in clip_hits.items()}
+    clip_w = np.concatenate(clip_w)
+    hits, joint_w = {a: v.sum(0) for a, v in clip_hits.items()}, clip_w.sum(0)
     stats = codebook_stats(jnp.asarray(np.concatenate(indices)), config.model.quantizer.codebook_size)
     w_sum = float(joint_w.sum())
     result = {f"pck@{a}": float(hits[a].sum()) / max(w_sum, 1.0) for a in thresholds}
@@ -75,9 +69,13 @@ def evaluate(config, workdir: str, data_path: str) -> dict:
         for group, idx in GROUPS.items():
             result[f"pck@{a}/{group}"] = (float(hits[a][idx].sum())
                                           / max(float(joint_w[idx].sum()), 1.0))
-    for name, (clips, fhits, fw) in sorted(by_framing.items()):  # e.g. half-body vs full-body
-        result.update({f"pck@{a}/framing_{name}": fhits[a] / max(fw, 1.0) for a in thresholds})
-        result[f"clips/framing_{name}"] = clips
+    index = records.read_index(data_path)["splits"][config.eval.split]
+    framing = np.array([index[r].get("framing") for r in clip_records], dtype=object)
+    for name in sorted({f for f in framing if f is not None}):  # e.g. half-body vs full-body
+        sel = framing == name
+        result.update({f"pck@{a}/framing_{name}": float(clip_hits[a][sel].sum())
+                       / max(float(clip_w[sel].sum()), 1.0) for a in thresholds})
+        result[f"clips/framing_{name}"] = int(sel.sum())
     result.update(heatmap_mse=sq_sum / max(w_sum, 1.0),
                   **{k: float(v) for k, v in stats.items()},
                   step=int(step), split=config.eval.split, num_frames=frames,
