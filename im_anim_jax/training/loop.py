@@ -6,6 +6,7 @@ Per stage directory: Orbax checkpoints (`<step>/{state,data,meta}`), TensorBoard
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from typing import Callable
@@ -70,6 +71,16 @@ def _short(text: str, head: int = 160, tail: int = 240) -> str:
     return text if len(text) <= head + tail else f"{text[:head]} ... {text[-tail:]}"
 
 
+def _os_cause(e: Exception) -> str:
+    """'File too large (errno 27): ' for an OSError or a TensorStore error carrying an
+    os_error_code, whose text may be too long to keep whole; '' otherwise."""
+    code = getattr(e, "errno", None)
+    if code is None:
+        found = re.search(r"os_error_code='?(\d+)", str(e))
+        code = int(found.group(1)) if found else None
+    return f"{os.strerror(code)} (errno {code}): " if code else ""
+
+
 def _means(host: list[dict]) -> dict:
     """Per-key means over the steps the guard applied (a skipped step's loss is NaN); the guard's
     counters as of the last step."""
@@ -121,7 +132,7 @@ def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callabl
         except Exception as e:  # noqa: BLE001  Orbax/TensorStore raise several types
             message = (f"[{name}] writing a checkpoint in {stage_dir} failed (noticed when "
                        f"saving step {step}; a save runs in the background until the next one): "
-                       f"{type(e).__name__}: {_short(str(e))}; the checkpoint of "
+                       f"{_os_cause(e)}{type(e).__name__}: {_short(str(e))}; the checkpoint of "
                        f"step {intact()} is intact: free space and rerun to resume from it")
             log(message)
             raise CheckpointFailed(step, message) from None

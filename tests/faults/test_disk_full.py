@@ -28,7 +28,7 @@ def test_a_failed_checkpoint_write_exits_5_and_the_previous_checkpoint_survives(
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: [stage1] writing a checkpoint in ") and last in err, last
     noticed = int(last.split("noticed when saving step ")[1].split(";")[0])
-    assert noticed in (20, 30, 40) and "File too large" in last, last
+    assert noticed in (20, 30, 40) and "File too large (errno 27): " in last, last
     assert last.endswith("the checkpoint of step 10 is intact: free space and rerun to resume "
                          "from it"), last
     assert faultrun.checkpoint_steps(workdir) == [10]
@@ -39,3 +39,16 @@ def test_a_failed_checkpoint_write_exits_5_and_the_previous_checkpoint_survives(
     assert faultrun.losses(workdir) == faultrun.losses(reference)
     faultrun.assert_same_state(faultrun.state_arrays(workdir, STEPS),
                                faultrun.state_arrays(reference, STEPS))
+
+
+def test_the_os_error_is_named_even_when_the_message_is_cut():
+    """TensorStore puts the OS error code at the end of a long message, past what the one-line
+    report keeps; the report names it first."""
+    from im_anim_jax.training.loop import _os_cause, _short
+    long = ValueError("OUT_OF_RANGE: Error writing \"code_usage/.zarray\" " + "x" * 600
+                      + " [os_error_code='27']")
+    assert "27" not in _short(str(long)).split(" ... ")[0]
+    assert _os_cause(long) == "File too large (errno 27): "
+    assert _os_cause(OSError(28, "No space left on device")) == \
+        "No space left on device (errno 28): "
+    assert _os_cause(RuntimeError("unrelated")) == ""
