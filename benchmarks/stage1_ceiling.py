@@ -1,0 +1,116 @@
+"""Stage-1 accuracy ceiling of the decode path: held-out PCK when the pose is given, not read.
+
+  python benchmarks/stage1_ceiling.py --workdir W [--variant demo] [--steps 400]
+
+An MLP maps each frame's ground-truth keypoints (x, y in [-0.5, 0.5], visibility) to N_m
+l2-normalised motion tokens; the config's motion decoder and joint decoder turn them into
+heatmaps, trained on the stage-1 heatmap loss with the stage-1 optimizer and schedule. Held-out
+PCK then bounds what the decode path reaches in that many steps with perfect pose information:
+the gap between it and `evaluate.py --stage 1` is the encoder's (reading the pose from pixels).
+Uses (or renders) the synthetic set in WORKDIR/data. Prints figures and a JSON line.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "configs")]
+import im_animation  # noqa: E402
+
+from data_pipelines import datasets, pipeline, records  # noqa: E402
+from im_anim_jax import keypoints as kp  # noqa: E402
+from im_anim_jax.models.stage1 import build_stage1  # noqa: E402
+from im_anim_jax.training import stage1  # noqa: E402
+
+
+class PoseToHeatmaps(nn.Module):
+    """keypoints [B, T, J, 3] (image pixels) -> heatmaps [B, T, J, Hh, Wh]."""
+    model: nn.Module   # a Stage1Model: its decode() is used
+    image_size: int
+    num_tokens: int
+    token_size: int
+
+    @nn.compact
+    def __call__(self, keypoints, conf_threshold):
+        b, t = keypoints.shape[:2]
+        x = jnp.concatenate([keypoints[..., :2] / self.image_size - 0.5,
+                             (keypoints[..., 2:] >= conf_threshold).astype(jnp.float32)], -1)
+        x = nn.gelu(nn.Dense(512, name="pose_in")(x.reshape(b, t, -1)))
+        z = nn.Dense(self.num_tokens * self.token_size, name="pose_out")(x)
+        z = z.reshape(b, t, self.num_tokens, self.token_size)
+        return self.model.decode(z / jnp.linalg.norm(z, axis=-1, keepdims=True))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True, help="its data/ holds (or receives) the data set")
+    p.add_argument("--variant", default="demo", choices=im_animation.VARIANTS)
+    p.add_argument("--steps", type=int, default=None, help="default: config.stage1.steps")
+    args = p.parse_args()
+    from absl import flags
+    flags.FLAGS.mark_as_parsed()
+    config = im_animation.get_config(args.variant)
+    cfg = config.stage1
+    if args.steps:
+        cfg.steps = args.steps
+    data_path = datasets.resolve(config, args.workdir)
+    enc, t = config.model.motion_tokenizer, stage1.targets(config)
+    net = PoseToHeatmaps(build_stage1(config.model), enc.image_size, enc.num_latent_tokens,
+                         enc.token_size)
+    it = iter(pipeline.train_dataset(data_path, "train", clip_frames=cfg.clip_frames,
+                                     batch_size=cfg.batch_size, targets=t, seed=config.seed))
+    keys = ("keypoints", "heatmaps", "joint_weights")
+    params = net.init(jax.random.key(config.seed), next(it)["keypoints"],
+                      t.conf_threshold)["params"]
+    tx = stage1.make_optimizer(cfg)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, batch):
+        def loss(p):
+            h = net.apply({"params": p}, batch["keypoints"], t.conf_threshold)
+            return stage1.heatmap_loss(h, batch["heatmaps"], batch["joint_weights"])
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return jax.tree.map(lambda a, u: a + u, params, updates), opt, value
+
+    t0 = time.perf_counter()
+    for i in range(cfg.steps):
+        batch = next(it)
+        batch = {k: batch[k] for k in keys}
+        params, opt, value = step(params, opt, batch)
+        if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps:
+            print(f"step {i + 1}/{cfg.steps} heatmap_loss {float(value):.4g} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    size = config.model.joint_decoder.heatmap_size
+    predict = jax.jit(lambda k: kp.argmax_keypoints(
+        net.apply({"params": params}, k, t.conf_threshold), subpixel=config.eval.subpixel))
+    index = records.read_index(data_path)["splits"][config.eval.split]
+    hits, weights = {}, {}
+    for batch in pipeline.eval_dataset(data_path, config.eval.split, clip_frames=None,
+                                       batch_size=config.eval.batch_size, targets=t):
+        pred = np.asarray(predict(batch["keypoints"]))
+        gt = kp.image_to_heatmap(batch["keypoints"][..., :2], enc.image_size, size)
+        near = (np.linalg.norm((pred - gt) / size, axis=-1) <= 0.1) * batch["joint_weights"]
+        for r, h, w in zip(batch["record"], near, batch["joint_weights"]):
+            name = index[int(r)].get("framing", "all")
+            hits[name] = hits.get(name, 0.0) + float(h.sum())
+            weights[name] = weights.get(name, 0.0) + float(w.sum())
+    result = {"pck@0.1": sum(hits.values()) / max(sum(weights.values()), 1.0),
+              **{f"pck@0.1/framing_{n}": hits[n] / max(weights[n], 1.0) for n in sorted(hits)},
+              "steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 1)}
+    print(f"decode-path ceiling after {cfg.steps} steps (pose given): held-out pck@0.1 "
+          f"{result['pck@0.1']:.3f}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
