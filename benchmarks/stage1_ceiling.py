@@ -48,19 +48,10 @@ class PoseToHeatmaps(nn.Module):
         return self.model.decode(z / jnp.linalg.norm(z, axis=-1, keepdims=True))
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", required=True, help="its data/ holds (or receives) the data set")
-    p.add_argument("--variant", default="demo", choices=im_animation.VARIANTS)
-    p.add_argument("--steps", type=int, default=None, help="default: config.stage1.steps")
-    args = p.parse_args()
-    from absl import flags
-    flags.FLAGS.mark_as_parsed()
-    config = im_animation.get_config(args.variant)
+def ceiling(config, workdir: str, log=print) -> dict:
+    """Trains the decode path on the given pose for config.stage1.steps; held-out PCK by framing."""
     cfg = config.stage1
-    if args.steps:
-        cfg.steps = args.steps
-    data_path = datasets.resolve(config, args.workdir)
+    data_path = datasets.resolve(config, workdir)
     enc, t = config.model.motion_tokenizer, stage1.targets(config)
     net = PoseToHeatmaps(build_stage1(config.model), enc.image_size, enc.num_latent_tokens,
                          enc.token_size)
@@ -84,11 +75,10 @@ def main():
     t0 = time.perf_counter()
     for i in range(cfg.steps):
         batch = next(it)
-        batch = {k: batch[k] for k in keys}
-        params, opt, value = step(params, opt, batch)
+        params, opt, value = step(params, opt, {k: batch[k] for k in keys})
         if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps:
-            print(f"step {i + 1}/{cfg.steps} heatmap_loss {float(value):.4g} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            log(f"step {i + 1}/{cfg.steps} heatmap_loss {float(value):.4g} "
+                f"({time.perf_counter() - t0:.0f} s)")
 
     size = config.model.joint_decoder.heatmap_size
     predict = jax.jit(lambda k: kp.argmax_keypoints(
@@ -104,10 +94,24 @@ def main():
             name = index[int(r)].get("framing", "all")
             hits[name] = hits.get(name, 0.0) + float(h.sum())
             weights[name] = weights.get(name, 0.0) + float(w.sum())
-    result = {"pck@0.1": sum(hits.values()) / max(sum(weights.values()), 1.0),
-              **{f"pck@0.1/framing_{n}": hits[n] / max(weights[n], 1.0) for n in sorted(hits)},
-              "steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 1)}
-    print(f"decode-path ceiling after {cfg.steps} steps (pose given): held-out pck@0.1 "
+    return {"pck@0.1": sum(hits.values()) / max(sum(weights.values()), 1.0),
+            **{f"pck@0.1/framing_{n}": hits[n] / max(weights[n], 1.0) for n in sorted(hits)},
+            "steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True, help="its data/ holds (or receives) the data set")
+    p.add_argument("--variant", default="demo", choices=im_animation.VARIANTS)
+    p.add_argument("--steps", type=int, default=None, help="default: config.stage1.steps")
+    args = p.parse_args()
+    from absl import flags
+    flags.FLAGS.mark_as_parsed()
+    config = im_animation.get_config(args.variant)
+    if args.steps:
+        config.stage1.steps = args.steps
+    result = ceiling(config, args.workdir, log=lambda m: print(m, flush=True))
+    print(f"decode-path ceiling after {config.stage1.steps} steps (pose given): held-out pck@0.1 "
           f"{result['pck@0.1']:.3f}")
     print(json.dumps(result))
 

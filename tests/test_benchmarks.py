@@ -77,22 +77,20 @@ def test_synthetic_args_fill_every_leaf_on_its_sharding():
     assert int(made[3]) == 0
 
 
-def test_stage1_ceiling_learns_the_pose_given_on_the_tiny_set(tmp_path, tiny_dataset):
+def test_stage1_ceiling_learns_the_pose_given_on_the_tiny_set(tmp_path, tiny_config,
+                                                              tiny_dataset):
     """benchmarks/stage1_ceiling.py: with the pose given, the decode path's held-out PCK rises
     well above its untrained value within the tiny config's steps; one figure per framing."""
-    import json
     import os
+    from benchmarks import stage1_ceiling
     from data_pipelines import records
     os.makedirs(tmp_path / "data")
     os.symlink(tiny_dataset, tmp_path / "data" / "synthetic")
 
     def run(steps):
-        res = subprocess.run([sys.executable, "benchmarks/stage1_ceiling.py", "--variant", "tiny",
-                              "--workdir", str(tmp_path), "--steps", str(steps)],
-                             capture_output=True, text=True, timeout=600,
-                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        assert res.returncode == 0, res.stderr[-3000:]
-        return json.loads(res.stdout.strip().splitlines()[-1])
+        config = tiny_config.copy_and_resolve_references()
+        config.stage1.steps = steps
+        return stage1_ceiling.ceiling(config, str(tmp_path), log=lambda _: None)
     before, after = run(1), run(120)
     framings = {c["framing"] for c in records.read_index(tiny_dataset)["splits"]["test"]}
     assert {k for k in after if k.startswith("pck@0.1/framing_")} == {
