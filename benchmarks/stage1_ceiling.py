@@ -105,10 +105,12 @@ def main():
     p.add_argument("--variant", default="demo", choices=im_animation.VARIANTS)
     p.add_argument("--steps", type=int, default=None, help="default: config.stage1.steps")
     args = p.parse_args()
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
     from absl import flags
     flags.FLAGS.mark_as_parsed()
     config = im_animation.get_config(args.variant)
-    if args.steps:
+    if args.steps is not None:
         config.stage1.steps = args.steps
     result = ceiling(config, args.workdir, log=lambda m: print(m, flush=True))
     print(f"decode-path ceiling after {config.stage1.steps} steps (pose given): held-out pck@0.1 "
