@@ -19,13 +19,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "configs")]
 import im_animation  # noqa: E402
 
-from data_pipelines import datasets, pipeline, records  # noqa: E402
+from data_pipelines import datasets, pipeline  # noqa: E402
 from im_anim_jax import keypoints as kp  # noqa: E402
+from im_anim_jax.evaluation import stage1 as stage1_eval  # noqa: E402
 from im_anim_jax.models.stage1 import build_stage1  # noqa: E402
 from im_anim_jax.training import stage1  # noqa: E402
 
@@ -70,7 +72,7 @@ def ceiling(config, workdir: str, log=print) -> dict:
             return stage1.heatmap_loss(h, batch["heatmaps"], batch["joint_weights"])
         value, grads = jax.value_and_grad(loss)(params)
         updates, opt = tx.update(grads, opt, params)
-        return jax.tree.map(lambda a, u: a + u, params, updates), opt, value
+        return optax.apply_updates(params, updates), opt, value
 
     t0 = time.perf_counter()
     for i in range(cfg.steps):
@@ -80,23 +82,22 @@ def ceiling(config, workdir: str, log=print) -> dict:
             log(f"step {i + 1}/{cfg.steps} heatmap_loss {float(value):.4g} "
                 f"({time.perf_counter() - t0:.0f} s)")
 
-    size = config.model.joint_decoder.heatmap_size
     predict = jax.jit(lambda k: kp.argmax_keypoints(
         net.apply({"params": params}, k, t.conf_threshold), subpixel=config.eval.subpixel))
-    index = records.read_index(data_path)["splits"][config.eval.split]
-    hits, weights = {}, {}
+    thresholds = tuple(config.eval.pck_thresholds)
+    hits, weights, clip_records = {a: [] for a in thresholds}, [], []
     for batch in pipeline.eval_dataset(data_path, config.eval.split, clip_frames=None,
                                        batch_size=config.eval.batch_size, targets=t):
-        pred = np.asarray(predict(batch["keypoints"]))
-        gt = kp.image_to_heatmap(batch["keypoints"][..., :2], enc.image_size, size)
-        near = (np.linalg.norm((pred - gt) / size, axis=-1) <= 0.1) * batch["joint_weights"]
-        for r, h, w in zip(batch["record"], near, batch["joint_weights"]):
-            name = index[int(r)].get("framing", "all")
-            hits[name] = hits.get(name, 0.0) + float(h.sum())
-            weights[name] = weights.get(name, 0.0) + float(w.sum())
-    return {"pck@0.1": sum(hits.values()) / max(sum(weights.values()), 1.0),
-            **{f"pck@0.1/framing_{n}": hits[n] / max(weights[n], 1.0) for n in sorted(hits)},
-            "steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 1)}
+        h = stage1_eval.clip_hits(np.asarray(predict(batch["keypoints"])), batch["keypoints"],
+                                  batch["joint_weights"], t, thresholds)
+        for a in thresholds:
+            hits[a].append(h[a])
+        weights.append(batch["joint_weights"].sum(1))
+        clip_records.extend(int(r) for r in batch["record"])
+    result = stage1_eval.pck_figures({a: np.concatenate(v) for a, v in hits.items()},
+                                     np.concatenate(weights), data_path, config.eval.split,
+                                     clip_records)
+    return dict(result, steps=cfg.steps, seconds=round(time.perf_counter() - t0, 1))
 
 
 def main():
@@ -112,7 +113,11 @@ def main():
     config = im_animation.get_config(args.variant)
     if args.steps is not None:
         config.stage1.steps = args.steps
-    result = ceiling(config, args.workdir, log=lambda m: print(m, flush=True))
+    try:
+        result = ceiling(config, args.workdir, log=lambda m: print(m, flush=True))
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
     print(f"decode-path ceiling after {config.stage1.steps} steps (pose given): held-out pck@0.1 "
           f"{result['pck@0.1']:.3f}")
     print(json.dumps(result))

@@ -27,28 +27,25 @@ def evaluate(config, workdir: str, data_path: str) -> dict:
     targets = stage1_training.targets(config)
     ds = pipeline.eval_dataset(data_path, config.eval.split, clip_frames=None,
                                batch_size=config.eval.batch_size, targets=targets)
-    size = targets.heatmap_size
     thresholds = tuple(config.eval.pck_thresholds)
 
     @jax.jit
     def forward(batch):
         heatmaps, aux = model.apply({"params": params}, batch["frames"])
         pred = kp.argmax_keypoints(heatmaps, subpixel=config.eval.subpixel)
-        gt = kp.image_to_heatmap(batch["keypoints"][..., :2], targets.image_size, size)
         w = batch["joint_weights"]
-        dist = jnp.linalg.norm((pred - gt) / size, axis=-1)
-        hits = {a: jnp.sum((dist <= a) * w, axis=1) for a in thresholds}  # per clip and joint
+        hits = clip_hits(pred, batch["keypoints"], w, targets, thresholds)
         sq = jnp.mean((heatmaps - batch["heatmaps"]) ** 2, axis=(-2, -1))
         return heatmaps, aux["indices"], hits, jnp.sum(sq * w), jnp.sum(w, axis=1)
 
-    clip_hits = {a: [] for a in thresholds}  # per clip: [J] hits and [J] visible weights
+    per_clip = {a: [] for a in thresholds}  # per clip: [J] hits and [J] visible weights
     clip_w, clip_records, sq_sum = [], [], 0.0
     indices, vis, identities, frames = [], None, set(), 0
     for batch in ds:
         jb = {k: batch[k] for k in ("frames", "keypoints", "heatmaps", "joint_weights")}
         heatmaps, idx, h, sq, w = jax.device_get(forward(jb))
         for a in thresholds:
-            clip_hits[a].append(np.asarray(h[a]))
+            per_clip[a].append(np.asarray(h[a]))
         clip_w.append(np.asarray(w))
         clip_records.extend(int(r) for r in batch["record"])
         sq_sum += float(sq)
@@ -59,26 +56,45 @@ def evaluate(config, workdir: str, data_path: str) -> dict:
             n = config.eval.num_vis_frames
             vis = visualize.frames_heatmaps_grid(batch["frames"][0][:n], batch["heatmaps"][0][:n],
                                                  np.asarray(heatmaps[0][:n]))
-    clip_hits = {a: np.concatenate(v) for a, v in clip_hits.items()}
     clip_w = np.concatenate(clip_w)
-    hits, joint_w = {a: v.sum(0) for a, v in clip_hits.items()}, clip_w.sum(0)
+    w_sum = float(clip_w.sum())
     stats = codebook_stats(jnp.asarray(np.concatenate(indices)), config.model.quantizer.codebook_size)
-    w_sum = float(joint_w.sum())
-    result = {f"pck@{a}": float(hits[a].sum()) / max(w_sum, 1.0) for a in thresholds}
-    for a in thresholds:  # per joint group: which joints hold the overall figure down
-        for group, idx in GROUPS.items():
-            result[f"pck@{a}/{group}"] = (float(hits[a][idx].sum())
-                                          / max(float(joint_w[idx].sum()), 1.0))
-    index = records.read_index(data_path)["splits"][config.eval.split]
-    framing = np.array([index[r].get("framing") for r in clip_records], dtype=object)
-    for name in sorted({f for f in framing if f is not None}):  # e.g. half-body vs full-body
-        sel = framing == name
-        result.update({f"pck@{a}/framing_{name}": float(clip_hits[a][sel].sum())
-                       / max(float(clip_w[sel].sum()), 1.0) for a in thresholds})
-        result[f"clips/framing_{name}"] = int(sel.sum())
+    result = pck_figures({a: np.concatenate(v) for a, v in per_clip.items()}, clip_w,
+                         data_path, config.eval.split, clip_records)
     result.update(heatmap_mse=sq_sum / max(w_sum, 1.0),
                   **{k: float(v) for k, v in stats.items()},
                   step=int(step), split=config.eval.split, num_frames=frames,
                   num_identities=len(identities), visible_joints=int(w_sum))
     evaluation.write_report(workdir, "stage1", result, vis)
+    return result
+
+
+def clip_hits(pred_xy, keypoints, weights, targets, thresholds) -> dict:
+    """Per clip and joint, the weighted count of frames within alpha * heatmap size (Euclidean,
+    in heatmap pixels) of the ground truth. pred_xy [B, T, J, 2] in heatmap pixels, keypoints
+    [B, T, J, 3] in image pixels, weights [B, T, J] -> {alpha: [B, J]}; jnp or np."""
+    xp = jnp if isinstance(pred_xy, jnp.ndarray) else np
+    size = targets.heatmap_size
+    gt = kp.image_to_heatmap(keypoints[..., :2], targets.image_size, size)
+    dist = xp.linalg.norm((pred_xy - gt) / size, axis=-1)
+    return {a: xp.sum((dist <= a) * weights, axis=1) for a in thresholds}
+
+
+def pck_figures(hits: dict, weights, data_path: str, split: str, clip_records) -> dict:
+    """hits {alpha: [N, J]} and weights [N, J] per clip (records `clip_records` of `split`) ->
+    `pck@a`, per joint group, and per clip framing where the dataset index records one."""
+    joint_w = weights.sum(0)
+    result = {f"pck@{a}": float(h.sum()) / max(float(joint_w.sum()), 1.0)
+              for a, h in hits.items()}
+    for a, h in hits.items():  # per joint group: which joints hold the overall figure down
+        for group, idx in GROUPS.items():
+            result[f"pck@{a}/{group}"] = float(h[:, idx].sum()) / max(float(joint_w[idx].sum()),
+                                                                      1.0)
+    index = records.read_index(data_path)["splits"][split]
+    framing = np.array([index[r].get("framing") for r in clip_records], dtype=object)
+    for name in sorted({f for f in framing if f is not None}):  # e.g. half-body vs full-body
+        sel = framing == name
+        result.update({f"pck@{a}/framing_{name}": float(h[sel].sum())
+                       / max(float(weights[sel].sum()), 1.0) for a, h in hits.items()})
+        result[f"clips/framing_{name}"] = int(sel.sum())
     return result
