@@ -93,6 +93,11 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
             image_size=224, patch_size=14, width=1280, depth=32, num_heads=16, mlp_dim=5120,
             hidden_act="gelu", init_from=""))))
 
+    # (H, W) of the reference image and the generated clip (stages 2-3: the VAE's and DiT's
+    # grids); (0, 0): model.motion_tokenizer.image_size square, the driving frames' size. The
+    # planner's --height/--width set it (Wan2.2 generates 704x1280). Training reads references
+    # and targets at the clips' own square size, so it refuses any other value for now.
+    c.model.video_size = (0, 0)
     c.model.vae = wan_vae("wan2_2")
     c.model.dit = wan_dit("wan2_2_ti2v_5b")
     # Stage 3 expression branch: a compact ViT maps each driving frame's face crop to `num_tokens`

@@ -84,16 +84,7 @@ def _frames_and_sizes(config, stages, out: list) -> None:
             out.append(f"model.vae: {e}")
             space = time = None
         if space and (2 in stages or 3 in stages):
-            factor = space * m.retargeter.reference_patch
-            if size % factor:
-                out.append(f"model.motion_tokenizer.image_size={size}: the reference image must "
-                           f"be a multiple of {factor} (the VAE's {space}x spatial compression, "
-                           f"then {m.retargeter.reference_patch}x"
-                           f"{m.retargeter.reference_patch} reference patches)")
-            latent, (_, ph, pw) = size // space, tuple(m.dit.patch_size)
-            if 3 in stages and (latent % ph or latent % pw):
-                out.append(f"model.motion_tokenizer.image_size={size} gives {latent}x{latent} "
-                           f"latents, not divisible by the DiT's patch {ph}x{pw}")
+            _video_size(config, stages, size, space, out)
         if time and 3 in stages:
             t = config.stage3.clip_frames
             if not _is_int(t, 1) or (t - 1) % time:
@@ -117,6 +108,33 @@ def _frames_and_sizes(config, stages, out: list) -> None:
         if syn.clip_frames < longest:
             out.append(f"data.synthetic.clip_frames={syn.clip_frames} is shorter than the "
                        f"{longest}-frame clips the stages train on")
+
+
+def _video_size(config, stages, size: int, space: int, out: list) -> None:
+    """Problems of the reference / generated clip size (model.video_size) for stages 2-3."""
+    m = config.model
+    given = tuple(m.video_size)
+    if len(given) != 2 or not all(_is_int(x, 0) for x in given) or (0 in given and any(given)):
+        out.append(f"model.video_size={given} must be (H, W) of positive integers, or (0, 0) "
+                   f"for model.motion_tokenizer.image_size square")
+        return
+    h, w = given if any(given) else (size, size)
+    label = (f"model.video_size={given}" if any(given)
+             else f"model.motion_tokenizer.image_size={size}")
+    factor = space * m.retargeter.reference_patch
+    if h % factor or w % factor:
+        out.append(f"{label}: the reference image must be a multiple of {factor} (the "
+                   f"VAE's {space}x spatial compression, then {m.retargeter.reference_patch}x"
+                   f"{m.retargeter.reference_patch} reference patches)")
+    (_, ph, pw), (lh, lw) = tuple(m.dit.patch_size), (h // space, w // space)
+    if 3 in stages and (lh % ph or lw % pw):
+        out.append(f"{label} gives {lh}x{lw} latents, not divisible by the DiT's patch "
+                   f"{ph}x{pw}")
+    if (h, w) != (size, size):
+        out.append(f"model.video_size={given}: training reads reference and target frames at "
+                   f"the clips' own size, {size}x{size} (model.motion_tokenizer.image_size); "
+                   f"other sizes are for the planner (python -m im_anim_jax.plan --height H "
+                   f"--width W) until the data pipeline resizes them")
 
 
 def _prerequisites(config, stages, workdir: str, out: list) -> None:

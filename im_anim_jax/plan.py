@@ -3,7 +3,7 @@
 does per step.
 
   python -m im_anim_jax.plan --config configs/im_animation.py:paper --mesh fsdp=16,tensor=4 \\
-      [--stage 3 --frames 81 --height 256 --width 256] [--device_gib 80] [--config.X=...]
+      [--stage 3 --frames 81 --height 704 --width 1280] [--device_gib 80] [--config.X=...]
 
 The step is the trainer's own (training/stage<N>.make_train_step; stages 2/3 take the frozen
 VAE's encodings as inputs, its encoder running as its own jit before the step), jitted with the state donated, lowered with jax.jit(...).lower on a mesh of
@@ -100,7 +100,8 @@ def jitted_step(run_step: Callable):
 
 def stage_step(config, stage: int, mesh):
     """(jitted step, abstract args) of the trainer of `stage` on `mesh` for config's batch and
-    clip sizes (stage<N>.batch_size, stage<N>.clip_frames, model.motion_tokenizer.image_size).
+    clip sizes (stage<N>.batch_size, stage<N>.clip_frames; driving frames at
+    model.motion_tokenizer.image_size, reference and target at vae_training.video_size).
     Stages 2 and 3 take the frozen VAE's encodings (reference tokens; z_ref and x0) as inputs:
     their encoder runs as its own jit before the step and is not part of the plan."""
     from im_anim_jax import text
@@ -135,7 +136,8 @@ def stage_step(config, stage: int, mesh):
     def encoded(fn, *args):  # the frozen encoder's output shape, sharded like the batch
         out = jax.eval_shape(fn, *args)
         return _spec(out.shape, out.dtype, bsh)
-    reference = _spec((b, s, s, 3), jnp.uint8, bsh)
+    height, width = vae_training.video_size(config)
+    reference = _spec((b, height, width, 3), jnp.uint8, bsh)
     if stage == 2:
         model, tx = build_stage2(config.model, encoder.grid), stage1.make_optimizer(cfg)
         state, state_sh = abstract_state(config, 2, model, tx, mesh, encoder.dim)
@@ -152,8 +154,10 @@ def stage_step(config, stage: int, mesh):
              "heatmaps": clip["heatmaps"], "joint_weights": clip["joint_weights"]}
     step = stage3.make_train_step(model, tx, config, mesh, rules, state_sh, encoder,
                                   jnp.asarray(text.context(config)))
-    z_ref = encoded(vae_training.encode_video, encoder, _spec((b, 1, s, s, 3), jnp.uint8, bsh))
-    x0 = encoded(vae_training.encode_video, encoder, clip["frames"])
+    z_ref = encoded(vae_training.encode_video, encoder, _spec((b, 1, height, width, 3), jnp.uint8,
+                                                              bsh))
+    x0 = encoded(vae_training.encode_video, encoder,
+                 _spec((b, t, height, width, 3), jnp.uint8, bsh))
     return jitted_step(step), (state, batch, z_ref, x0)
 
 
@@ -548,13 +552,14 @@ def configure(config, stage: int, mesh_text: str, frames: int | None, height: in
         cfg.clip_frames = frames
     if batch is not None:
         cfg.batch_size = batch
-    size = config.model.motion_tokenizer.image_size
-    height, width = height or size, width or size
-    if height != width:
-        raise ValueError(f"--height {height} --width {width}: the stages train on square clips of "
-                         f"model.motion_tokenizer.image_size (the DiT's latent grid and the "
-                         f"retargeter's reference grid are derived from it)")
-    config.model.motion_tokenizer.image_size = height
+    if height is not None or width is not None:
+        if stage == 1:
+            raise ValueError("--height/--width size the reference and generated clip of stages 2 "
+                             "and 3; stage 1 reads driving frames at model.motion_tokenizer."
+                             "image_size (--config.model.motion_tokenizer.image_size=N)")
+        config.model.video_size = (height or width, width or height)
+        from im_anim_jax.training import vae as vae_training
+        vae_training.check_reference_size(config)
     return config, sizes
 
 
@@ -586,8 +591,10 @@ if __name__ == "__main__":
     flags.DEFINE_string("mesh", None, "Mesh sizes, e.g. fsdp=16,tensor=4 (others 1).")
     flags.DEFINE_integer("stage", 3, "Stage whose training step is planned: 1, 2 or 3.")
     flags.DEFINE_integer("frames", None, "Clip frames (default stage<N>.clip_frames).")
-    flags.DEFINE_integer("height", None, "Frame height (default model.motion_tokenizer.image_size).")
-    flags.DEFINE_integer("width", None, "Frame width (= height: clips are square here).")
+    flags.DEFINE_integer("height", None, "Reference / generated frame height, stages 2-3 "
+                         "(default model.video_size; driving frames stay at "
+                         "model.motion_tokenizer.image_size).")
+    flags.DEFINE_integer("width", None, "Reference / generated frame width (default: --height).")
     flags.DEFINE_integer("batch", None, "Global batch (default stage<N>.batch_size).")
     flags.DEFINE_float("device_gib", 80.0, "Memory of one device, GiB (the fit verdict).")
     flags.mark_flags_as_required(["config", "mesh"])

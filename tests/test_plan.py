@@ -1,5 +1,6 @@
 """The planner (im_anim_jax/plan.py): --mesh parsing and its one-line errors, the HLO collective
-counter (loops counted per iteration), and one abstract plan of the tiny stage-1 step."""
+counter (loops counted per iteration), one abstract plan of the tiny stage-1 step, and the
+stage-3 step traced at a non-square clip size."""
 import json
 import os
 import subprocess
@@ -111,3 +112,25 @@ def test_planner_cli_on_the_tiny_stage1_and_a_bad_mesh():
     assert any(where.startswith("motion_encoder") for *_, where, _ in r["collectives_by_scope"])
     res = _plan("--mesh", "fsdp=2,pipeline=2")
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: --mesh")
+
+
+def test_stage3_step_traces_at_a_non_square_clip(tiny_config):
+    """--height/--width size the reference and target (model.video_size); the driving frames
+    stay at the motion tokenizer's square size. The whole step traces (eval_shape, no compile)
+    with the latents, the reference grid and the DiT tokens of a 64x96 clip."""
+    import jax
+    config, _ = plan.configure(tiny_config, 3, "data=1", None, 64, 96, 2)
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    step, (state, batch, z_ref, x0) = plan.stage_step(config, 3, mesh)
+    s = config.model.motion_tokenizer.image_size
+    assert batch["driving"].shape[2:4] == (s, s) and s == 32
+    assert z_ref.shape[2:4] == (4, 6) and x0.shape[2:4] == (4, 6)  # 16x VAE compression
+    with jax.set_mesh(mesh):
+        new_state, metrics = jax.eval_shape(step, state, batch, z_ref, x0)
+    assert metrics["loss"].shape == ()
+    assert jax.tree.map(lambda a: a.shape, new_state.params) == jax.tree.map(
+        lambda a: a.shape, state.params)
+    with pytest.raises(ValueError, match="stage 1 reads driving frames"):
+        plan.configure(tiny_config, 1, "data=1", None, 64, 96, 2)
+    with pytest.raises(ValueError, match="must be positive multiples of 32"):
+        plan.configure(tiny_config, 3, "data=1", None, 48, 96, 2)

@@ -52,21 +52,28 @@ def stage_dir(workdir: str) -> str:
     return os.path.join(workdir, "stage3")
 
 
-def latent_size(config) -> int:
-    return config.model.motion_tokenizer.image_size // vae_training.vae.build_vae(
-        config.model.vae).space_factor
+def latent_size(config) -> tuple[int, int]:
+    """(h, w) of the clip's VAE latents: vae_training.video_size / the VAE's compression."""
+    factor = vae_training.vae.build_vae(config.model.vae).space_factor
+    return tuple(x // factor for x in vae_training.video_size(config))
+
+
+def tokens_per_frame(config) -> int:
+    """DiT patch tokens per latent frame."""
+    (h, w), (_, ph, pw) = latent_size(config), config.model.dit.patch_size
+    return (h // ph) * (w // pw)
 
 
 def dummy_inputs(config, ref_dim: int, grid, frames: int | None = None):
     """Smallest inputs of Stage3Model.__call__ for a clip of `frames` (default stage3.clip_frames)."""
     t = config.stage3.clip_frames if frames is None else frames
-    s, h = config.model.motion_tokenizer.image_size, latent_size(config)
+    s, (h, w) = config.model.motion_tokenizer.image_size, latent_size(config)
     f = 1 + num_latent_frames(t)
     dit = config.model.dit
-    tokens = f * (h // dit.patch_size[1]) * (h // dit.patch_size[2])
     return (jnp.zeros((1, t, s, s, 3), jnp.uint8), jnp.zeros((1, t, 62, 3), jnp.float32),
             jnp.zeros((1, grid[0] * grid[1], ref_dim), jnp.float32),
-            jnp.zeros((1, f, h, h, dit.in_dim), jnp.float32), jnp.zeros((1, tokens), jnp.float32),
+            jnp.zeros((1, f, h, w, dit.in_dim), jnp.float32),
+            jnp.zeros((1, f * tokens_per_frame(config)), jnp.float32),
             jnp.zeros((1, dit.text_len, dit.text_dim), jnp.float32))
 
 
@@ -214,8 +221,7 @@ def flow_loss(v, target, weight):
 
 
 def make_train_step(model, tx, config, mesh, axis_rules, state_sh, vae_encoder, context):
-    cfg, h = config.stage3, latent_size(config)
-    per_frame = (h // config.model.dit.patch_size[1]) * (h // config.model.dit.patch_size[2])
+    cfg, per_frame = config.stage3, tokens_per_frame(config)
     held_frames = overlap_latents(config)
 
     def step(state: train_state.TrainState, batch, z_ref, x0):

@@ -32,19 +32,30 @@ MISSING_HINT = ("train it first (`python train.py --config ... --workdir ... --s
                 "VAE (`python -m im_anim_jax.convert wan-vae --src Wan2.2_VAE.pth --dst DIR`)")
 
 
+def video_size(config) -> tuple[int, int]:
+    """(H, W) of the reference image and generated clip: model.video_size, or (0, 0) for the
+    driving frames' square model.motion_tokenizer.image_size."""
+    h, w = (int(x) for x in config.model.video_size)
+    if (h, w) == (0, 0):
+        s = int(config.model.motion_tokenizer.image_size)
+        return s, s
+    return h, w
+
+
 def check_reference_size(config) -> None:
-    """ValueError unless the run's frames (model.motion_tokenizer.image_size, square) are a
-    multiple of 2x the VAE's spatial compression in size (32 for Wan2.2: 16x, then 2x2 patches)."""
-    size = config.model.motion_tokenizer.image_size
+    """ValueError unless the reference image / clip size (video_size) is a multiple of 2x the
+    VAE's spatial compression in both sides (32 for Wan2.2: 16x, then 2x2 patches)."""
+    h, w = video_size(config)
     patch = config.model.retargeter.reference_patch
     if patch < 1:
         raise ValueError(f"model.retargeter.reference_patch must be >= 1, got {patch}")
     compression = vae.build_vae(config.model.vae).space_factor
     factor = patch * compression
-    if size % factor or size == 0:
-        raise ValueError(f"reference images of {size}x{size} (model.motion_tokenizer.image_size) "
-                         f"cannot be encoded: H and W must be multiples of {factor} (the VAE's "
-                         f"{compression}x compression, then {patch}x{patch} patches)")
+    if h % factor or w % factor or min(h, w) <= 0:
+        raise ValueError(f"reference images of {h}x{w} (model.video_size, or "
+                         f"model.motion_tokenizer.image_size square) cannot be encoded: H and W "
+                         f"must be positive multiples of {factor} (the VAE's {compression}x "
+                         f"compression, then {patch}x{patch} patches)")
 
 
 def reference_tokens(latents, patch: int = 2):
@@ -153,9 +164,8 @@ def load_reference_encoder(config, workdir: str) -> ReferenceEncoder:
 
 def reference_encoder(config, model: vae.WanVAE, params: dict) -> ReferenceEncoder:
     """ReferenceEncoder over the encoder half of already loaded VAE params."""
-    size = config.model.motion_tokenizer.image_size
     encoder_params = {k: params[k] for k in ENCODER_PARAMS}  # the decoder is not needed
-    return ReferenceEncoder(params=encoder_params, model=model, image_size=(size, size),
+    return ReferenceEncoder(params=encoder_params, model=model, image_size=video_size(config),
                             patch=int(config.model.retargeter.reference_patch))
 
 

@@ -30,6 +30,10 @@ from im_anim_jax import config_validation
     ({}, (2,), "stage 2 starts from stage 1, but"),
     ({}, (3,), "stage 3 starts from stage 2, but"),
     ({"data.synthetic.clip_frames": 3}, (1, 2), "data.synthetic.clip_frames=3 is shorter than"),
+    ({"model.video_size": (64, 96)}, (1, 2, 3), "model.video_size=(64, 96): training reads "
+                                                "reference and target frames at the clips' own "
+                                                "size, 32x32"),
+    ({"model.video_size": (0, 64)}, (1, 2), "model.video_size=(0, 64) must be (H, W) of positive"),
 ])
 def test_each_violation_is_named(tiny_config, tmp_path, overrides, stages, expected):
     config = tiny_config.copy_and_resolve_references()
