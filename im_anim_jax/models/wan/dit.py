@@ -130,16 +130,6 @@ def _dense(features, in_axis, out_axis, name, dtype, init=nn.initializers.xavier
                     bias_init=layers.axes(nn.initializers.zeros, out_axis))
 
 
-def _gathered(module_cls):
-    """`module_cls` whose params are constrained to be replicated where it uses them: ZeRO-3's
-    weight all-gather made explicit. The time MLP / projection run on per-token activations
-    ([B, L, 6, dim]: 1.4 GB per 81-frame 704x1280 clip) that outweigh their kernels; left to
-    itself, XLA all-gathered those activations over the batch for the weight gradients."""
-    def replicate(params):
-        return jax.tree.map(lambda x: nn.with_logical_constraint(x, (None,) * x.ndim), params)
-    return nn.map_variables(module_cls, "params", trans_in_fn=replicate, init=True)
-
-
 class Mlp(nn.Module):
     """fc2(activation(fc1(x))): [..., in] -> [..., hidden] -> [..., out]."""
     hidden: int
@@ -390,8 +380,8 @@ class WanDiT(nn.Module):
         self.patch_embedding = PatchEmbed(self.in_dim, self.control_dim, self.dim, self.dtype)
         normal = nn.initializers.normal(0.02)
         self.text_embedding = Mlp(self.dim, self.dim, gelu_tanh, normal, self.dtype)
-        self.time_embedding = _gathered(Mlp)(self.dim, self.dim, nn.silu, normal, F32)
-        self.time_projection = _gathered(layers.Projection)(
+        self.time_embedding = Mlp(self.dim, self.dim, nn.silu, normal, F32)
+        self.time_projection = layers.Projection(
             "bld,dkm->blkm", (self.dim, 6, self.dim), ("embed", None, "mlp"), (6, self.dim),
             (None, "mlp"), fan_in=(0,), fan_out=(1, 2), dtype=F32, precision=_precision(F32))
         block = WanBlock
