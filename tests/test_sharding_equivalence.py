@@ -2,8 +2,8 @@
 tensor) = (8,1,1,1), (2,4,1,1), (2,2,1,2), (1,2,2,2) gives the loss and updated state of the
 same step on one device, for the tiny configs.
 
-All of it runs in ONE subprocess with 8 simulated CPU devices (the device count must be set
-before jax starts). Per stage the state is initialised once on one device; each mesh gets a copy
+Each stage runs in its own subprocess with 8 simulated CPU devices (the device count must be
+set before jax starts), so pytest-xdist can spread the three. Per stage the state is initialised once on one device; each mesh gets a copy
 placed by its own shardings, then two steps run (the warmup schedules give the first step a zero
 learning rate, so the second is the one that moves the params; both losses are compared) and the
 whole state (params, optimizer moments, counters) is compared with the one-device run.
@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ((8, 1, 1, 1), (2, 4, 1, 1), (2, 2, 1, 2), (1, 2, 2, 2))
 BATCH = 8  # divisible by data x fsdp of every mesh
@@ -29,14 +31,16 @@ STATE_RTOL, STATE_ATOL = 1e-5, 1e-6
 PARAM_ATOL = 1e-4
 
 
-def test_every_stage_step_matches_one_device_on_four_meshes():
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])
+def test_stage_step_matches_one_device_on_four_meshes(stage):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "configs")]))
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True,
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), stage], capture_output=True,
                          text=True, env=env, cwd=ROOT, timeout=3600)
     assert res.returncode == 0, res.stderr[-4000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert list(report) == [stage], report
     print(f"{time.perf_counter() - t0:.0f} s; worst per stage and mesh: {report}")
     failures = [f"{stage} on {mesh}: {r}" for stage, by_mesh in report.items()
                 for mesh, r in by_mesh.items() if not r["ok"]]
