@@ -557,7 +557,11 @@ def configure(config, stage: int, mesh_text: str, frames: int | None, height: in
             raise ValueError("--height/--width size the reference and generated clip of stages 2 "
                              "and 3; stage 1 reads driving frames at model.motion_tokenizer."
                              "image_size (--config.model.motion_tokenizer.image_size=N)")
-        config.model.video_size = (height or width, width or height)
+        height, width = (height if height is not None else width,
+                         width if width is not None else height)
+        if min(height, width) <= 0:
+            raise ValueError(f"--height {height} --width {width}: sizes must be positive")
+        config.model.video_size = (height, width)
         from im_anim_jax.training import vae as vae_training
         vae_training.check_reference_size(config)
     return config, sizes

@@ -134,3 +134,5 @@ def test_stage3_step_traces_at_a_non_square_clip(tiny_config):
         plan.configure(tiny_config, 1, "data=1", None, 64, 96, 2)
     with pytest.raises(ValueError, match="must be positive multiples of 32"):
         plan.configure(tiny_config, 3, "data=1", None, 48, 96, 2)
+    with pytest.raises(ValueError, match="--height 0 --width 96: sizes must be positive"):
+        plan.configure(tiny_config, 3, "data=1", None, 0, 96, 2)
