@@ -118,7 +118,8 @@ def _video_size(config, stages, size: int, space: int, out: list) -> None:
         out.append(f"model.video_size={given} must be (H, W) of positive integers, or (0, 0) "
                    f"for model.motion_tokenizer.image_size square")
         return
-    h, w = given if any(given) else (size, size)
+    from im_anim_jax.training import vae as vae_training
+    h, w = vae_training.video_size(config)
     label = (f"model.video_size={given}" if any(given)
              else f"model.motion_tokenizer.image_size={size}")
     factor = space * m.retargeter.reference_patch

@@ -3,8 +3,8 @@ tensor) = (8,1,1,1), (2,4,1,1), (2,2,1,2), (1,2,2,2) gives the loss and updated 
 same step on one device, for the tiny configs.
 
 Each stage runs in its own subprocess with 8 simulated CPU devices (the device count must be
-set before jax starts), so pytest-xdist can spread the three. Per stage the state is initialised once on one device; each mesh gets a copy
-placed by its own shardings, then two steps run (the warmup schedules give the first step a zero
+set before jax starts), so pytest-xdist can spread the three. Per stage the state is
+initialised once on one device; each mesh gets a copy placed by its own shardings, then two steps run (the warmup schedules give the first step a zero
 learning rate, so the second is the one that moves the params; both losses are compared) and the
 whole state (params, optimizer moments, counters) is compared with the one-device run.
 
