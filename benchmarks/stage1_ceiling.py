@@ -1,4 +1,4 @@
-"""Stage-1 accuracy ceilings: held-out PCK of each half of the model trained on its own.
+"""Stage-1 accuracy ceilings: held-out PCK with the pose given, or read without the 1D tokens.
 
   python benchmarks/stage1_ceiling.py --workdir W [--variant demo] [--steps 400] [--read pose]
 

@@ -117,4 +117,3 @@ def test_stage1_ceiling_reads_pixels_without_the_1d_tokens(tmp_path, tiny_config
     assert after["pck@0.1"] >= before["pck@0.1"] + 0.1, (before, after)
     with pytest.raises(ValueError, match="multiple of the patch grid"):
         run(1, heatmap_size=6)
-
