@@ -59,7 +59,11 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.model.remat_policy = "none"    # none | full | dots | dots_no_batch
     c.model.motion_tokenizer = ml_collections.ConfigDict(dict(
         image_size=256, patch_size=16, width=1024, depth=24, num_heads=16, num_latent_tokens=32,
-        token_size=12, is_legacy=True))  # TiTok-L-32 (its released checkpoint is legacy)
+        token_size=12, is_legacy=True,  # TiTok-L-32 (its released checkpoint is legacy)
+        stem_channels=(), stem_blocks=2,  # () = TiTok's patch embedding; see MotionTokenizer
+        # Training aid (stage 1): a linear head on the encoder's patch tokens predicting heatmaps,
+        # its loss weighted by stage1.patch_heatmap_weight; TiTok discards those outputs.
+        patch_heatmap_head=False))
     # Dead-code restart (training only): a code whose usage EMA (per batch) falls below the
     # threshold is re-seeded from this batch's encoder outputs; 0 disables it.
     c.model.quantizer = ml_collections.ConfigDict(dict(
@@ -115,7 +119,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     # ---- stages (paper sec. 4.1 / supplement sec. 6) ----
     c.stage1 = ml_collections.ConfigDict(dict(
         steps=5000, lr=1e-4, schedule="constant", warmup_steps=500, weight_decay=0.01, grad_clip=1.0,
-        batch_size=16, clip_frames=1, vq_loss_weight=1.0,
+        batch_size=16, clip_frames=1, vq_loss_weight=1.0, patch_heatmap_weight=0.0,
         log_every=50, checkpoint_every=500,
         # A converted TiTok checkpoint (python -m im_anim_jax.convert titok ...) whose encoder and
         # codebook initialise the motion encoder and quantizer (the paper fine-tunes TiTok-L-32).
@@ -250,7 +254,10 @@ def _small(c, variant):
     c.model.motion_tokenizer.update(dict(
         image_size=64 if demo else 32, patch_size=8, width=128 if demo else 32,
         depth=4 if demo else 1, num_heads=4 if demo else 2,
-        num_latent_tokens=32 if demo else 8, is_legacy=False))
+        num_latent_tokens=32 if demo else 8, is_legacy=False,
+        # From scratch, the plain ViT does not learn to localise joints within the demo's budget
+        # (README, stage 1): the demo adds a conv stem and the patch heatmap head.
+        stem_channels=(32, 64) if demo else (), patch_heatmap_head=demo))
     c.model.quantizer.update(dict(codebook_size=1024 if demo else 64, restart_decay=0.9,
                                   restart_threshold=0.03))
     c.model.motion_decoder.update(dict(width=128 if demo else 32, depth=2 if demo else 1,
@@ -278,13 +285,13 @@ def _small(c, variant):
     c.data.heatmap_sigma = 1.5
     c.data.synthetic.update(dict(
         image_size=c.model.motion_tokenizer.image_size, shards_per_split=2 if demo else 1,
-        num_train_identities=64 if demo else 6, num_heldout_identities=8 if demo else 2,
+        num_train_identities=256 if demo else 6, num_heldout_identities=8 if demo else 2,
         num_train_motions=10 if demo else 3, num_heldout_motions=4 if demo else 2,
         clip_frames=17 if demo else 5))
     # Trained from scratch (the paper fine-tunes pretrained TiTok at 1e-4): a higher peak rate
     # with cosine decay reaches the best pose accuracy within the CPU budget.
-    c.stage1.update(dict(steps=900 if demo else 120, lr=5e-4 if demo else 1e-3, schedule="cosine",
-                         warmup_steps=50 if demo else 10,
+    c.stage1.update(dict(steps=900 if demo else 120, lr=2e-3 if demo else 1e-3, schedule="cosine",
+                         warmup_steps=50 if demo else 10, patch_heatmap_weight=1.0 if demo else 0.0,
                          batch_size=16 if demo else 4, log_every=50 if demo else 5,
                          checkpoint_every=300 if demo else 10))
     c.stage2.update(dict(steps=400 if demo else 6, lr=5e-4 if demo else 1e-3, schedule="cosine",

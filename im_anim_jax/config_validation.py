@@ -76,6 +76,19 @@ def _frames_and_sizes(config, stages, out: list) -> None:
     if not _is_int(size, 1) or not _is_int(patch, 1) or size % patch:
         out.append(f"model.motion_tokenizer.image_size={size} must be a multiple of its "
                    f"patch_size={patch}")
+    stem = tuple(m.motion_tokenizer.stem_channels)
+    if _is_int(patch, 1) and patch % 2 ** len(stem):
+        out.append(f"model.motion_tokenizer.stem_channels={stem} halve the frame {len(stem)} "
+                   f"times, so patch_size={patch} must be a multiple of {2 ** len(stem)}")
+    hm = m.joint_decoder.heatmap_size
+    if (m.motion_tokenizer.patch_heatmap_head and _is_int(size, 1) and _is_int(patch, 1)
+            and _is_int(hm, 1) and hm % (size // patch)):
+        out.append(f"model.motion_tokenizer.patch_heatmap_head needs "
+                   f"model.joint_decoder.heatmap_size={hm} to be a multiple of the "
+                   f"{size // patch}x{size // patch} patch grid")
+    if config.stage1.patch_heatmap_weight and not m.motion_tokenizer.patch_heatmap_head:
+        out.append(f"stage1.patch_heatmap_weight={config.stage1.patch_heatmap_weight} needs "
+                   f"model.motion_tokenizer.patch_heatmap_head=True")
     if 2 in stages or 3 in stages:
         try:
             v = vae.build_vae(m.vae)

@@ -28,8 +28,48 @@ def test_stage1_shapes(tiny_config):
     assert tokens.shape == (2, 3, m.motion_tokenizer.num_latent_tokens, m.motion_tokenizer.token_size)
 
 
-def test_every_param_has_logical_axes_matching_its_rank(tiny_config):
-    boxed = jax.eval_shape(build_stage1(tiny_config.model).init, jax.random.key(0),
+def _with_stem_and_patch_head(config):
+    config = config.copy_and_resolve_references()
+    config.model.motion_tokenizer.update(dict(stem_channels=(4, 8), stem_blocks=1,
+                                              patch_heatmap_head=True))
+    return config
+
+
+def test_conv_stem_and_patch_heatmap_head(tiny_config):
+    m = _with_stem_and_patch_head(tiny_config).model
+    model = build_stage1(m)
+    frames = jax.random.randint(jax.random.key(2), (2, 3, 32, 32, 3), 0, 256).astype(jnp.uint8)
+    params = nn.unbox(_init(model, frames))
+    enc = params["params"]["motion_encoder"]
+    assert enc["stem_0_down"]["kernel"].shape == (3, 3, 3, 4)
+    assert enc["stem_1_down"]["kernel"].shape == (3, 3, 4, 8)
+    # stem_channels halve the frame twice, so the 8 px patch embedding covers 2x2 stem cells
+    assert enc["patch_embed"]["kernel"].shape == (2, 2, 8, m.motion_tokenizer.width)
+    heatmaps, aux = jax.jit(model.apply)(params, frames)
+    size = m.joint_decoder.heatmap_size
+    assert heatmaps.shape == aux["patch_heatmaps"].shape == (2, 3, 62, size, size)
+    # the patch head reads patch token (i, j) into heatmap cells [i*s:(i+1)*s, j*s:(j+1)*s]
+    _, patches = model.motion_encoder.apply({"params": enc}, frames[0] / 255.0,
+                                            return_patches=True)
+    cell = jax.random.normal(jax.random.key(3), patches[:1].shape)
+    moved = cell.at[0, 1, 2].add(5.0)
+    head = model.patch_head.bind({"params": params["params"]["patch_head"]})
+    diff = np.abs(np.asarray(head(moved) - head(cell)))[0].max(0)
+    s = size // patches.shape[1]
+    assert diff[s:2 * s, 2 * s:3 * s].min() > 0 and diff.sum() == diff[s:2 * s, 2 * s:3 * s].sum()
+
+
+def test_conv_stem_that_patch_size_cannot_take_is_a_clear_error(tiny_config):
+    config = _with_stem_and_patch_head(tiny_config)
+    config.model.motion_tokenizer.stem_channels = (4, 4, 4, 4)
+    with pytest.raises(ValueError, match="must be divisible by"):
+        build_stage1(config.model)
+
+
+@pytest.mark.parametrize("stem", [False, True])
+def test_every_param_has_logical_axes_matching_its_rank(tiny_config, stem):
+    config = _with_stem_and_patch_head(tiny_config) if stem else tiny_config
+    boxed = jax.eval_shape(build_stage1(config.model).init, jax.random.key(0),
                            jnp.zeros((1, 1, 32, 32, 3), jnp.uint8))["params"]
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
@@ -148,3 +188,26 @@ def test_bad_frame_size_is_a_clear_error(tiny_config):
 def test_bad_remat_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="remat_policy"):
         _init(_tokenizer(False, remat_policy="sometimes"), jnp.zeros((1, 16, 16, 3)))
+
+
+def test_patch_heatmap_loss_is_weighted_into_the_loss_and_trains_the_encoder(tiny_config):
+    from im_anim_jax.training import stage1
+    m = _with_stem_and_patch_head(tiny_config).model
+    model = build_stage1(m)
+    k = jax.random.split(jax.random.key(4), 3)
+    size = m.joint_decoder.heatmap_size
+    batch = {"frames": jax.random.randint(k[0], (2, 1, 32, 32, 3), 0, 256).astype(jnp.uint8),
+             "heatmaps": jax.random.uniform(k[1], (2, 1, 62, size, size)),
+             "joint_weights": jnp.ones((2, 1, 62)),
+             "keypoints": jax.random.uniform(k[2], (2, 1, 62, 3)) * 32}
+    params = nn.unbox(_init(model, batch["frames"]))["params"]
+
+    def metrics(p, w):
+        return stage1.forward_metrics(model, p, batch, m, 1.0, w)[0]
+    a, b = metrics(params, 0.0), metrics(params, 0.5)
+    assert float(a["patch_heatmap_loss"]) > 0
+    np.testing.assert_allclose(b["loss"] - a["loss"], 0.5 * a["patch_heatmap_loss"], rtol=1e-5)
+    # the patch head's loss alone reaches the stem through the encoder's patch tokens
+    grads = jax.grad(lambda p: metrics(p, 1.0)["patch_heatmap_loss"])(params)
+    assert float(jnp.abs(grads["motion_encoder"]["stem_0_down"]["kernel"]).max()) > 0
+    assert float(jnp.abs(grads["joint_decoder"]["head"]["kernel"]).max()) == 0
