@@ -134,18 +134,18 @@ def forward_metrics(model: Stage1Model, params, batch, cfg_model, vq_weight: flo
     the patch heatmap head's loss (a model built with one)."""
     heatmaps, aux = model.apply({"params": params}, batch["frames"])
     hm = heatmap_loss(heatmaps, batch["heatmaps"], batch["joint_weights"])
-    patch_hm = (heatmap_loss(aux["patch_heatmaps"], batch["heatmaps"], batch["joint_weights"])
-                if "patch_heatmaps" in aux else jnp.zeros(()))
     size = cfg_model.joint_decoder.heatmap_size
     pred_xy = kp.argmax_keypoints(jax.lax.stop_gradient(heatmaps))
     gt_xy = kp.image_to_heatmap(batch["keypoints"][..., :2], cfg_model.motion_tokenizer.image_size,
                                 size)
     pck = kp.pck(pred_xy, gt_xy, batch["joint_weights"], size, (0.1,))
-    metrics = {"loss": hm + vq_weight * aux["loss"] + patch_weight * patch_hm,
-               "heatmap_loss": hm, "patch_heatmap_loss": patch_hm, "vq_loss": aux["loss"],
+    metrics = {"loss": hm + vq_weight * aux["loss"], "heatmap_loss": hm, "vq_loss": aux["loss"],
                "commitment_loss": aux["commitment_loss"], "codebook_loss": aux["codebook_loss"],
                "train_pck@0.1": pck[0.1],
                **codebook_stats(aux["indices"], cfg_model.quantizer.codebook_size)}
+    if "patch_heatmaps" in aux:  # a model with the patch heatmap head
+        patch_hm = heatmap_loss(aux["patch_heatmaps"], batch["heatmaps"], batch["joint_weights"])
+        metrics.update(loss=metrics["loss"] + patch_weight * patch_hm, patch_heatmap_loss=patch_hm)
     return metrics, heatmaps, aux
 
 
