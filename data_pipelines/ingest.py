@@ -260,6 +260,9 @@ def _probe_video(path: str) -> int:
         msg = getattr(e, "strerror", None) or str(e)
         raise InputError(f"{path}: cannot open video ({msg}; truncated or not a video "
                          f"file?)") from None
+    except UnicodeDecodeError as e:  # PyAV decodes the metadata tags as UTF-8 when opening
+        raise InputError(f"{path}: cannot open video (metadata is not UTF-8: {e}; corrupt "
+                         f"file?)") from None
 
 
 def _iter_video_file(path: str):

@@ -166,7 +166,9 @@ def read_video(path: str, size, max_frames: int | None = None):
     try:
         frames, fps = reader(path, hw, max_frames)
         video = list(frames)
-    except (av.FFmpegError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+    # UnicodeDecodeError: PyAV decodes the container's metadata tags as UTF-8 when opening it.
+    except (av.FFmpegError, OSError, SyntaxError, UnicodeDecodeError,
+            Image.DecompressionBombError) as e:
         raise MediaError(f"{path} could not be decoded as a video ({type(e).__name__}: {e}); "
                          f"is it a valid {', '.join(VIDEO_EXTS)} file?") from None
     if not video:

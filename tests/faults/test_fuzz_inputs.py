@@ -139,6 +139,24 @@ def test_driving_videos(data):
         assert video.ndim == 4 and video.shape[-1] == 3 and len(video) >= 1
 
 
+def test_driving_video_with_non_utf8_metadata():
+    """A case the fuzzing found: one corrupt byte in the mp4's encoder tag ("Lavf...") made PyAV
+    raise UnicodeDecodeError from av.open; both readers must name the file in their own error."""
+    data = bytearray(VALID[".mp4"])
+    at = data.find(b"Lavf")
+    assert at > 0, "the test mp4 no longer carries the encoder tag"
+    data[at] = 0xCC  # a UTF-8 continuation byte where a start byte must be
+    for reader, error in ((lambda p: media.read_video(p, 32), media.MediaError),
+                          (ingest.read_video, ingest.InputError)):
+        path = _file(".mp4", bytes(data))
+        try:
+            with pytest.raises(error, match="could not be decoded|cannot open") as e:
+                reader(path)
+            assert path in str(e.value)
+        finally:
+            os.unlink(path)
+
+
 @pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
 @FUZZ
 @given(payload=st.binary(max_size=300))
