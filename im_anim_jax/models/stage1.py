@@ -33,9 +33,7 @@ class PatchHeatmapHead(nn.Module):
         if s * g != self.heatmap_size:
             raise ValueError(f"the patch heatmap head needs heatmap_size {self.heatmap_size} to be "
                              f"a multiple of the {g}x{g} patch grid")
-        x = nn.LayerNorm(dtype=self.dtype, name="norm",
-                         scale_init=layers.axes(nn.initializers.ones, "embed"),
-                         bias_init=layers.axes(nn.initializers.zeros, "embed"))(patches)
+        x = layers.layer_norm("norm", self.dtype, eps=1e-6)(patches)
         x = layers.dense(self.num_joints * s * s, "embed", None, "proj", self.dtype)(x)
         x = x.reshape(b, g, g, self.num_joints, s, s).transpose(0, 3, 1, 4, 2, 5)
         return x.reshape(b, self.num_joints, g * s, g * s).astype(jnp.float32)
