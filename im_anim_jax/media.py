@@ -9,6 +9,7 @@ from __future__ import annotations
 import fractions
 import os
 import re
+import struct
 import uuid
 
 import av
@@ -107,11 +108,16 @@ def _gif(path: str, hw, max_frames):
 
     def frames():
         with Image.open(path) as img:
-            for i, frame in enumerate(ImageSequence.Iterator(img)):
-                if i == max_frames:
-                    return
-                durations.append(frame.info.get("duration", 0))
-                yield _fit(frame, hw, path)
+            try:
+                for i, frame in enumerate(ImageSequence.Iterator(img)):
+                    if i == max_frames:
+                        return
+                    durations.append(frame.info.get("duration", 0))
+                    yield _fit(frame, hw, path)
+            # Pillow's GIF seek reads past the end of a truncated frame header without a check.
+            except (IndexError, struct.error) as e:
+                raise OSError(f"truncated GIF frame {len(durations)} ({type(e).__name__}: "
+                              f"{e})") from None
 
     def fps():
         return 1000.0 / np.mean(durations) if min(durations, default=0) > 0 else DEFAULT_FPS
@@ -132,8 +138,10 @@ def _av(path: str, hw, max_frames):
     """Video container -> (frame iterator, fps); the container closes when the iterator ends."""
     container = av.open(path)
     if not container.streams.video:
+        fmt = container.format.name
         container.close()
-        raise MediaError(f"{path} has no video stream")
+        raise MediaError(f"{path} could not be decoded as a video: it has no video stream "
+                         f"(FFmpeg read it as '{fmt}')")
     stream = container.streams.video[0]
     rate = stream.average_rate or stream.guessed_rate
     fps = float(rate) if rate else DEFAULT_FPS

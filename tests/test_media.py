@@ -214,6 +214,26 @@ def test_corrupt_files(tmp_path, name):
         read(str(path), 16)
 
 
+def test_truncated_gif_at_every_length(tmp_path):
+    """Cutting a 3-frame GIF anywhere gives its frames or a MediaError; Pillow's own IndexError and
+    struct.error from a cut frame header (found by the CI fuzz test) must not escape."""
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 255, (24, 24, 3), np.uint8)) for _ in range(3)]
+    frames[0].save(tmp_path / "v.gif", save_all=True, append_images=frames[1:], duration=40)
+    data = (tmp_path / "v.gif").read_bytes()
+    outcomes = set()
+    for n in range(len(data)):
+        (tmp_path / "cut.gif").write_bytes(data[:n])
+        try:
+            video, _ = media.read_video(str(tmp_path / "cut.gif"), 16)
+            assert video.shape[1:] == (16, 16, 3) and 1 <= len(video) <= 3
+            outcomes.add("frames")
+        except MediaError as e:
+            assert "cut.gif could not be decoded as a video" in str(e) or "no video frames" in str(e)
+            outcomes.add("error")
+    assert outcomes == {"frames", "error"}
+
+
 def _header_only(path, codec):
     """A container with a video stream but no frames."""
     with av.open(path, mode="w") as c:
@@ -227,7 +247,7 @@ def test_empty_video(tmp_path):
     with pytest.raises(MediaError, match="empty.avi contains no video frames"):
         media.read_video(str(tmp_path / "empty.avi"), 16)
     _header_only(str(tmp_path / "empty.mp4"), "libx264")  # mp4 drops a stream without packets
-    with pytest.raises(MediaError, match="empty.mp4 has no video stream"):
+    with pytest.raises(MediaError, match="empty.mp4 could not be decoded as a video: it has no video stream"):
         media.read_video(str(tmp_path / "empty.mp4"), 16)
 
 
