@@ -206,10 +206,11 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
 
 def augmentation(enabled: bool) -> ml_collections.ConfigDict:
     """Clip augmentation (data_pipelines/augment.py: ClipAugment): zoom range, shift (fraction of
-    the frame), colour jitter strengths."""
+    the frame), colour jitter strengths, left-right mirror probability (stage 1 only: stages 2
+    and 3 supervise with the unmirrored clip)."""
     return ml_collections.ConfigDict(dict(
         enabled=enabled, scale=(0.75, 1.25), shift=0.15, brightness=0.2, contrast=0.2,
-        saturation=0.2, hue=0.05))
+        saturation=0.2, hue=0.05, flip=0.0))
 
 
 def wan_dit(preset: str) -> ml_collections.ConfigDict:

@@ -119,16 +119,30 @@ class ClipAugment:
     hue: float = 0.05
     fill: int = 0
     supervise_original: bool = True  # target = the original clip's keypoints (paper, Stage 2)
+    flip: float = 0.0  # probability of a left-right mirror (joints relabelled: skeleton.MIRROR)
+
+    def __post_init__(self):
+        if not 0.0 <= self.flip <= 1.0:
+            raise ValueError(f"flip is a probability in [0, 1], got {self.flip}")
+        if self.flip and self.supervise_original:
+            raise ValueError("flip needs supervise_original=False: a mirrored clip cannot be "
+                             "supervised with the original clip's (unmirrored) keypoints")
 
     def __call__(self, frames, keypoints, rng: np.random.Generator) -> dict:
         """frames uint8 [T, H, W, 3], keypoints [T, J, 3] -> {"frames": augmented clip,
         "keypoints": keypoints of the augmented clip, "target_keypoints": the original keypoints
-        if supervise_original else the augmented ones, "affine": [2, 3]}."""
+        if supervise_original else the augmented ones, "affine": [2, 3]}. With `flip`, the
+        affine includes the mirror x -> W - 1 - x and each joint takes its mirror's label."""
         frames = _check_frames(frames)
-        affine = random_affine(rng, frames.shape[-3:-1], self.scale, self.shift)
+        size = frames.shape[-3:-1]
+        affine = random_affine(rng, size, self.scale, self.shift)
+        mirror = self.flip > 0 and rng.random() < self.flip   # no draw when flip is off
+        if mirror:
+            affine = affine @ np.array([[-1.0, 0.0, size[1] - 1.0], [0.0, 1.0, 0.0], [0, 0, 1]])
+            keypoints = np.asarray(keypoints)[..., skeleton.MIRROR, :]
         moved = warp_clip(color_jitter(frames, rng, self.brightness, self.contrast,
                                        self.saturation, self.hue), affine, self.fill)
-        kpts = transform_keypoints(keypoints, affine, frames.shape[-3:-1])
+        kpts = transform_keypoints(keypoints, affine, size)
         target = np.asarray(keypoints, np.float32) if self.supervise_original else kpts
         return {"frames": moved, "keypoints": kpts, "target_keypoints": target,
                 "affine": affine.astype(np.float32)}
@@ -136,12 +150,12 @@ class ClipAugment:
 
 def clip_augment(cfg, supervise_original: bool) -> ClipAugment | None:
     """ClipAugment from a config block (enabled, scale, shift, brightness, contrast, saturation,
-    hue); None when not enabled."""
+    hue, flip); None when not enabled."""
     if not cfg.enabled:
         return None
     return ClipAugment(scale=tuple(cfg.scale), shift=cfg.shift, brightness=cfg.brightness,
                        contrast=cfg.contrast, saturation=cfg.saturation, hue=cfg.hue,
-                       supervise_original=supervise_original)
+                       supervise_original=supervise_original, flip=cfg.flip)
 
 
 # ---------------------------------------------------------------- explicit pose augmentation

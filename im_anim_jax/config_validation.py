@@ -176,6 +176,18 @@ def _faults(config, out: list) -> None:
         out.append(f"faults.inject_nan_steps={tuple(f.inject_nan_steps)} must be steps >= 1")
 
 
+def _augment(config, stages, out: list) -> None:
+    for s in stages:
+        aug = config[f"stage{s}"].get("augment")
+        if aug is None or not aug.enabled:
+            continue
+        if not (isinstance(aug.flip, (int, float)) and 0 <= aug.flip <= 1):
+            out.append(f"stage{s}.augment.flip={aug.flip!r} must be a probability in [0, 1]")
+        elif aug.flip and s != 1:
+            out.append(f"stage{s}.augment.flip={aug.flip}: only stage 1 can mirror its clips "
+                       f"(stage {s} supervises the driving clip with the unmirrored original)")
+
+
 def problems(config, stages, workdir: str, num_devices: int | None = None,
              num_processes: int | None = None) -> list[str]:
     """Every problem of `config` for running `stages` in `workdir` (empty: none)."""
@@ -190,6 +202,7 @@ def problems(config, stages, workdir: str, num_devices: int | None = None,
             _schedule(config, section, lrs, divisor, num_processes, out)
     _frames_and_sizes(config, stages, out)
     _prerequisites(config, stages, workdir, out)
+    _augment(config, stages, out)
     _faults(config, out)
     return out
 

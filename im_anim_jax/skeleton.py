@@ -29,6 +29,17 @@ LEFT_HAND = slice(NUM_BODY, NUM_BODY + NUM_HAND)
 RIGHT_HAND = slice(NUM_BODY + NUM_HAND, NUM_JOINTS)
 JOINT_INDEX = {n: i for i, n in enumerate(JOINT_NAMES)}
 
+def _mirrored(name: str) -> str:
+    for a, b in (("l_", "r_"), ("r_", "l_"), ("lhand_", "rhand_"), ("rhand_", "lhand_")):
+        if name.startswith(a):
+            return b + name[len(a):]
+    return name
+
+
+# The joint each joint becomes in a left-right mirrored image: keypoints_mirrored[..., j, :] =
+# keypoints[..., MIRROR[j], :] (x reflected); a permutation and its own inverse.
+MIRROR = np.array([JOINT_INDEX[_mirrored(n)] for n in JOINT_NAMES])
+
 # COCO-WholeBody-133 indices per joint (mean of the listed joints).
 COCO_WHOLEBODY_SOURCES = (
     (0,), (5, 6),

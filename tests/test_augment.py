@@ -1,5 +1,5 @@
-"""Stage-2 augmentation: colour jitter range, crop/scale/pad affine on pixels and keypoints,
-explicit pose augmentation (bone rescale, realignment)."""
+"""Clip augmentation: colour jitter range, crop/scale/pad affine on pixels and keypoints, the
+left-right mirror, explicit pose augmentation (bone rescale, realignment)."""
 import numpy as np
 import pytest
 
@@ -88,6 +88,33 @@ def test_clip_augment_supervises_with_the_original_keypoints(tiny_dataset):
     np.testing.assert_array_equal(moved["target_keypoints"], moved["keypoints"])
     with pytest.raises(ValueError, match="scale"):
         aug.ClipAugment(scale=(1.2, 0.8))(ex["frames"], ex["keypoints"], np.random.default_rng(0))
+
+
+def test_flip_mirrors_pixels_and_relabels_left_and_right(tiny_dataset):
+    ex = records.open_split(tiny_dataset, "train")[0]
+    frames, kpts = ex["frames"], ex["keypoints"]
+    w = frames.shape[2]
+    plain = dict(scale=(1.0, 1.0), shift=0.0, brightness=0, contrast=0, saturation=0, hue=0,
+                 supervise_original=False)
+    out = aug.ClipAugment(flip=1.0, **plain)(frames, kpts, np.random.default_rng(0))
+    np.testing.assert_array_equal(out["frames"], frames[:, :, ::-1])
+    np.testing.assert_array_equal(out["target_keypoints"], out["keypoints"])
+    lw, rw = sk.JOINT_INDEX["l_wrist"], sk.JOINT_INDEX["r_wrist"]
+    np.testing.assert_allclose(out["keypoints"][:, lw, 0], w - 1 - kpts[:, rw, 0], atol=1e-4)
+    np.testing.assert_allclose(out["keypoints"][:, sk.LEFT_HAND, 1], kpts[:, sk.RIGHT_HAND, 1],
+                               atol=1e-4)
+    # The renderer's characters face the viewer (left shoulder on the image's right); relabelling
+    # keeps that true of the mirrored clip, so it is a plausible rendered clip.
+    ls, rs = sk.JOINT_INDEX["l_shoulder"], sk.JOINT_INDEX["r_shoulder"]
+    for k in (kpts, out["keypoints"]):
+        assert np.all(k[:, ls, 0] > k[:, rs, 0])
+    mirrored = [aug.ClipAugment(flip=0.5, **plain)(frames, kpts, np.random.default_rng(s))[
+        "affine"][0, 0] < 0 for s in range(40)]
+    assert 10 < sum(mirrored) < 30
+    with pytest.raises(ValueError, match="flip needs supervise_original=False"):
+        aug.ClipAugment(flip=0.5)
+    with pytest.raises(ValueError, match="probability"):
+        aug.ClipAugment(flip=2.0, supervise_original=False)
 
 
 def test_rescale_bones_keeps_directions_and_scales_lengths():
