@@ -87,9 +87,13 @@ def warp_clip(frames, affine, fill: int = 0) -> np.ndarray:
     # Source coordinates in a frame padded by one `fill` pixel on every side.
     sx = np.clip(inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2] + 1, 0, w + 1)
     sy = np.clip(inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2] + 1, 0, h + 1)
+    pad = [(0, 0)] * (frames.ndim - 3) + [(1, 1), (1, 1), (0, 0)]
+    if max(np.abs(sx - np.rint(sx)).max(), np.abs(sy - np.rint(sy)).max()) < 1e-6:
+        # Whole-pixel moves (mirror, integer shift): the bilinear weights are 0/1, so gather.
+        p = np.pad(frames, pad, constant_values=fill)
+        return p[..., np.rint(sy).astype(int), np.rint(sx).astype(int), :]
     x0, y0 = np.minimum(np.floor(sx), w).astype(int), np.minimum(np.floor(sy), h).astype(int)
     fx, fy = (sx - x0)[..., None].astype(np.float32), (sy - y0)[..., None].astype(np.float32)
-    pad = [(0, 0)] * (frames.ndim - 3) + [(1, 1), (1, 1), (0, 0)]
     p = np.pad(frames, pad, constant_values=fill).astype(np.float32)
     top = p[..., y0, x0, :] * (1 - fx) + p[..., y0, x0 + 1, :] * fx
     bottom = p[..., y0 + 1, x0, :] * (1 - fx) + p[..., y0 + 1, x0 + 1, :] * fx
@@ -140,8 +144,10 @@ class ClipAugment:
         if mirror:
             affine = affine @ np.array([[-1.0, 0.0, size[1] - 1.0], [0.0, 1.0, 0.0], [0, 0, 1]])
             keypoints = np.asarray(keypoints)[..., skeleton.MIRROR, :]
-        moved = warp_clip(color_jitter(frames, rng, self.brightness, self.contrast,
-                                       self.saturation, self.hue), affine, self.fill)
+        if any((self.brightness, self.contrast, self.saturation, self.hue)):  # else no draw
+            frames = color_jitter(frames, rng, self.brightness, self.contrast, self.saturation,
+                                  self.hue)
+        moved = warp_clip(frames, affine, self.fill)
         kpts = transform_keypoints(keypoints, affine, size)
         target = np.asarray(keypoints, np.float32) if self.supervise_original else kpts
         return {"frames": moved, "keypoints": kpts, "target_keypoints": target,

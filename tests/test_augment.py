@@ -75,6 +75,20 @@ def test_pad_fills_and_joints_leaving_the_frame_lose_confidence():
     np.testing.assert_array_equal(moved[0, :, 2], [1, 0])
 
 
+@pytest.mark.parametrize("affine", [[[-1.0, 0.0, 15.0], [0.0, 1.0, 0.0]],     # mirror
+                                    [[1.0, 0.0, -5.0], [0.0, 1.0, 4.0]],      # shift, fills
+                                    [[-1.0, 0.0, 20.0], [0.0, 1.0, -3.0]]])   # both
+def test_whole_pixel_moves_equal_the_bilinear_warp(affine):
+    """warp_clip gathers for whole-pixel moves; a 1e-4 px nudge takes the bilinear path, whose
+    result must be the same pixels (the nudge moves no value by half a level)."""
+    frames = np.random.default_rng(0).integers(8, 256, (3, 16, 16, 3), dtype=np.uint8)
+    affine = np.array(affine)
+    nudged = affine + np.array([[0, 0, 1e-4], [0, 0, 1e-4]])
+    fast = aug.warp_clip(frames, affine, fill=7)
+    np.testing.assert_array_equal(fast, aug.warp_clip(frames, nudged, fill=7))
+    assert fast.dtype == np.uint8 and (fast == 7).any() == (affine[:, 2] != [15, 0]).any()
+
+
 def test_clip_augment_supervises_with_the_original_keypoints(tiny_dataset):
     ex = records.open_split(tiny_dataset, "train")[0]
     out = aug.ClipAugment()(ex["frames"], ex["keypoints"], np.random.default_rng(3))
