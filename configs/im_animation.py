@@ -50,6 +50,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.data.heatmap_sigma = 2.0       # in heatmap pixels
     c.data.conf_threshold = 0.3      # joints below it get zero heatmap weight
     c.data.num_workers = 0           # grain worker processes (0: in the training process)
+    c.data.render_workers = 0        # processes rendering the synthetic set (0: one per core)
     c.data.read_threads = 2
 
     # ---- model ----
@@ -286,6 +287,7 @@ def _small(c, variant):
                                warmup_steps=20 if demo else 2, batch_size=16 if demo else 2,
                                log_every=50 if demo else 3, checkpoint_every=200 if demo else 3))
     c.data.heatmap_sigma = 1.5
+    c.data.render_workers = 0 if demo else 1   # tiny sets render in a blink: no process start-up
     c.data.synthetic.update(dict(
         image_size=c.model.motion_tokenizer.image_size, shards_per_split=2 if demo else 1,
         num_train_identities=256 if demo else 6, num_heldout_identities=8 if demo else 2,

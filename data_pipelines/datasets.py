@@ -25,7 +25,8 @@ def resolve(config, workdir: str, log=print) -> str:
     if jax.process_index() == 0:
         t0 = time.perf_counter()
         existed = records.is_dataset(path)
-        synthetic.ensure_dataset(path, **config.data.synthetic.to_dict())
+        synthetic.ensure_dataset(path, workers=config.data.render_workers,
+                                 **config.data.synthetic.to_dict())
         if not existed:
             log(f"[data] rendered the synthetic character set into {path} "
                 f"in {time.perf_counter() - t0:.1f}s")

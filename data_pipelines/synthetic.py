@@ -25,8 +25,12 @@ fractions, so one identity renders at any size.
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
+import contextlib
 import inspect
 import math
+import multiprocessing as mp
 import os
 import sys
 import time
@@ -1023,49 +1027,83 @@ def _validate(args: dict) -> dict:
     return out
 
 
+def _render_identity(seed: int, identity_id: int, motion_ids, clip_frames: int,
+                     image_size: int) -> tuple[dict, list]:
+    """Identity `identity_id` and its clips [(frames, keypoints)], one per motion id."""
+    ident = make_identity(seed, identity_id, image_size)
+    return ident, [render_clip(ident, make_motion(seed, m), clip_frames, image_size)
+                   for m in motion_ids]
+
+
+def _bounded_map(pool, jobs, in_flight: int):
+    """_render_identity over jobs in `pool`, in order, at most `in_flight` at a time (one
+    identity's clips at the paper's size are ~250 MB)."""
+    pending = collections.deque()
+    for job in jobs:
+        pending.append(pool.submit(_render_identity, *job))
+        if len(pending) >= in_flight:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _check_workers(workers) -> int:
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0:
+        raise ValueError(f"workers must be an integer >= 0 (0: one per CPU core), got {workers!r}")
+    return int(workers) or os.cpu_count() or 1
+
+
 def make_dataset(path: str, *, seed: int = 0, num_train_identities: int = 40,
                  num_heldout_identities: int = 8, num_train_motions: int = 16,
                  num_heldout_motions: int = 4, clip_frames: int = 17, image_size: int = 64,
-                 shards_per_split: int = 1, overwrite: bool = False) -> str:
+                 shards_per_split: int = 1, overwrite: bool = False, workers: int = 1) -> str:
     """Renders the dataset into `path` (records.DatasetWriter format); returns its path.
 
     Identity ids 0..Ni-1 are train, Ni..Ni+Nh-1 held out; motion ids likewise. Split "train" =
     every train identity x every train motion; "test" = every held-out identity x every
     held-out motion. Identity i / motion m come from rngs seeded with (seed, 0, i) / (seed, 1, m).
+    `workers` > 1 renders identities in that many spawned processes (0: one per CPU core); the
+    records and their order do not depend on it.
     """
     args = _validate(dict(seed=seed, num_train_identities=num_train_identities,
                           num_heldout_identities=num_heldout_identities,
                           num_train_motions=num_train_motions,
                           num_heldout_motions=num_heldout_motions, clip_frames=clip_frames,
                           image_size=image_size, shards_per_split=shards_per_split))
+    workers = _check_workers(workers)
     ni, nm = args["num_train_identities"], args["num_train_motions"]
     splits = {
         "train": (range(ni), range(nm)),
         "test": (range(ni, ni + args["num_heldout_identities"]),
                  range(nm, nm + args["num_heldout_motions"])),
     }
+    spawned = (concurrent.futures.ProcessPoolExecutor(workers, mp.get_context("spawn"))
+               if workers > 1 else contextlib.nullcontext())
     with records.DatasetWriter(path, DATASET_NAME, shards_per_split=args["shards_per_split"],
-                               overwrite=overwrite) as w:
+                               overwrite=overwrite) as w, spawned as pool:
         for split, (ids, mids) in splits.items():
-            motions = {m: make_motion(args["seed"], m) for m in mids}
+            families = {m: make_motion(args["seed"], m)["family"] for m in mids}
             role = "train" if split == "train" else "heldout"
-            for i in ids:
-                ident = make_identity(args["seed"], i, args["image_size"])
-                for m, motion in motions.items():
-                    frames, kpts = render_clip(ident, motion, args["clip_frames"],
-                                               args["image_size"])
+            jobs = [(args["seed"], i, tuple(mids), args["clip_frames"], args["image_size"])
+                    for i in ids]
+            rendered = (_bounded_map(pool, jobs, 2 * workers) if pool
+                        else (_render_identity(*job) for job in jobs))
+            for (_, i, *_), (ident, clips) in zip(jobs, rendered):
+                for m, (frames, kpts) in zip(mids, clips):
                     w.add(split, {"frames": frames, "keypoints": kpts, "identity_id": np.int32(i),
                                   "motion_id": np.int32(m), "shape_params": ident["shape_params"]},
-                          {"framing": ident["framing"], "family": motion["family"],
+                          {"framing": ident["framing"], "family": families[m],
                            "split_role": role})
         return w.close(description="Procedurally rendered 2D characters (synthetic pairs).",
                        metadata={"generator": "synthetic", "version": GENERATOR_VERSION, **args})
 
 
-def ensure_dataset(path: str, **kwargs) -> str:
+def ensure_dataset(path: str, workers: int = 1, **kwargs) -> str:
     """Reuses `path` if it holds a synthetic dataset built with the same arguments, builds it
-    if missing; raises ValueError naming the differing arguments otherwise, a stale
-    GENERATOR_VERSION included (never overwrites: checkpoints may have been trained on it)."""
+    (with `workers` render processes, see make_dataset) if missing; raises ValueError naming the
+    differing arguments otherwise, a stale GENERATOR_VERSION included (never overwrites:
+    checkpoints may have been trained on it)."""
+    _check_workers(workers)
     if "overwrite" in kwargs:
         raise ValueError("ensure_dataset never overwrites; call make_dataset(overwrite=True)")
     try:
@@ -1088,8 +1126,8 @@ def ensure_dataset(path: str, **kwargs) -> str:
     if os.path.exists(path):
         if not os.path.isdir(path) or os.listdir(path):
             raise ValueError(f"{path} exists but is not a clip dataset; refusing to overwrite it")
-        return make_dataset(path, overwrite=True, **args)
-    return make_dataset(path, **args)
+        return make_dataset(path, overwrite=True, workers=workers, **args)
+    return make_dataset(path, workers=workers, **args)
 
 
 # ================================================================ previews and CLI
@@ -1120,15 +1158,18 @@ def main(argv=None) -> int:
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=defaults[k])
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an existing dataset (default: reuse it if the arguments match)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="render processes (default 0: one per CPU core); the data do not depend "
+                         "on it")
     ap.add_argument("--preview", default="", help="also write a PNG contact sheet here")
     a = ap.parse_args(argv)
     kwargs = {k: getattr(a, k) for k in _INT_ARGS}
     t0 = time.perf_counter()
     try:
         if a.overwrite:
-            path = make_dataset(a.out, overwrite=True, **kwargs)
+            path = make_dataset(a.out, overwrite=True, workers=a.workers, **kwargs)
         else:
-            path = ensure_dataset(a.out, **kwargs)
+            path = ensure_dataset(a.out, workers=a.workers, **kwargs)
         if a.preview:
             from PIL import Image
             ids = [make_identity(a.seed, i, a.image_size)

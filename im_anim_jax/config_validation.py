@@ -121,6 +121,9 @@ def _frames_and_sizes(config, stages, out: list) -> None:
         if syn.clip_frames < longest:
             out.append(f"data.synthetic.clip_frames={syn.clip_frames} is shorter than the "
                        f"{longest}-frame clips the stages train on")
+        if not _is_int(config.data.render_workers, 0):
+            out.append(f"data.render_workers={config.data.render_workers!r} must be an integer "
+                       f">= 0 (0: one render process per CPU core)")
 
 
 def _video_size(config, stages, size: int, space: int, out: list) -> None:

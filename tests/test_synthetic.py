@@ -229,6 +229,23 @@ def test_dataset_round_trip_and_pairing(tmp_path):
     assert len(records.open_split(path, "test")) == 1
 
 
+def test_render_processes_write_the_same_dataset(tmp_path):
+    """Two spawned render processes give the single process's records, in the same order."""
+    args = _tiny_args(num_train_identities=3)
+    one, two = (syn.make_dataset(str(tmp_path / f"w{n}"), workers=n, **args) for n in (1, 2))
+    assert records.read_index(one)["splits"] == records.read_index(two)["splits"]
+    for split in ("train", "test"):
+        a, b = records.open_split(one, split), records.open_split(two, split)
+        assert len(a) == len(b) == {"train": 6, "test": 1}[split]
+        for i in range(len(a)):
+            for k in ("frames", "keypoints", "identity_id", "motion_id", "shape_params"):
+                np.testing.assert_array_equal(a[i][k], b[i][k])
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="workers must be an integer >= 0"):
+            syn.make_dataset(str(tmp_path / "bad"), workers=bad, **args)
+    assert not os.path.exists(tmp_path / "bad")
+
+
 def test_ensure_dataset_reuses_and_refuses_mismatch(tmp_path):
     path = str(tmp_path / "ds")
     args = _tiny_args(num_train_identities=1, num_train_motions=1, clip_frames=2, image_size=16)
