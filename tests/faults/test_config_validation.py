@@ -27,6 +27,7 @@ from im_anim_jax import config_validation
      (1,), "heatmap_size=10 to be a multiple of the 4x4 patch grid"),
     ({"stage1.lr": 0.0}, (1,), "stage1.lr=0.0 must be a learning rate in (0, 1)"),
     ({"stage2.augment.flip": 0.5}, (1, 2), "stage2.augment.flip=0.5: only stage 1 can mirror"),
+    ({"data.render_workers": -1}, (1,), "data.render_workers=-1 must be an integer >= 0"),
     ({"stage1.augment.enabled": True, "stage1.augment.flip": 1.5}, (1,),
      "stage1.augment.flip=1.5 must be a probability in [0, 1]"),
     ({"stage3.lr_dit": float("nan")}, (1, 2, 3), "stage3.lr_dit=nan must be a learning rate"),
