@@ -1027,12 +1027,11 @@ def _validate(args: dict) -> dict:
     return out
 
 
-def _render_identity(seed: int, identity_id: int, motion_ids, clip_frames: int,
+def _render_identity(seed: int, identity_id: int, motions, clip_frames: int,
                      image_size: int) -> tuple[dict, list]:
-    """Identity `identity_id` and its clips [(frames, keypoints)], one per motion id."""
+    """Identity `identity_id` and its clips [(frames, keypoints)], one per motion (make_motion)."""
     ident = make_identity(seed, identity_id, image_size)
-    return ident, [render_clip(ident, make_motion(seed, m), clip_frames, image_size)
-                   for m in motion_ids]
+    return ident, [render_clip(ident, motion, clip_frames, image_size) for motion in motions]
 
 
 def _bounded_map(pool, jobs, in_flight: int):
@@ -1082,17 +1081,17 @@ def make_dataset(path: str, *, seed: int = 0, num_train_identities: int = 40,
     with records.DatasetWriter(path, DATASET_NAME, shards_per_split=args["shards_per_split"],
                                overwrite=overwrite) as w, spawned as pool:
         for split, (ids, mids) in splits.items():
-            families = {m: make_motion(args["seed"], m)["family"] for m in mids}
+            motions = {m: make_motion(args["seed"], m) for m in mids}
             role = "train" if split == "train" else "heldout"
-            jobs = [(args["seed"], i, tuple(mids), args["clip_frames"], args["image_size"])
-                    for i in ids]
+            jobs = [(args["seed"], i, tuple(motions.values()), args["clip_frames"],
+                     args["image_size"]) for i in ids]
             rendered = (_bounded_map(pool, jobs, 2 * workers) if pool
                         else (_render_identity(*job) for job in jobs))
             for (_, i, *_), (ident, clips) in zip(jobs, rendered):
                 for m, (frames, kpts) in zip(mids, clips):
                     w.add(split, {"frames": frames, "keypoints": kpts, "identity_id": np.int32(i),
                                   "motion_id": np.int32(m), "shape_params": ident["shape_params"]},
-                          {"framing": ident["framing"], "family": families[m],
+                          {"framing": ident["framing"], "family": motions[m]["family"],
                            "split_role": role})
         return w.close(description="Procedurally rendered 2D characters (synthetic pairs).",
                        metadata={"generator": "synthetic", "version": GENERATOR_VERSION, **args})
