@@ -205,12 +205,13 @@ def test_patch_heatmap_loss_is_weighted_into_the_loss_and_trains_the_encoder(tin
              "keypoints": jax.random.uniform(k[2], (2, 1, 62, 3)) * 32}
     params = nn.unbox(_init(model, batch["frames"]))["params"]
 
+    @functools.partial(jax.jit, static_argnums=1)  # eager dispatch took ~60 s on 2 cores
     def metrics(p, w):
         return stage1.forward_metrics(model, p, batch, m, 1.0, w)[0]
     a, b = metrics(params, 0.0), metrics(params, 0.5)
     assert float(a["patch_heatmap_loss"]) > 0
     np.testing.assert_allclose(b["loss"] - a["loss"], 0.5 * a["patch_heatmap_loss"], rtol=1e-5)
     # the patch head's loss alone reaches the stem through the encoder's patch tokens
-    grads = jax.grad(lambda p: metrics(p, 1.0)["patch_heatmap_loss"])(params)
+    grads = jax.jit(jax.grad(lambda p: metrics(p, 1.0)["patch_heatmap_loss"]))(params)
     assert float(jnp.abs(grads["motion_encoder"]["stem_0_down"]["kernel"]).max()) > 0
     assert float(jnp.abs(grads["joint_decoder"]["head"]["kernel"]).max()) == 0
