@@ -107,5 +107,30 @@ def test_evaluation_reports_every_variant_and_baseline(trained, tiny_dataset):
     assert 0 <= result["reference_pose_pck@0.1"] <= 1
     for name in ("main",) + tuple(stage2.BASELINES):
         figures = result if name == "main" else result["baselines"][name]
-        assert np.isfinite(figures["reference_pose_follow"]), name
-        assert figures["reference_swap_shift"] >= 0, name
+        for kind in ("reference", "driving"):
+            assert np.isfinite(figures[f"{kind}_pose_follow"]), (name, kind)
+            assert figures[f"{kind}_swap_shift"] >= 0, (name, kind)
+
+
+def test_follow_measures_how_far_and_how_faithfully_the_output_moves():
+    """Follow's slope and shift on known moves: a prediction that moves by half the input pose's
+    move (slope 0.5), one that ignores it (0, no shift), weights that mask a joint."""
+    rng = np.random.default_rng(0)
+    pose, pose2 = rng.uniform(0, 16, (2, 3, 5, 4, 2))
+    pred = rng.uniform(0, 16, (3, 5, 4, 2))
+    half = stage2_eval.Follow("driving")
+    half.add(pred, pred + 0.5 * (pose2 - pose), pose, pose2, np.ones((3, 5, 4)), 16)
+    r = half.result()
+    np.testing.assert_allclose(r["driving_pose_follow"], 0.5, rtol=1e-12)
+    expected = np.mean(np.linalg.norm(0.5 * (pose2 - pose) / 16, axis=-1))
+    np.testing.assert_allclose(r["driving_swap_shift"], expected, rtol=1e-12)
+    still = stage2_eval.Follow("reference")
+    still.add(pred, pred, pose[:, :1], pose2[:, :1], np.ones((3, 5, 4)), 16)  # broadcast over T
+    assert still.result() == {"reference_swap_shift": 0.0, "reference_pose_follow": 0.0}
+    masked = stage2_eval.Follow("driving")
+    w = np.ones((3, 5, 4))
+    w[..., 0] = 0  # joint 0 copies the pose's move, but it is masked out
+    moved = pred.copy()
+    moved[..., 0, :] += pose2[..., 0, :] - pose[..., 0, :]
+    masked.add(pred, moved, pose, pose2, w, 16)
+    assert masked.result() == {"driving_swap_shift": 0.0, "driving_pose_follow": 0.0}

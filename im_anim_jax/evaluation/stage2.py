@@ -10,6 +10,9 @@ target = B performing A's motion at the same frames; pairs.PairSource, seed conf
   reference_pose_follow     the reference shuffled to another frame of B (another pose, same
   reference_swap_shift      identity): slope of the prediction's move on the reference pose's
                             move (0: the reference pose does not leak), and the mean move
+  driving_pose_follow       each pair's driving clip swapped for its batch neighbour's (same
+  driving_swap_shift        reference): the same slope on the driving poses' move (ground-truth
+                            keypoints) and mean move; 0 means the output ignores the motion
 for the main model and every trained baseline, plus three explicit, training-free baselines:
   no_retarget       the stage-1 pose of the driving frames pasted onto the reference
   no_retarget_gt    the same with the driving identity's ground-truth keypoints
@@ -75,18 +78,22 @@ class Hits:
 
 
 class Follow:
-    """How far predictions move when only the reference image's pose changes (the same identity,
-    another frame of the same clip): `reference_swap_shift` = mean joint displacement (per-axis
-    normalised like PCK), `reference_pose_follow` = least-squares slope of the prediction's
-    displacement on the reference pose's displacement (1: the output copies the reference pose's
-    change; 0: it ignores it)."""
+    """How far predictions move when only one input changes. `prefix="reference"`: the reference
+    image's pose (same identity, another frame of its clip); `prefix="driving"`: the driving clip
+    (another pair's, same reference). `{prefix}_swap_shift` = mean joint displacement of the
+    prediction (per-axis normalised like PCK); `{prefix}_pose_follow` = least-squares slope of
+    that displacement on the input pose's displacement (reference: 1 copies the reference pose's
+    change, 0 ignores it, the wanted value; driving: 0 ignores the motion)."""
 
-    def __init__(self):
+    def __init__(self, prefix: str):
+        self.prefix = prefix
         self.num = self.den = self.shift = self.weight = 0.0
 
-    def add(self, pred, pred_swapped, ref, ref_swapped, weights, size: int):
-        dp = (np.asarray(pred_swapped) - np.asarray(pred)) / size          # [B, T, J, 2]
-        dr = np.broadcast_to(((ref_swapped - ref) / size)[:, None], dp.shape)
+    def add(self, pred, pred_swapped, pose, pose_swapped, weights, size: int):
+        """pred, pred_swapped [B, T, J, 2]; pose, pose_swapped broadcastable to them (heatmap
+        pixels); weights [B, T, J]."""
+        dp = (np.asarray(pred_swapped) - np.asarray(pred)) / size
+        dr = np.broadcast_to((np.asarray(pose_swapped) - np.asarray(pose)) / size, dp.shape)
         w = np.asarray(weights, np.float64)[..., None]
         self.num += float(np.sum(w * dp * dr))
         self.den += float(np.sum(w * dr * dr))
@@ -94,8 +101,8 @@ class Follow:
         self.weight += float(w.sum())
 
     def result(self) -> dict:
-        return {"reference_swap_shift": self.shift / max(self.weight, 1.0),
-                "reference_pose_follow": self.num / max(self.den, 1e-12)}
+        return {f"{self.prefix}_swap_shift": self.shift / max(self.weight, 1.0),
+                f"{self.prefix}_pose_follow": self.num / max(self.den, 1e-12)}
 
 
 def _swapped_references(src, batch):
@@ -147,7 +154,8 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
     names = list(loaded) + ["no_retarget", "no_retarget_gt", "explicit_realign"]
     cross = {n: Hits(thresholds) for n in names}
     ref_pose = {n: Hits((0.1,)) for n in list(loaded) + ["ground_truth"]}
-    follow = {n: Follow() for n in loaded}
+    follow = {n: Follow("reference") for n in loaded}
+    motion = {n: Follow("driving") for n in loaded}
     src = records.open_split(data_path, config.eval.split)
     vis, ids, pairs = None, set(), 0
     for batch in ds:
@@ -159,6 +167,10 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
         swap_images, swap_kpts = _swapped_references(src, batch)
         swap_tokens = ref_encoder(swap_images)
         swap_w = ref_w * (swap_kpts[:, None, :, 2] >= targets.conf_threshold)
+        other = np.roll(np.arange(len(tokens)), 1)  # each pair gets its neighbour's driving clip
+        drv_gt = to_hm(batch["driving_keypoints"])
+        drv_seen = batch["driving_keypoints"][..., 2] >= targets.conf_threshold
+        other_w = w * drv_seen * drv_seen[other]
         shown = {}
         for n, (cfg, _, params, _) in loaded.items():
             driving = stage2_training.driving_input(cfg, batch["driving"],
@@ -168,8 +180,13 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
             cross[n].add(pred, gt, w, size)
             ref_pose[n].add(pred, ref_gt, ref_w, size)
             swapped = read(jax.device_get(forwards[n](params, driving, swap_tokens)))
-            follow[n].add(pred, swapped, to_hm(batch["reference_keypoints"]), to_hm(swap_kpts),
-                          swap_w, size)
+            follow[n].add(pred, swapped, to_hm(batch["reference_keypoints"])[:, None],
+                          to_hm(swap_kpts)[:, None], swap_w, size)
+            if len(other) > 1:
+                moved = stage2_training.driving_input(cfg, batch["driving"][other],
+                                                      batch["driving_keypoints"][other])
+                motion[n].add(pred, read(jax.device_get(forwards[n](params, moved, tokens))),
+                              drv_gt, drv_gt[other], other_w, size)
             if vis is None:
                 shown[n] = heatmaps[0][:config.eval.num_vis_frames]
         if vis is None:
@@ -182,8 +199,7 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
         drv = read(jax.device_get(s1_forward(batch["driving"])))
         ref = read(jax.device_get(s1_forward(batch["reference"][:, None])))[:, 0]
         cross["no_retarget"].add(drv, gt, w, size)
-        drv_w = batch["driving_keypoints"][..., 2] >= targets.conf_threshold
-        cross["no_retarget_gt"].add(to_hm(batch["driving_keypoints"]), gt, w * drv_w, size)
+        cross["no_retarget_gt"].add(drv_gt, gt, w * drv_seen, size)
         cross["explicit_realign"].add(_realigned(drv, ref, image_size, size), gt, w, size)
         ids.update(int(i) for i in batch["reference_identity_id"])
         pairs += len(batch["driving"])
@@ -191,7 +207,7 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
                                                        if n in ref_pose else {})}
                 for n in names}
     for n, (_, _, _, step) in loaded.items():
-        variants[n].update(follow[n].result(), step=int(step))
+        variants[n].update(follow[n].result(), **motion[n].result(), step=int(step))
     return variants, ref_pose["ground_truth"].result("reference_pose_pck"), vis, dict(
         num_pairs=pairs, num_reference_identities=len(ids))
 
