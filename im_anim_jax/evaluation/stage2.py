@@ -170,7 +170,8 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
         other = np.roll(np.arange(len(tokens)), 1)  # each pair gets its neighbour's driving clip
         drv_gt = to_hm(batch["driving_keypoints"])
         drv_seen = batch["driving_keypoints"][..., 2] >= targets.conf_threshold
-        other_w = w * drv_seen * drv_seen[other]
+        differs = batch["driving_record"] != batch["driving_record"][other]  # a real swap only
+        other_w = w * drv_seen * drv_seen[other] * differs[:, None, None]
         shown = {}
         for n, (cfg, _, params, _) in loaded.items():
             driving = stage2_training.driving_input(cfg, batch["driving"],
