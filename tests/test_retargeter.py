@@ -89,8 +89,8 @@ def test_bad_inputs_raise(params):
         _model().apply(p, motion[:, :4], ref, GRID)
     with pytest.raises(ValueError, match="mode"):
         _model(mode="cross").apply(p, motion, ref, GRID)
-    with pytest.raises(ValueError, match="divisible by 4"):
-        _model(width=18).init(jax.random.key(0), motion, ref, GRID)
+    with pytest.raises(ValueError, match="must be even"):
+        _model(width=17, num_heads=1).init(jax.random.key(0), motion, ref, GRID)
 
 
 def test_token_order_matters_within_each_kind(params):

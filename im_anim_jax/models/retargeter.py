@@ -4,10 +4,14 @@
 
 One transformer over the whole clip: the motion tokens of every frame, the reference patch tokens
 and one learned mask token per reference patch per output frame. Every token kind gets a learned
-type embedding (the mask kind's is the mask token itself: its content is a learned constant);
-positions are fixed sinusoids (any clip length, any patch grid): motion tokens get their frame's
-time plus a learned per-token-index embedding, reference tokens their (row, column) on the patch
-grid, mask tokens their (row, column) and their output frame's time. Attention spans all tokens.
+type embedding (the mask kind's is the mask token itself: its content is a learned constant).
+Positions: a learned embedding per patch of the grid (reference and mask tokens; so a model is
+tied to its patch grid, as a ViT is), a learned per-token-index embedding (motion tokens), and
+time as a fixed sinusoid (any clip length) scaled to the learned embeddings' width^-0.5: motion
+tokens at their frame's time, mask tokens at their output frame's. Both scales matter (README,
+stage 2): with unscaled sinusoids (norm ~sqrt(width/2), nearly the same vector for every position
+of a short clip or a small grid) every query looked alike and the model never read the motion.
+Attention spans all tokens.
 The outputs at the mask positions are M_ret, one token per reference patch per output frame, so
 M_ret lies on the reference patch grid. Reference content reaches M_ret only through attention:
 the mask tokens are the bottleneck that keeps the reference's own pose out of the residual stream.
@@ -99,19 +103,13 @@ def frame_layout(num_frames: int, output_frames: str) -> FrameLayout:
     return FrameLayout(times, TEMPORAL_STRIDE, out, slot)
 
 
-# ---------------------------------------------------------------- fixed positional embeddings
+# ---------------------------------------------------------------- time positions
 def sincos(pos, dim: int) -> np.ndarray:
     """Positions [...] (any real) -> [..., dim] float32 = [sin(pos f) | cos(pos f)],
     f_i = 10000^(-i / (dim/2))."""
     half = dim // 2
     ang = np.asarray(pos, np.float64)[..., None] * 10000.0 ** (-np.arange(half) / half)
     return np.concatenate([np.sin(ang), np.cos(ang)], -1).astype(np.float32)
-
-
-def grid_sincos(grid: tuple[int, int], dim: int) -> np.ndarray:
-    """Patch grid (Hp, Wp) -> [Hp*Wp, dim] (row-major patches): [sincos(row) | sincos(col)]."""
-    rows, cols = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
-    return np.concatenate([sincos(rows.ravel(), dim // 2), sincos(cols.ravel(), dim // 2)], -1)
 
 
 def _check_grid(tokens, grid) -> int:
@@ -123,8 +121,8 @@ def _check_grid(tokens, grid) -> int:
 
 
 def _check_width(width: int, num_heads: int) -> None:
-    if width % 4 or width % num_heads:
-        raise ValueError(f"width {width} must be divisible by 4 (row/column sinusoids) and by "
+    if width % 2 or width % num_heads:
+        raise ValueError(f"width {width} must be even (sin/cos time positions) and divisible by "
                          f"num_heads {num_heads}")
 
 
@@ -158,13 +156,14 @@ class Retargeter(nn.Module):
         scale = w ** -0.5
         kinds = layers.embedding_param(self, "token_type_embedding", (2, w), scale, None, "embed")
         index = layers.embedding_param(self, "motion_index_embedding", (n, w), scale, None, "embed")
-        space = jnp.asarray(grid_sincos(grid, w), self.dtype)                      # [P, W]
+        space = layers.embedding_param(self, "grid_embedding", (p, w), scale, None,
+                                       "embed").astype(self.dtype)                 # [P, W]
         m = layers.dense(w, None, "embed", "motion_embed", self.dtype)(motion.astype(self.dtype))
         m = m + (kinds[0] + index).astype(self.dtype) + jnp.asarray(
-            sincos(np.arange(t), w)[:, None], self.dtype)
+            scale * sincos(np.arange(t), w)[:, None], self.dtype)
         r = layers.dense(w, None, "embed", "reference_embed", self.dtype)(
             reference.astype(self.dtype)) + kinds[1].astype(self.dtype) + space
-        when = jnp.asarray(sincos(layout.times, w), self.dtype)[:, None]           # [T_out, 1, W]
+        when = jnp.asarray(scale * sincos(layout.times, w), self.dtype)[:, None]   # [T_out, 1, W]
         if self.mode == "mask_token":
             mask = layers.embedding_param(self, "mask_token", (1, w), scale, None, "embed")
             queries = jnp.broadcast_to(mask.astype(self.dtype) + space + when, (b, t_out, p, w))
@@ -189,8 +188,8 @@ class JointHead(nn.Module):
     frames, for the stage-1 joint decoder (eq. 6 supervision of M_ret).
 
     Per output frame, a transformer over [J x slots learned queries ++ that frame's M_ret tokens
-    (+ grid sinusoids)]; query (slot s, joint j) = joint embedding j + slot embedding s. Video
-    frame t reads the queries of its (output frame, slot) from `frame_layout`.
+    (+ a learned embedding per patch)]; query (slot s, joint j) = joint embedding j + slot
+    embedding s. Video frame t reads the queries of its (output frame, slot) from `frame_layout`.
     """
     num_joints: int
     width: int
@@ -214,7 +213,8 @@ class JointHead(nn.Module):
         w, j, s = self.width, self.num_joints, layout.slots
         scale = w ** -0.5
         x = layers.dense(w, None, "embed", "input_embed", self.dtype)(m_ret.astype(self.dtype))
-        x = (x + jnp.asarray(grid_sincos(grid, w), self.dtype)).reshape(b * t_out, p, w)
+        space = layers.embedding_param(self, "grid_embedding", (p, w), scale, None, "embed")
+        x = (x + space.astype(self.dtype)).reshape(b * t_out, p, w)
         joint = layers.embedding_param(self, "joint_query", (j, w), scale, "joints", "embed")
         slot = layers.embedding_param(self, "slot_embedding", (s, w), scale, None, "embed")
         queries = (slot[:, None] + joint[None]).reshape(s * j, w).astype(self.dtype)
