@@ -310,7 +310,7 @@ def _small(c, variant):
                          clip_frames=5, log_every=50 if demo else 3,
                          checkpoint_every=200 if demo else 3))
     # The demo keeps the stage-1 motion encoder: trained here (the paper's setting) its tokens
-    # collapse (codebook perplexity ~50 of 4096 at step 400) and the output ignores the motion
+    # collapse (codebook perplexity 57 of 4096 at step 400) and the output ignores the motion
     # (cross_pck@0.1 0.488, driving_pose_follow 0.000); kept, 0.514 and 0.20 (README, stage 2).
     c.stage2.train_motion_encoder = not demo
     # The demo trains the one ablation the stage-2 bar compares against (10 minutes each on 2
