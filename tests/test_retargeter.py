@@ -160,3 +160,34 @@ def test_joint_head_reads_each_video_frame_from_its_latent_frame():
     assert not np.allclose(out[:, 1], out[:, 2], atol=1e-4)   # frames of one group differ (slots)
     with pytest.raises(ValueError, match="output frames"):
         head.apply(params, m_ret, GRID, 5)
+
+
+def test_positions_do_not_drown_the_content():
+    """The regression behind stage 2 ignoring the motion (README, stage 2): at the demo's width,
+    fixed sinusoids of norm ~8 against ~3 for a motion token's content made every token at a
+    position look alike, and every mask query alike across the 2x2 grid. After ln_pre, at init:
+    two different motion-token sets at the same positions have mean cosine 0.55 (0.94 with the
+    old positions) and mask queries of different patches 0.47 (0.98 before); both must stay
+    below 0.75."""
+    t, n, c, grid = 5, 32, 12, (2, 2)
+    model = rt.Retargeter(width=128, depth=1, num_heads=4, out_dim=128)
+    keys = jax.random.split(jax.random.key(0), 4)
+    unit = lambda k: jax.random.normal(k, (1, t, n, c)) / np.sqrt(c)  # noqa: E731  (VQ: l2 ~1)
+    m1, m2, ref = unit(keys[0]), unit(keys[1]), jax.random.normal(keys[2], (1, 4, 192))
+    variables = model.init(keys[3], m1, ref, grid)
+
+    def ln_pre(m):
+        _, state = model.apply(variables, m, ref, grid,
+                               capture_intermediates=lambda mdl, _: mdl.name == "ln_pre")
+        return np.asarray(state["intermediates"]["ln_pre"]["__call__"][0][0])
+
+    def cos(x, y):
+        return np.sum(x * y, -1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
+
+    a, b = ln_pre(m1), ln_pre(m2)
+    motion_cos = cos(a[:t * n], b[:t * n]).mean()
+    queries = a[t * n + 4:].reshape(2, 4, -1)                  # 2 latent frames x 4 patches
+    patch_cos = np.mean([cos(queries[f, i], queries[f, j])
+                         for f in range(2) for i in range(4) for j in range(i + 1, 4)])
+    assert motion_cos < 0.75, f"motion tokens at one position look alike: cosine {motion_cos:.3f}"
+    assert patch_cos < 0.75, f"mask queries of different patches look alike: {patch_cos:.3f}"
