@@ -1007,7 +1007,8 @@ def render_clip(identity: dict, motion: dict, num_frames: int, size: int,
 
 # ================================================================ datasets
 _INT_ARGS = ("seed", "num_train_identities", "num_heldout_identities", "num_train_motions",
-             "num_heldout_motions", "clip_frames", "image_size", "shards_per_split")
+             "num_heldout_motions", "motions_per_identity", "clip_frames", "image_size",
+             "shards_per_split")
 
 
 def _validate(args: dict) -> dict:
@@ -1018,13 +1019,34 @@ def _validate(args: dict) -> dict:
             raise ValueError(f"{k} must be an integer, got {v!r}")
         out[k] = int(v)
     for k in _INT_ARGS[1:]:
-        if out[k] < 1 and k != "image_size":
+        if out[k] < 1 and k not in ("image_size", "motions_per_identity"):
             raise ValueError(f"{k} must be >= 1, got {out[k]}")
+    k, ni, nm = out["motions_per_identity"], out["num_train_identities"], out["num_train_motions"]
+    if k < 0 or k == 1:
+        raise ValueError(f"motions_per_identity must be 0 (every motion) or >= 2 (stage-2 pairs "
+                         f"take the reference image from another motion), got {k}")
+    if 0 < k < nm and ni * k < 2 * nm:
+        raise ValueError(f"motions_per_identity={k}: {ni} train identities x {k} motions leave some "
+                         f"of the {nm} train motions with fewer than 2 performers (pairs need 2); "
+                         f"need num_train_identities * motions_per_identity >= "
+                         f"2 * num_train_motions")
     if out["seed"] < 0:
         raise ValueError(f"seed must be >= 0, got {out['seed']}")
     if not 16 <= out["image_size"] <= 1024:
         raise ValueError(f"image_size must be in [16, 1024], got {out['image_size']}")
     return out
+
+
+def motion_assignment(identity_ids, motion_ids, per_identity: int) -> dict:
+    """{identity: motions it performs}: every motion (per_identity 0 or >= their number), else
+    the r-th identity a run of `per_identity` consecutive motions from (r * per_identity) mod M.
+    The runs tile the motions in turn, so each has floor or ceil of N * per_identity / M
+    performers."""
+    mids = list(motion_ids)
+    if not 0 < per_identity < len(mids):
+        return {i: tuple(mids) for i in identity_ids}
+    return {i: tuple(mids[(r * per_identity + j) % len(mids)] for j in range(per_identity))
+            for r, i in enumerate(identity_ids)}
 
 
 def _render_identity(seed: int, identity_id: int, motions, clip_frames: int,
@@ -1054,20 +1076,23 @@ def _check_workers(workers) -> int:
 
 def make_dataset(path: str, *, seed: int = 0, num_train_identities: int = 40,
                  num_heldout_identities: int = 8, num_train_motions: int = 16,
-                 num_heldout_motions: int = 4, clip_frames: int = 17, image_size: int = 64,
-                 shards_per_split: int = 1, overwrite: bool = False, workers: int = 1) -> str:
+                 num_heldout_motions: int = 4, motions_per_identity: int = 0,
+                 clip_frames: int = 17, image_size: int = 64, shards_per_split: int = 1,
+                 overwrite: bool = False, workers: int = 1) -> str:
     """Renders the dataset into `path` (records.DatasetWriter format); returns its path.
 
     Identity ids 0..Ni-1 are train, Ni..Ni+Nh-1 held out; motion ids likewise. Split "train" =
-    every train identity x every train motion; "test" = every held-out identity x every
-    held-out motion. Identity i / motion m come from rngs seeded with (seed, 0, i) / (seed, 1, m).
+    every train identity x every train motion, or with `motions_per_identity` k > 0 each train
+    identity x k of them (motion_assignment: many motions at the same clip count); "test" =
+    every held-out identity x every held-out motion. Identity i / motion m come from rngs seeded with (seed, 0, i) / (seed, 1, m).
     `workers` > 1 renders identities in that many spawned processes (0: one per CPU core); the
     records and their order do not depend on it.
     """
     args = _validate(dict(seed=seed, num_train_identities=num_train_identities,
                           num_heldout_identities=num_heldout_identities,
                           num_train_motions=num_train_motions,
-                          num_heldout_motions=num_heldout_motions, clip_frames=clip_frames,
+                          num_heldout_motions=num_heldout_motions,
+                          motions_per_identity=motions_per_identity, clip_frames=clip_frames,
                           image_size=image_size, shards_per_split=shards_per_split))
     workers = _check_workers(workers)
     ni, nm = args["num_train_identities"], args["num_train_motions"]
@@ -1083,12 +1108,14 @@ def make_dataset(path: str, *, seed: int = 0, num_train_identities: int = 40,
         for split, (ids, mids) in splits.items():
             motions = {m: make_motion(args["seed"], m) for m in mids}
             role = "train" if split == "train" else "heldout"
-            jobs = [(args["seed"], i, tuple(motions.values()), args["clip_frames"],
+            per = args["motions_per_identity"] if split == "train" else 0
+            assigned = motion_assignment(ids, mids, per)
+            jobs = [(args["seed"], i, tuple(motions[m] for m in assigned[i]), args["clip_frames"],
                      args["image_size"]) for i in ids]
             rendered = (_bounded_map(pool, jobs, 2 * workers) if pool
                         else (_render_identity(*job) for job in jobs))
             for (_, i, *_), (ident, clips) in zip(jobs, rendered):
-                for m, (frames, kpts) in zip(mids, clips):
+                for m, (frames, kpts) in zip(assigned[i], clips):
                     w.add(split, {"frames": frames, "keypoints": kpts, "identity_id": np.int32(i),
                                   "motion_id": np.int32(m), "shape_params": ident["shape_params"]},
                           {"framing": ident["framing"], "family": motions[m]["family"],

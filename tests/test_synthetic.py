@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from data_pipelines import records
+from data_pipelines import pairs, records
 from data_pipelines import synthetic as syn
 from im_anim_jax import skeleton as sk
 
@@ -227,6 +227,39 @@ def test_dataset_round_trip_and_pairing(tmp_path):
         np.testing.assert_array_equal(ex["keypoints"], kpts)
         np.testing.assert_array_equal(ex["shape_params"], ident["shape_params"])
     assert len(records.open_split(path, "test")) == 1
+
+
+def test_motions_per_identity_spreads_many_motions_over_the_identities(tmp_path):
+    """k motions per train identity: runs of k motions tiling the motions in turn, so each has
+    floor or ceil of N k / M performers; the records are those identities' renders; every clip
+    finds a cross-identity partner; the held-out split keeps every motion."""
+    assert syn.motion_assignment(range(4), range(10, 16), 3) == {
+        0: (10, 11, 12), 1: (13, 14, 15), 2: (10, 11, 12), 3: (13, 14, 15)}
+    uneven = syn.motion_assignment(range(5), range(4), 2)
+    assert sorted(np.bincount(np.concatenate([list(v) for v in uneven.values()]))) == [2, 2, 3, 3]
+    for k in (0, 3, 7):   # 0 or at least every motion: all of them
+        assert syn.motion_assignment(range(2), range(3), k) == {0: (0, 1, 2), 1: (0, 1, 2)}
+    path = str(tmp_path / "ds")
+    args = _tiny_args(num_train_identities=4, num_train_motions=4, num_heldout_motions=2,
+                      motions_per_identity=2, clip_frames=2, image_size=16)
+    syn.make_dataset(path, **args)
+    index = records.read_index(path)
+    assert index["metadata"]["motions_per_identity"] == 2
+    train, test = index["splits"]["train"], index["splits"]["test"]
+    assert [(e["identity_id"], e["motion_id"]) for e in train] == [
+        (0, 0), (0, 1), (1, 2), (1, 3), (2, 0), (2, 1), (3, 2), (3, 3)]
+    assert sorted((e["identity_id"], e["motion_id"]) for e in test) == [(4, 4), (4, 5)]
+    ex = records.open_split(path, "train")[2]                 # identity 1, motion 2
+    frames, _ = syn.render_clip(syn.make_identity(3, 1, 16), syn.make_motion(3, 2), 2, 16)
+    np.testing.assert_array_equal(ex["frames"], frames)
+    found = pairs.make_pairs(train, clip_frames=2, seed=0)
+    assert len(found.unpaired) == 0 and len(found) == len(train)
+    for bad in (1, -1):
+        with pytest.raises(ValueError, match="0 \\(every motion\\) or >= 2"):
+            syn.make_dataset(str(tmp_path / "bad"), **dict(args, motions_per_identity=bad))
+    with pytest.raises(ValueError, match="fewer than 2 performers"):
+        syn.make_dataset(str(tmp_path / "bad"), **dict(args, num_train_motions=5))
+    assert not os.path.exists(tmp_path / "bad")
 
 
 def test_render_processes_write_the_same_dataset(tmp_path):
