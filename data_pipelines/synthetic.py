@@ -1009,6 +1009,8 @@ def render_clip(identity: dict, motion: dict, num_frames: int, size: int,
 _INT_ARGS = ("seed", "num_train_identities", "num_heldout_identities", "num_train_motions",
              "num_heldout_motions", "motions_per_identity", "clip_frames", "image_size",
              "shards_per_split")
+# Arguments added after datasets had been written, with the value those datasets were built with.
+_LATER_ARGS = {"motions_per_identity": 0}
 
 
 def _validate(args: dict) -> dict:
@@ -1084,7 +1086,8 @@ def make_dataset(path: str, *, seed: int = 0, num_train_identities: int = 40,
     Identity ids 0..Ni-1 are train, Ni..Ni+Nh-1 held out; motion ids likewise. Split "train" =
     every train identity x every train motion, or with `motions_per_identity` k > 0 each train
     identity x k of them (motion_assignment: many motions at the same clip count); "test" =
-    every held-out identity x every held-out motion. Identity i / motion m come from rngs seeded with (seed, 0, i) / (seed, 1, m).
+    every held-out identity x every held-out motion. Identity i / motion m come from rngs seeded
+    with (seed, 0, i) / (seed, 1, m).
     `workers` > 1 renders identities in that many spawned processes (0: one per CPU core); the
     records and their order do not depend on it.
     """
@@ -1141,6 +1144,7 @@ def ensure_dataset(path: str, workers: int = 1, **kwargs) -> str:
     want = {"generator": "synthetic", "version": GENERATOR_VERSION, **args}
     if records.is_dataset(path):
         have = records.read_index(path).get("metadata", {})
+        have = {**_LATER_ARGS, **have}
         diff = [k for k in want if have.get(k) != want[k]]
         diff += [k for k in have if k not in want]
         if diff:

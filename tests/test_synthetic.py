@@ -292,6 +292,14 @@ def test_ensure_dataset_reuses_and_refuses_mismatch(tmp_path):
         syn.ensure_dataset(path, **dict(args, seed=4))
     with open(os.path.join(path, records.INDEX_FILE)) as f:
         assert json.load(f)["metadata"]["clip_frames"] == 2   # untouched
+    with open(os.path.join(path, records.INDEX_FILE)) as f:   # written before motions_per_identity
+        index = json.load(f)
+    del index["metadata"]["motions_per_identity"]
+    with open(os.path.join(path, records.INDEX_FILE), "w") as f:
+        json.dump(index, f)
+    assert syn.ensure_dataset(path, **args) == os.path.abspath(path)   # reused: it had every motion
+    with pytest.raises(ValueError, match="motions_per_identity: existing 0 vs requested 2"):
+        syn.ensure_dataset(path, **dict(args, motions_per_identity=2))
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "file.txt").write_text("x")
