@@ -318,7 +318,8 @@ def _small(c, variant):
                          checkpoint_every=200 if demo else 3))
     # The demo keeps the stage-1 motion encoder: trained here (the paper's setting) its tokens
     # collapse (codebook perplexity 57 of 4096 at step 400) and the output ignores the motion
-    # (cross_pck@0.1 0.488, driving_pose_follow 0.000); kept, 0.514 and 0.20 (README, stage 2).
+    # (cross_pck@0.1 0.488, driving_pose_follow 0.000); kept, 0.514 and 0.20 (README, stage 2;
+    # measured on the former 10-motion data, not re-run on the 160-motion set).
     c.stage2.train_motion_encoder = not demo
     # The demo trains the one ablation the stage-2 bar compares against (10 minutes each on 2
     # cores); --config.stage2.baselines="('self_attention','conv','no_middle_supervision')" runs all.
