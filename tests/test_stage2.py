@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from data_pipelines import records
 from im_anim_jax.evaluation import stage2 as stage2_eval
 from im_anim_jax.training import stage2, vae
 from im_anim_jax.training.metric_writer import read_metrics
@@ -97,8 +98,13 @@ def test_evaluation_reports_every_variant_and_baseline(trained, tiny_dataset):
     assert result["step"] == STEPS and result["num_pairs"] > 0
     names = set(stage2.BASELINES) | {"no_retarget", "no_retarget_gt", "explicit_realign"}
     assert set(result["baselines"]) == names
-    for name, figures in result["baselines"].items():
+    framings = {r["framing"] for r in records.read_index(tiny_dataset)["splits"]["test"]}
+    for name, figures in [("main", result)] + list(result["baselines"].items()):
         assert 0 <= figures["cross_pck@0.05"] <= figures["cross_pck@0.1"] <= 1, name
+        # The per-framing figures split the same hits: their weighted mean is the overall one.
+        by = [figures[f"cross_pck@0.1/reference_{f}"] for f in sorted(framings)]
+        assert all(0 <= v <= 1 for v in by), name
+        assert min(by) - 1e-9 <= figures["cross_pck@0.1"] <= max(by) + 1e-9, name
     # Ground-truth driving keypoints pasted on another body miss many joints.
     assert result["baselines"]["no_retarget_gt"]["cross_pck@0.1"] < 0.9
     for kind in ("tokens_stage1", "tokens_stage2", "conv_features", "pose_indicator_tokens"):
@@ -110,6 +116,8 @@ def test_evaluation_reports_every_variant_and_baseline(trained, tiny_dataset):
         for kind in ("reference", "driving"):
             assert np.isfinite(figures[f"{kind}_pose_follow"]), (name, kind)
             assert figures[f"{kind}_swap_shift"] >= 0, (name, kind)
+        theirs, drop = (figures[f"foreign_reference_{k}@0.1"] for k in ("pck", "drop"))
+        assert 0 <= theirs <= 1 and 0 <= theirs + drop <= 1, name
 
 
 def test_follow_measures_how_far_and_how_faithfully_the_output_moves():

@@ -3,7 +3,9 @@
 Every cross-identity pair of the split (driving A, reference image of B from another motion,
 target = B performing A's motion at the same frames; pairs.PairSource, seed config.eval.pair_seed):
   cross_pck@a               predicted heatmaps' argmax vs B's target keypoints (heatmap pixels,
-                            normalised by the heatmap size, as stage 1)
+                            normalised by the heatmap size, as stage 1); where the dataset's
+  cross_pck@a/reference_F   index records each clip's framing F (synthetic: full / half), the
+                            same over the pairs whose reference image has that framing
   reference_pose_pck@0.1    the prediction vs B's OWN pose in the reference image: how much of
                             the reference pose leaks into the output (`/ground_truth`: the same
                             figure for the target itself, i.e. the level explained by chance)
@@ -13,6 +15,11 @@ target = B performing A's motion at the same frames; pairs.PairSource, seed conf
   driving_pose_follow       each pair's driving clip swapped for its batch neighbour's (same
   driving_swap_shift        reference): the same slope on the driving poses' move (ground-truth
                             keypoints) and mean move; 0 means the output ignores the motion
+  foreign_reference_pck@0.1, foreign_reference_drop@0.1
+                            each pair's reference swapped for its batch neighbour's (another
+                            identity), scored against the pair's own target, and how much lower
+                            that is than with its own reference on the same pairs: 0 means the
+                            output ignores the reference (its body, framing and placement)
 for the main model and every trained baseline, plus three explicit, training-free baselines:
   no_retarget       the stage-1 pose of the driving frames pasted onto the reference
   no_retarget_gt    the same with the driving identity's ground-truth keypoints
@@ -116,6 +123,12 @@ def _swapped_references(src, batch):
     return np.stack(images), np.stack(kpts)
 
 
+def _add_by_framing(hits: dict, ref_framing, pred, gt, weights, size: int) -> None:
+    """Adds each pair to hits[its reference image's framing] (weights [B, T, J])."""
+    for f, h in hits.items():
+        h.add(pred, gt, np.asarray(weights) * (ref_framing == f)[:, None, None], size)
+
+
 def _realigned(drv_xy, ref_xy, image_size: int, size: int) -> np.ndarray:
     """Heatmap-pixel poses [B, T, J, 2] realigned onto the reference poses [B, J, 2]."""
     to_img = lambda xy: kp.heatmap_to_image(np.asarray(xy), image_size, size)  # noqa: E731
@@ -156,13 +169,19 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
     ref_pose = {n: Hits((0.1,)) for n in list(loaded) + ["ground_truth"]}
     follow = {n: Follow("reference") for n in loaded}
     motion = {n: Follow("driving") for n in loaded}
+    foreign = {n: (Hits((0.1,)), Hits((0.1,))) for n in loaded}  # (own, neighbour's reference)
     src = records.open_split(data_path, config.eval.split)
+    framing = np.array([r.get("framing") for r in
+                        records.read_index(data_path)["splits"][config.eval.split]], object)
+    framings = sorted({f for f in framing if f is not None})  # synthetic: full / half body
+    by_framing = {n: {f: Hits(thresholds) for f in framings} for n in names}
     vis, ids, pairs = None, set(), 0
     for batch in ds:
         to_hm = lambda xy: kp.image_to_heatmap(xy[..., :2], image_size, size)  # noqa: E731
         gt, w = to_hm(batch["target_keypoints"]), batch["joint_weights"]
         ref_gt = np.broadcast_to(to_hm(batch["reference_keypoints"])[:, None], gt.shape)
         ref_w = w * (batch["reference_keypoints"][:, None, :, 2] >= targets.conf_threshold)
+        ref_framing = framing[np.asarray(batch["reference_record"])]
         tokens = ref_encoder(batch["reference"])
         swap_images, swap_kpts = _swapped_references(src, batch)
         swap_tokens = ref_encoder(swap_images)
@@ -179,6 +198,7 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
             heatmaps = jax.device_get(forwards[n](params, driving, tokens))
             pred = read(heatmaps)
             cross[n].add(pred, gt, w, size)
+            _add_by_framing(by_framing[n], ref_framing, pred, gt, w, size)
             ref_pose[n].add(pred, ref_gt, ref_w, size)
             swapped = read(jax.device_get(forwards[n](params, driving, swap_tokens)))
             follow[n].add(pred, swapped, to_hm(batch["reference_keypoints"])[:, None],
@@ -188,6 +208,13 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
                                                       batch["driving_keypoints"][other])
                 motion[n].add(pred, read(jax.device_get(forwards[n](params, moved, tokens))),
                               drv_gt, drv_gt[other], other_w, size)
+                # The neighbour's reference (another identity): a model that uses the reference
+                # moves to that body and loses the target; one that ignores it does not.
+                body = w * (batch["reference_identity_id"] != batch["reference_identity_id"][
+                    other])[:, None, None]
+                foreign[n][0].add(pred, gt, body, size)
+                foreign[n][1].add(read(jax.device_get(forwards[n](params, driving,
+                                                                  tokens[other]))), gt, body, size)
             if vis is None:
                 shown[n] = heatmaps[0][:config.eval.num_vis_frames]
         if vis is None:
@@ -199,16 +226,25 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
         ref_pose["ground_truth"].add(gt, ref_gt, ref_w, size)
         drv = read(jax.device_get(s1_forward(batch["driving"])))
         ref = read(jax.device_get(s1_forward(batch["reference"][:, None])))[:, 0]
-        cross["no_retarget"].add(drv, gt, w, size)
-        cross["no_retarget_gt"].add(drv_gt, gt, w * drv_seen, size)
-        cross["explicit_realign"].add(_realigned(drv, ref, image_size, size), gt, w, size)
+        realigned = _realigned(drv, ref, image_size, size)
+        for n, pred, weights in (("no_retarget", drv, w), ("no_retarget_gt", drv_gt, w * drv_seen),
+                                 ("explicit_realign", realigned, w)):
+            cross[n].add(pred, gt, weights, size)
+            _add_by_framing(by_framing[n], ref_framing, pred, gt, weights, size)
         ids.update(int(i) for i in batch["reference_identity_id"])
         pairs += len(batch["driving"])
     variants = {n: {**cross[n].result("cross_pck"), **(ref_pose[n].result("reference_pose_pck")
                                                        if n in ref_pose else {})}
                 for n in names}
+    for n in names:  # e.g. cross_pck@0.1/reference_half: pairs whose reference is half-body
+        for f, hits in by_framing[n].items():
+            variants[n].update({f"{k}/reference_{f}": v
+                                for k, v in hits.result("cross_pck").items()})
     for n, (_, _, _, step) in loaded.items():
-        variants[n].update(follow[n].result(), **motion[n].result(), step=int(step))
+        own, theirs = (h.result("pck")["pck@0.1"] for h in foreign[n])
+        variants[n].update(follow[n].result(), **motion[n].result(), step=int(step),
+                           **{"foreign_reference_pck@0.1": theirs,
+                              "foreign_reference_drop@0.1": own - theirs})
     return variants, ref_pose["ground_truth"].result("reference_pose_pck"), vis, dict(
         num_pairs=pairs, num_reference_identities=len(ids))
 
