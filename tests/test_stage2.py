@@ -142,3 +142,23 @@ def test_follow_measures_how_far_and_how_faithfully_the_output_moves():
     moved[..., 0, :] += pose2[..., 0, :] - pose[..., 0, :]
     masked.add(pred, moved, pose, pose2, w, 16)
     assert masked.result() == {"driving_swap_shift": 0.0, "driving_pose_follow": 0.0}
+
+
+def test_foreign_reference_drop_is_zero_only_for_an_output_that_ignores_the_reference():
+    """Foreign on known outputs: one that stays put when the reference changes (drop 0), one
+    that moves off the target (drop = its own PCK), pairs whose neighbour shows the same
+    identity left out."""
+    rng = np.random.default_rng(0)
+    gt = rng.uniform(0, 16, (4, 5, 6, 2))
+    w = np.ones((4, 5, 6))
+    other_identity = np.array([True, True, True, False])
+    ignores = stage2_eval.Foreign()
+    ignores.add(gt, gt, gt, w, other_identity, 16)
+    assert ignores.result() == {"foreign_reference_pck@0.1": 1.0,
+                                "foreign_reference_drop@0.1": 0.0}
+    follows = stage2_eval.Foreign()
+    moved = gt + 8.0                       # half the heatmap away: every joint misses
+    moved[3] = gt[3]                       # the same-identity pair would hit, but is left out
+    follows.add(gt, moved, gt, w, other_identity, 16)
+    assert follows.result() == {"foreign_reference_pck@0.1": 0.0,
+                                "foreign_reference_drop@0.1": 1.0}

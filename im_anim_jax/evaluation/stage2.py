@@ -112,6 +112,26 @@ class Follow:
                 f"{self.prefix}_pose_follow": self.num / max(self.den, 1e-12)}
 
 
+class Foreign:
+    """PCK@0.1 against each pair's own target, with its own reference and with the batch
+    neighbour's (another identity: pairs whose neighbour shows the same identity are left out).
+    `foreign_reference_drop@0.1` = own - neighbour's: 0 means the output ignores the reference."""
+
+    def __init__(self):
+        self.own, self.theirs = Hits((0.1,)), Hits((0.1,))
+
+    def add(self, pred, pred_foreign, gt, weights, other_identity, size: int):
+        """pred, pred_foreign, gt [B, T, J, 2] (heatmap pixels); weights [B, T, J];
+        other_identity [B] bool: the neighbour's reference shows another identity."""
+        w = np.asarray(weights) * np.asarray(other_identity)[:, None, None]
+        self.own.add(pred, gt, w, size)
+        self.theirs.add(pred_foreign, gt, w, size)
+
+    def result(self) -> dict:
+        own, theirs = (h.result("pck")["pck@0.1"] for h in (self.own, self.theirs))
+        return {"foreign_reference_pck@0.1": theirs, "foreign_reference_drop@0.1": own - theirs}
+
+
 def _swapped_references(src, batch):
     """Another frame (half a clip away) of each pair's reference clip: (images, keypoints)."""
     images, kpts = [], []
@@ -169,7 +189,7 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
     ref_pose = {n: Hits((0.1,)) for n in list(loaded) + ["ground_truth"]}
     follow = {n: Follow("reference") for n in loaded}
     motion = {n: Follow("driving") for n in loaded}
-    foreign = {n: (Hits((0.1,)), Hits((0.1,))) for n in loaded}  # (own, neighbour's reference)
+    foreign = {n: Foreign() for n in loaded}
     src = records.open_split(data_path, config.eval.split)
     framing = np.array([r.get("framing") for r in
                         records.read_index(data_path)["splits"][config.eval.split]], object)
@@ -208,13 +228,10 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
                                                       batch["driving_keypoints"][other])
                 motion[n].add(pred, read(jax.device_get(forwards[n](params, moved, tokens))),
                               drv_gt, drv_gt[other], other_w, size)
-                # The neighbour's reference (another identity): a model that uses the reference
-                # moves to that body and loses the target; one that ignores it does not.
-                body = w * (batch["reference_identity_id"] != batch["reference_identity_id"][
-                    other])[:, None, None]
-                foreign[n][0].add(pred, gt, body, size)
-                foreign[n][1].add(read(jax.device_get(forwards[n](params, driving,
-                                                                  tokens[other]))), gt, body, size)
+                ids_ref = batch["reference_identity_id"]
+                foreign[n].add(pred, read(jax.device_get(forwards[n](params, driving,
+                                                                     tokens[other]))),
+                               gt, w, ids_ref != ids_ref[other], size)
             if vis is None:
                 shown[n] = heatmaps[0][:config.eval.num_vis_frames]
         if vis is None:
@@ -241,10 +258,8 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
             variants[n].update({f"{k}/reference_{f}": v
                                 for k, v in hits.result("cross_pck").items()})
     for n, (_, _, _, step) in loaded.items():
-        own, theirs = (h.result("pck")["pck@0.1"] for h in foreign[n])
-        variants[n].update(follow[n].result(), **motion[n].result(), step=int(step),
-                           **{"foreign_reference_pck@0.1": theirs,
-                              "foreign_reference_drop@0.1": own - theirs})
+        variants[n].update(follow[n].result(), **motion[n].result(), **foreign[n].result(),
+                           step=int(step))
     return variants, ref_pose["ground_truth"].result("reference_pose_pck"), vis, dict(
         num_pairs=pairs, num_reference_identities=len(ids))
 
