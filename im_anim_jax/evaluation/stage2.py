@@ -25,6 +25,10 @@ for the main model and every trained baseline, plus three explicit, training-fre
   no_retarget_gt    the same with the driving identity's ground-truth keypoints
   explicit_realign  the stage-1 driving pose moved onto the stage-1 pose of the reference image
                     (augment.realign_bones: Animate-X-style bone-length and position alignment)
+and one oracle, `stage1_on_target`: the stage-1 model reading the target video itself (B really
+performing the motion). Stage 2 decodes through the same frozen joint decoder, so this is what
+that decoder draws when its encoder sees the answer: a reference level for cross_pck, per framing
+too (not a strict bound: stage 2 may find tokens the stage-1 encoder does not);
 and the identity-leakage probe (evaluation/leakage.py) on frozen motion features of the split's
 clips: fit on the first half of its motions, tested on the rest (same identities, unseen
 motions), predicting each driving identity's shape parameters (R^2) and id (accuracy).
@@ -184,7 +188,8 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
                 for n, (_, m, _, _) in loaded.items()}
     s1_forward = jax.jit(lambda f: s1_model.apply({"params": s1_params}, f)[0])
     read = lambda h: kp.argmax_keypoints(np.asarray(h), subpixel=config.eval.subpixel)  # noqa
-    names = list(loaded) + ["no_retarget", "no_retarget_gt", "explicit_realign"]
+    names = list(loaded) + ["no_retarget", "no_retarget_gt", "explicit_realign",
+                            "stage1_on_target"]
     cross = {n: Hits(thresholds) for n in names}
     ref_pose = {n: Hits((0.1,)) for n in list(loaded) + ["ground_truth"]}
     follow = {n: Follow("reference") for n in loaded}
@@ -244,8 +249,10 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
         drv = read(jax.device_get(s1_forward(batch["driving"])))
         ref = read(jax.device_get(s1_forward(batch["reference"][:, None])))[:, 0]
         realigned = _realigned(drv, ref, image_size, size)
+        oracle = read(jax.device_get(s1_forward(batch["target"])))
         for n, pred, weights in (("no_retarget", drv, w), ("no_retarget_gt", drv_gt, w * drv_seen),
-                                 ("explicit_realign", realigned, w)):
+                                 ("explicit_realign", realigned, w),
+                                 ("stage1_on_target", oracle, w)):
             cross[n].add(pred, gt, weights, size)
             _add_by_framing(by_framing[n], ref_framing, pred, gt, weights, size)
         ids.update(int(i) for i in batch["reference_identity_id"])
