@@ -56,7 +56,9 @@ def main():
     def fwd_bwd(st, bt):  # forward + backward of the loss
         return jax.grad(
             lambda p: stage1.forward_metrics(model, p, bt, c.model, c.stage1.vq_loss_weight,
-                                             c.stage1.patch_heatmap_weight)[0]["loss"])(st.params)
+                                             c.stage1.patch_heatmap_weight,
+                                             c.stage1.heatmap_ce_weight,
+                                             c.stage1.heatmap_ce_temperature)[0]["loss"])(st.params)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         mem = jax.jit(fwd_bwd).lower(state, batch).compile().memory_analysis()
         flops, _ = plan.step_flops(fwd_bwd, state, batch)

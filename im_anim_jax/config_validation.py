@@ -27,6 +27,10 @@ def _is_int(x, minimum: int) -> bool:
         and int(x) == x and x >= minimum
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _mesh(config, num_devices: int, num_processes: int, out: list) -> int | None:
     """Problems of mesh.shape / mesh.rules; returns data x fsdp (None if the shape is bad)."""
     for name, axes in config.mesh.rules:
@@ -89,6 +93,11 @@ def _frames_and_sizes(config, stages, out: list) -> None:
     if config.stage1.patch_heatmap_weight and not m.motion_tokenizer.patch_heatmap_head:
         out.append(f"stage1.patch_heatmap_weight={config.stage1.patch_heatmap_weight} needs "
                    f"model.motion_tokenizer.patch_heatmap_head=True")
+    ce_w, ce_t = config.stage1.heatmap_ce_weight, config.stage1.heatmap_ce_temperature
+    if not (_is_number(ce_w) and ce_w >= 0):
+        out.append(f"stage1.heatmap_ce_weight={ce_w!r} must be a number >= 0 (0: MSE alone)")
+    if not (_is_number(ce_t) and ce_t > 0):
+        out.append(f"stage1.heatmap_ce_temperature={ce_t!r} must be a number > 0")
     if 2 in stages or 3 in stages:
         try:
             v = vae.build_vae(m.vae)

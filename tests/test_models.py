@@ -215,3 +215,46 @@ def test_patch_heatmap_loss_is_weighted_into_the_loss_and_trains_the_encoder(tin
     grads = jax.jit(jax.grad(lambda p: metrics(p, 1.0)["patch_heatmap_loss"]))(params)
     assert float(jnp.abs(grads["motion_encoder"]["stem_0_down"]["kernel"]).max()) > 0
     assert float(jnp.abs(grads["joint_decoder"]["head"]["kernel"]).max()) == 0
+
+
+def test_heatmap_cross_entropy_is_least_at_the_target_and_masks_joints():
+    from im_anim_jax.training.stage1 import heatmap_cross_entropy
+    rng = np.random.default_rng(0)
+    target = rng.uniform(0.01, 1, (2, 1, 3, 4, 4)).astype(np.float32)
+    target[1, 0, 2] = 0.0                       # an all-zero target (a joint off the frame)
+    weights = np.ones((2, 1, 3), np.float32)
+    p = target.reshape(2, 1, 3, 16) / np.maximum(target.reshape(2, 1, 3, 16).sum(-1, keepdims=True),
+                                                 1e-12)
+    entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), -1)
+    t = 0.1
+    exact = (t * np.log(np.maximum(p, 1e-30))).reshape(target.shape)  # softmax(exact / t) = p
+    ce = float(heatmap_cross_entropy(jnp.asarray(exact), target, weights, t))
+    np.testing.assert_allclose(ce, entropy.sum() / 6, rtol=1e-5)   # the zero target adds 0
+    worse = float(heatmap_cross_entropy(jnp.asarray(exact[:, :, ::-1]), target, weights, t))
+    assert worse > ce + 0.1
+    # a masked joint does not count, whatever its prediction
+    weights[0, 0, 0] = 0.0
+    masked = exact.copy()
+    masked[0, 0, 0] = rng.normal(size=(4, 4))
+    np.testing.assert_allclose(float(heatmap_cross_entropy(jnp.asarray(masked), target, weights, t)),
+                               (entropy.sum() - entropy[0, 0, 0]) / 5, rtol=1e-5)
+
+
+def test_heatmap_cross_entropy_is_weighted_into_the_stage1_loss(tiny_config):
+    from im_anim_jax.training import stage1
+    m = tiny_config.model
+    model = build_stage1(m)
+    k = jax.random.split(jax.random.key(5), 3)
+    size = m.joint_decoder.heatmap_size
+    batch = {"frames": jax.random.randint(k[0], (2, 1, 32, 32, 3), 0, 256).astype(jnp.uint8),
+             "heatmaps": jax.random.uniform(k[1], (2, 1, 62, size, size)),
+             "joint_weights": jnp.ones((2, 1, 62)),
+             "keypoints": jax.random.uniform(k[2], (2, 1, 62, 3)) * 32}
+    params = nn.unbox(_init(model, batch["frames"]))["params"]
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def metrics(p, w):
+        return stage1.forward_metrics(model, p, batch, m, 1.0, 0.0, w, 0.1)[0]
+    a, b = metrics(params, 0.0), metrics(params, 2.0)
+    assert "heatmap_ce" not in a and float(b["heatmap_ce"]) > 0
+    np.testing.assert_allclose(b["loss"] - a["loss"], 2.0 * b["heatmap_ce"], rtol=1e-5)

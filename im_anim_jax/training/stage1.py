@@ -1,7 +1,8 @@
 """Stage 1: train motion encoder + quantizer + motion decoder + joint decoder on heatmaps.
 
 loss = mean over visible (clip, frame, joint) of ||H_pred - H_gt||^2 (summed over heatmap pixels,
-paper eqs. 5-6) + vq_loss_weight * (commitment + codebook loss).
+paper eqs. 5-6) + vq_loss_weight * (commitment + codebook loss) [+ heatmap_ce_weight * the
+heatmap cross-entropy, + patch_heatmap_weight * the patch head's loss: training aids].
 """
 from __future__ import annotations
 
@@ -37,6 +38,17 @@ def heatmap_loss(pred, target, weights):
     """pred/target [B, T, J, Hh, Wh], weights [B, T, J] -> scalar (masked joints excluded)."""
     sq = jnp.sum((pred.astype(jnp.float32) - target) ** 2, axis=(-2, -1))
     return jnp.sum(sq * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def heatmap_cross_entropy(pred, target, weights, temperature: float):
+    """Spatial cross-entropy: the target heatmap normalised to a distribution over its Hh x Wh
+    cells against softmax(pred / temperature); pred/target [B, T, J, Hh, Wh], weights [B, T, J]
+    -> scalar, mean over visible joints (an all-zero target counts as zero)."""
+    logits = pred.astype(jnp.float32).reshape(pred.shape[:3] + (-1,)) / temperature
+    p = target.reshape(logits.shape)
+    p = p / jnp.maximum(jnp.sum(p, -1, keepdims=True), 1e-12)
+    ce = -jnp.sum(p * jax.nn.log_softmax(logits, -1), -1)
+    return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def schedule(cfg, lr: float | None = None) -> optax.Schedule:
@@ -129,9 +141,10 @@ def init_from_titok(path: str, params: dict, shardings: dict) -> dict:
 
 
 def forward_metrics(model: Stage1Model, params, batch, cfg_model, vq_weight: float,
-                    patch_weight: float = 0.0):
+                    patch_weight: float = 0.0, ce_weight: float = 0.0, ce_temperature: float = 0.1):
     """Loss and metrics of one batch (used by training and evaluation); `patch_weight` weighs
-    the patch heatmap head's loss (a model built with one)."""
+    the patch heatmap head's loss (a model built with one), `ce_weight` the decoded heatmaps'
+    cross-entropy (heatmap_cross_entropy at `ce_temperature`)."""
     heatmaps, aux = model.apply({"params": params}, batch["frames"])
     hm = heatmap_loss(heatmaps, batch["heatmaps"], batch["joint_weights"])
     size = cfg_model.joint_decoder.heatmap_size
@@ -143,6 +156,10 @@ def forward_metrics(model: Stage1Model, params, batch, cfg_model, vq_weight: flo
                "commitment_loss": aux["commitment_loss"], "codebook_loss": aux["codebook_loss"],
                "train_pck@0.1": pck[0.1],
                **codebook_stats(aux["indices"], cfg_model.quantizer.codebook_size)}
+    if ce_weight:
+        ce = heatmap_cross_entropy(heatmaps, batch["heatmaps"], batch["joint_weights"],
+                                   ce_temperature)
+        metrics.update(loss=metrics["loss"] + ce_weight * ce, heatmap_ce=ce)
     if "patch_heatmaps" in aux:  # a model with the patch heatmap head
         patch_hm = heatmap_loss(aux["patch_heatmaps"], batch["heatmaps"], batch["joint_weights"])
         metrics.update(loss=metrics["loss"] + patch_weight * patch_hm, patch_heatmap_loss=patch_hm)
@@ -161,7 +178,9 @@ def make_train_step(model, tx, config, mesh, axis_rules, state_sh):
         def loss_fn(params):
             metrics, _, aux = forward_metrics(model, params, batch, config.model,
                                               config.stage1.vq_loss_weight,
-                                              config.stage1.patch_heatmap_weight)
+                                              config.stage1.patch_heatmap_weight,
+                                              config.stage1.heatmap_ce_weight,
+                                              config.stage1.heatmap_ce_temperature)
             return metrics["loss"], dict(metrics, vq_indices=aux["indices"], vq_z=aux["z"])
 
         state, metrics = train_state.apply_gradients(state, tx, loss_fn, state.params,
