@@ -193,17 +193,22 @@ def test_bad_remat_policy_is_a_clear_error():
         _init(_tokenizer(False, remat_policy="sometimes"), jnp.zeros((1, 16, 16, 3)))
 
 
-def test_patch_heatmap_loss_is_weighted_into_the_loss_and_trains_the_encoder(tiny_config):
-    from im_anim_jax.training import stage1
-    m = _with_stem_and_patch_head(tiny_config).model
+def _stage1_batch(m, seed: int):
+    """(model, a random 2-clip batch of 32 px frames with targets, its initial params)."""
     model = build_stage1(m)
-    k = jax.random.split(jax.random.key(4), 3)
+    k = jax.random.split(jax.random.key(seed), 3)
     size = m.joint_decoder.heatmap_size
     batch = {"frames": jax.random.randint(k[0], (2, 1, 32, 32, 3), 0, 256).astype(jnp.uint8),
              "heatmaps": jax.random.uniform(k[1], (2, 1, 62, size, size)),
              "joint_weights": jnp.ones((2, 1, 62)),
              "keypoints": jax.random.uniform(k[2], (2, 1, 62, 3)) * 32}
-    params = nn.unbox(_init(model, batch["frames"]))["params"]
+    return model, batch, nn.unbox(_init(model, batch["frames"]))["params"]
+
+
+def test_patch_heatmap_loss_is_weighted_into_the_loss_and_trains_the_encoder(tiny_config):
+    from im_anim_jax.training import stage1
+    m = _with_stem_and_patch_head(tiny_config).model
+    model, batch, params = _stage1_batch(m, 4)
 
     @functools.partial(jax.jit, static_argnums=1)  # eager dispatch took ~60 s on 2 cores
     def metrics(p, w):
@@ -243,14 +248,7 @@ def test_heatmap_cross_entropy_is_least_at_the_target_and_masks_joints():
 def test_heatmap_cross_entropy_is_weighted_into_the_stage1_loss(tiny_config):
     from im_anim_jax.training import stage1
     m = tiny_config.model
-    model = build_stage1(m)
-    k = jax.random.split(jax.random.key(5), 3)
-    size = m.joint_decoder.heatmap_size
-    batch = {"frames": jax.random.randint(k[0], (2, 1, 32, 32, 3), 0, 256).astype(jnp.uint8),
-             "heatmaps": jax.random.uniform(k[1], (2, 1, 62, size, size)),
-             "joint_weights": jnp.ones((2, 1, 62)),
-             "keypoints": jax.random.uniform(k[2], (2, 1, 62, 3)) * 32}
-    params = nn.unbox(_init(model, batch["frames"]))["params"]
+    model, batch, params = _stage1_batch(m, 5)
 
     @functools.partial(jax.jit, static_argnums=1)
     def metrics(p, w):
