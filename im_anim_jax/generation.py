@@ -118,6 +118,14 @@ class Animator:
             video.append((out[:, 0 if w == 0 else self.overlap:] + 1.0) / 2.0)  # -> [0, 1]
         return np.concatenate(video, 1)[:, :t]
 
+    def reconstruct(self, video):
+        """video [B, 1 + 4k, H, W, 3] (uint8 or [0, 1]) -> its VAE reconstruction, float32 in
+        [0, 1]: encoded (posterior mean) and decoded as generation decodes, the best any sample
+        of the latent generator can be."""
+        latents = vae_training.encode_video(self.encoder, jnp.asarray(_unit(video)))
+        out = vae_lib.decode(self.vae_model, self.vae_params, latents, chunked=True)
+        return (np.asarray(out) + 1.0) / 2.0
+
     def _sample_window(self, params, key, z_ref, m_ret, frames, kps, prefix, progress, desc):
         """Latents [B, 1 + F, h, w, z] of one window (frame 0 = z_ref, then `prefix` held)."""
         b, f = m_ret.shape[:2]

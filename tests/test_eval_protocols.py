@@ -204,7 +204,9 @@ def report(step, psnr, lpips_value, fid, fvd, **extra):
     return {**figures(psnr, lpips_value, fid, fvd, 0.472), "step": step, "fvd_frames": 16,
             "pck_reference": "the target identity's ground-truth keypoints", "baselines": {
                 "reference_repeated": figures(23.114, lpips_value, 60.0, fvd, 0.474),
-                "control_zeroed": figures(15.4, lpips_value, 88.123, fvd, 0.4744)}, **extra}
+                "control_zeroed": figures(15.4, lpips_value, 88.123, fvd, 0.4744)},
+            "ceilings": {"vae_reconstruction": figures(21.8, lpips_value, 30.0, fvd, 0.7)},
+            **extra}
 
 
 NO_I3D = "not computed: FVD needs the converted i3d weights, and w/i3d/meta.json is missing"
@@ -220,9 +222,10 @@ def test_table_from_hand_made_reports(tmp_path):
     with pytest.raises(FileNotFoundError, match="no stage-3 report"):
         summary.write_table(str(tmp_path))
     write_json(tmp_path / "stage3.json", report(93, 15.5, 0.31, 70.456, NO_I3D, pairs=8))
-    write_json(tmp_path / "stage3_self.json", report(
-        93, 17.0, NO_LPIPS, NO_LPIPS.replace("LPIPS", "FID"), NO_I3D, inputs=["a.mp4", "b"],
-        inputs_dir="/data/tiktok"))
+    older = report(93, 17.0, NO_LPIPS, NO_LPIPS.replace("LPIPS", "FID"), NO_I3D,
+                   inputs=["a.mp4", "b"], inputs_dir="/data/tiktok")
+    del older["ceilings"]  # a report from before the ceiling row
+    write_json(tmp_path / "stage3_self.json", older)
     with open(summary.write_table(str(tmp_path))) as f:
         text = f.read()
     cross, own = text.split("## Self-reenactment")
@@ -233,7 +236,9 @@ def test_table_from_hand_made_reports(tmp_path):
             "|---|---|---|---|---|---|---|\n"
             "| this model | 15.50 | 0.500 | 0.310 | 70.46 | n/c [1] | 0.472 |\n"
             "| reference repeated | 23.11 | 0.500 | 0.310 | 60.00 | n/c [1] | 0.474 |\n"
-            "| control zeroed | 15.40 | 0.500 | 0.310 | 88.12 | n/c [1] | 0.474 |\n") in cross
+            "| control zeroed | 15.40 | 0.500 | 0.310 | 88.12 | n/c [1] | 0.474 |\n"
+            "| VAE reconstruction (ceiling) | 21.80 | 0.500 | 0.310 | 30.00 | n/c [1] | 0.700 |\n"
+            ) in cross
     assert ("\n\nFID over 136 generated and 136 ground-truth frames (per variant). Fewer "
             "samples than feature dimensions (FID 2048)") in cross
     assert cross.endswith(f"\n\n[1] {NO_I3D}\n\n")
@@ -258,7 +263,8 @@ def test_history_keeps_one_line_per_step_and_protocol_and_is_plotted(tmp_path):
                                                          ("cross", 20)]
     model = rows[0]["variants"]["model"]
     assert model["psnr_star"] == 12.5 and model["fid"] == 95.0 and model["fvd"] is None
-    assert set(rows[0]["variants"]) == {"model", "reference_repeated", "control_zeroed"}
+    assert set(rows[0]["variants"]) == {"model", "reference_repeated", "control_zeroed",
+                                        "vae_reconstruction"}
     png = str(tmp_path / summary.PLOT)
     summary.plot_history(rows, png)
     with Image.open(png) as img:
@@ -301,6 +307,8 @@ def test_self_protocol_on_a_folder_of_videos(stage3_run, tmp_path):
     assert result["protocol"] == "self" and result["inputs"] == ["a.mp4", "b"]
     assert result["pck_reference"] == stage3_self.PCK_REFERENCE
     assert result["scored_frames_per_video"] == frames - 1 and result["step"] == 40
+    assert list(summary.variants(result)) == ["model", "reference_repeated", "control_zeroed",
+                                              "vae_reconstruction"]
     for figures in summary.variants(result).values():
         for key in ("l1", "psnr_star", "ssim", "motion_pck@0.05", "motion_pck@0.1"):
             assert math.isfinite(figures[key]), (key, figures)

@@ -201,6 +201,7 @@ def test_stage3_report(trained, tiny_dataset):
         assert np.isfinite(result[key])
         for b in ("reference_repeated", "control_zeroed"):
             assert np.isfinite(result["baselines"][b][key])
+        assert np.isfinite(result["ceilings"]["vae_reconstruction"][key])
     assert result["pairs"] == config.eval.stage3_pairs
     drift = result["drift"]
     assert len(drift["window_psnr_star"]) == len(drift["window_starts"]) == 4

@@ -9,7 +9,8 @@ conventions, sample counts, "not computed: ..." without converted weights), and 
 keypoints read back from the generated frames by the stage-1 heatmap model, PCK against B's
 ground-truth keypoints. Baselines on the same pairs: `reference_repeated` (the reference image as
 every frame) and `control_zeroed` (the model with its control channels' patch-embedding weights
-zeroed: no retargeted motion reaches the DiT).
+zeroed: no retargeted motion reaches the DiT). A ceiling beside them, `vae_reconstruction`: B's
+true frames encoded and decoded by the run's VAE, the best the latent generator can reach.
 
 Drift: one long held-out clip (4 windows of stage3.clip_frames) is generated in windows
 (generation.py) and PSNR* / PCK are reported per window, so error growth across windows is a
@@ -31,7 +32,9 @@ from im_anim_jax.evaluation import metric_suite, summary
 from im_anim_jax.metrics import image as image_metrics
 from im_anim_jax.training import stage1 as stage1_training
 
-VARIANTS = ("model", "reference_repeated", "control_zeroed")
+BASELINES = ("reference_repeated", "control_zeroed")
+CEILINGS = ("vae_reconstruction",)
+VARIANTS = ("model",) + BASELINES + CEILINGS
 
 
 def zero_control(params: dict, config) -> dict:
@@ -60,6 +63,8 @@ def generate_variant(animator, name: str, batch, params_zeroed, seed: int):
     if name == "reference_repeated":
         ref = reference.astype(np.float32) / 255.0
         return np.repeat(ref[:, None], driving.shape[1], 1)
+    if name == "vae_reconstruction":
+        return animator.reconstruct(batch["target"])
     return animator.generate(reference, driving, seed=seed,
                              params=params_zeroed if name == "control_zeroed" else None)
 
@@ -144,8 +149,9 @@ def drift_figures(config, animator, video_dir: str) -> dict:
 
 def report_fields(config, animator, protocol: str, variants: dict, pck_reference: str) -> dict:
     """What both protocols' reports hold: the model's figures at the top level, the baselines'
-    under `baselines`, and how they were made."""
-    return {**variants["model"], "baselines": {n: variants[n] for n in VARIANTS[1:]},
+    under `baselines`, the ceilings' under `ceilings`, and how they were made."""
+    return {**variants["model"], "baselines": {n: variants[n] for n in BASELINES},
+            "ceilings": {n: variants[n] for n in CEILINGS},
             "protocol": protocol, "pck_reference": pck_reference, "step": int(animator.step),
             "clip_frames": config.stage3.clip_frames, "fvd_frames": config.eval.fvd_frames,
             "sampler": {k: config.sampling[k] for k in ("method", "steps", "shift", "guidance")}}

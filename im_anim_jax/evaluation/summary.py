@@ -24,7 +24,8 @@ REPORTS = {"cross": "stage3", "self": "stage3_self"}  # protocol -> WORKDIR/eval
 TITLES = {"cross": "Cross-reenactment (held-out identities driven by held-out motions)",
           "self": "Self-reenactment (each video animates its own first frame)"}
 VARIANTS = {"model": "this model", "reference_repeated": "reference repeated",
-            "control_zeroed": "control zeroed"}
+            "control_zeroed": "control zeroed",
+            "vae_reconstruction": "VAE reconstruction (ceiling)"}
 # key, column header, decimals
 COLUMNS = (("psnr_star", "PSNR* ↑", 2), ("ssim", "SSIM ↑", 3), ("lpips", "LPIPS ↓", 3),
            ("fid", "FID ↓", 2), ("fvd", "FVD ↓", 2), ("motion_pck@0.1", "PCK@0.1 ↑", 3))
@@ -39,8 +40,9 @@ def _write_text(path: str, text: str) -> None:
 
 
 def variants(report: dict) -> dict:
-    """{variant: figures} of a stage-3 report (the model's at its top level)."""
-    return {"model": report, **report["baselines"]}
+    """{variant: figures} of a stage-3 report (the model's at its top level; reports older than
+    the ceilings have none)."""
+    return {"model": report, **report["baselines"], **report.get("ceilings", {})}
 
 
 def _cell(value, decimals: int, notes: list) -> str:
