@@ -66,11 +66,12 @@ def _schedule(config, section: str, lrs: tuple, batch_divisor: int | None, num_p
         out.append(f"{section}.grad_clip={cfg.grad_clip!r} must be > 0")
     if cfg.schedule not in ("constant", "cosine"):
         out.append(f"{section}.schedule={cfg.schedule!r} must be 'constant' or 'cosine'")
-    if batch_divisor and _is_int(cfg.batch_size, 1):
-        n = math.lcm(batch_divisor, num_processes)
-        if cfg.batch_size % n:
-            out.append(f"{section}.batch_size={cfg.batch_size} must be divisible by {n} (the "
-                       f"data x fsdp mesh size {batch_divisor} and {num_processes} process(es))")
+    for field in ("batch_size", "clip_batch_size"):  # clips: the VAE's second phase
+        size = cfg.get(field)
+        n = math.lcm(batch_divisor or 1, num_processes)
+        if batch_divisor and _is_int(size, 1) and size % n:
+            out.append(f"{section}.{field}={size} must be divisible by {n} (the data x fsdp "
+                       f"mesh size {batch_divisor} and {num_processes} process(es))")
 
 
 def _frames_and_sizes(config, stages, out: list) -> None:
@@ -107,6 +108,8 @@ def _frames_and_sizes(config, stages, out: list) -> None:
             space = time = None
         if space and (2 in stages or 3 in stages):
             _video_size(config, stages, size, space, out)
+        if time and 2 in stages and not m.vae.init_from:
+            _vae_clips(config.vae_training, time, out)
         if time and 3 in stages:
             t = config.stage3.clip_frames
             if not _is_int(t, 1) or (t - 1) % time:
@@ -126,13 +129,30 @@ def _frames_and_sizes(config, stages, out: list) -> None:
         if syn.image_size != size:
             out.append(f"data.synthetic.image_size={syn.image_size} differs from "
                        f"model.motion_tokenizer.image_size={size}")
-        longest = max([config[f"stage{s}"].clip_frames for s in stages] or [1])
+        lengths = [config[f"stage{s}"].clip_frames for s in stages]
+        vae_cfg = config.vae_training
+        if 2 in stages and not m.vae.init_from and vae_cfg.steps > vae_cfg.image_steps:
+            lengths.append(vae_cfg.clip_frames)
+        longest = max([t for t in lengths if _is_int(t, 1)] or [1])
         if syn.clip_frames < longest:
             out.append(f"data.synthetic.clip_frames={syn.clip_frames} is shorter than the "
                        f"{longest}-frame clips the stages train on")
         if not _is_int(config.data.render_workers, 0):
             out.append(f"data.render_workers={config.data.render_workers!r} must be an integer "
                        f">= 0 (0: one render process per CPU core)")
+
+
+def _vae_clips(cfg, time: int, out: list) -> None:
+    """Problems of the VAE's training phases (single frames, then clips)."""
+    if not _is_int(cfg.image_steps, 0):
+        out.append(f"vae_training.image_steps={cfg.image_steps!r} must be an integer >= 0")
+    if not _is_int(cfg.clip_batch_size, 1):
+        out.append(f"vae_training.clip_batch_size={cfg.clip_batch_size!r} must be a positive "
+                   f"integer")
+    t = cfg.clip_frames
+    if not _is_int(t, 1) or (t - 1) % time:
+        out.append(f"vae_training.clip_frames={t!r}: the VAE compresses time {time}x, so its "
+                   f"training clips need 1 + {time}k frames")
 
 
 def _video_size(config, stages, size: int, space: int, out: list) -> None:

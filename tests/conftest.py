@@ -91,8 +91,10 @@ def tiny_stage2(tmp_path_factory, tiny_stage1, tiny_dataset):
     workdir = str(tmp_path_factory.mktemp("stage2_for_3"))
     shutil.copytree(os.path.join(stage1_dir, "stage1"), os.path.join(workdir, "stage1"))
     config = base.copy_and_resolve_references()
-    config.vae_training.update(dict(steps=30, lr=3e-3, batch_size=4, log_every=10,
-                                    checkpoint_every=30))
+    # Single frames only (image_steps = steps): these runs need the reference encoder; the
+    # clip phase is tested in test_vae_training.
+    config.vae_training.update(dict(steps=30, image_steps=30, lr=3e-3, batch_size=4,
+                                    log_every=10, checkpoint_every=30))
     config.stage2.update(dict(steps=20, log_every=10, checkpoint_every=20, batch_size=4,
                               lr=2e-3, baselines=()))
     stage2.train(config, workdir, tiny_dataset, log=lambda _: None)

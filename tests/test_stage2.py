@@ -29,8 +29,10 @@ def _digest(directory):
 
 def _config(base, **stage2_fields):
     config = base.copy_and_resolve_references()
-    config.vae_training.update(dict(steps=30, lr=3e-3, batch_size=4, log_every=10,
-                                    checkpoint_every=30))
+    # Single frames only (image_steps = steps): these runs need the reference encoder; the
+    # clip phase is tested in test_vae_training.
+    config.vae_training.update(dict(steps=30, image_steps=30, lr=3e-3, batch_size=4,
+                                    log_every=10, checkpoint_every=30))
     config.stage2.update(dict(steps=STEPS, log_every=10, checkpoint_every=STEPS, batch_size=4,
                               lr=2e-3, baselines=()))
     config.stage2.update(stage2_fields)

@@ -19,20 +19,23 @@ from im_anim_jax.training import checkpointing
 from im_anim_jax.training import vae as vae_training
 from im_anim_jax.training.metric_writer import read_metrics
 
-STEPS = 30
+STEPS, IMAGE_STEPS = 45, 30  # single frames up to step 30, then 5-frame clips
 # The tiny preset with one residual block per level and one level fewer (8x instead of 16x in
 # space; the time down/up sampling is kept): a third of the compile time. T_ref grid at 32x32: 2x2.
 SMALL_VAE = dict(num_res_blocks=1, dim_mult=(1, 2, 2), temporal_downsample=(False, True))
 
 
-def frames(path, n=4):
-    """n fixed uint8 frames [n, H, W, 3] of the train split (frame 0 of the first clips)."""
+def frames(path, n=4, t=1):
+    """n fixed uint8 clips [n, t, H, W, 3] of the train split (the first t frames of the first
+    clips); t=1: frames [n, H, W, 3]."""
     src = records.open_split(path, "train")
-    return np.stack([src[i]["frames"][0] for i in range(n)])
+    clips = np.stack([src[i]["frames"][:t] for i in range(n)])
+    return clips[:, 0] if t == 1 else clips
 
 
-def to_video(images):  # uint8 [B, H, W, 3] -> [B, 1, H, W, 3] in [-1, 1]
-    return jnp.asarray(images, jnp.float32)[:, None] / 127.5 - 1.0
+def to_video(images):  # uint8 [B, H, W, 3] -> [B, 1, H, W, 3], or clips as they are; in [-1, 1]
+    x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+    return x[:, None] if x.ndim == 4 else x
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +61,9 @@ def run(tmp_path_factory, config, tiny_dataset):
     """A short VAE run on the tiny synthetic set (fixed seeds, bounded steps): its config,
     workdir, log lines, initial params and final (checkpointed) params."""
     config = config.copy_and_resolve_references()
-    config.vae_training.update(dict(steps=STEPS, batch_size=4, lr=7e-3, log_every=5,
-                                    checkpoint_every=STEPS))
+    config.vae_training.update(dict(steps=STEPS, image_steps=IMAGE_STEPS, batch_size=4,
+                                    clip_frames=5, clip_batch_size=2, lr=7e-3, log_every=5,
+                                    checkpoint_every=IMAGE_STEPS))
     workdir = str(tmp_path_factory.mktemp("vae"))
     lines, initial = [], []
 
@@ -79,24 +83,95 @@ def run(tmp_path_factory, config, tiny_dataset):
                                  params=params)
 
 
+def image_phase_params(run) -> dict:
+    """The run's params at the end of its single-frame phase (checkpoint IMAGE_STEPS)."""
+    params, step = checkpointing.restore_checked_params(
+        os.path.join(run.workdir, "vae"), wan_vae.abstract_params(run.config.model.vae), "VAE",
+        "", step=IMAGE_STEPS)
+    assert step == IMAGE_STEPS
+    return params
+
+
 def test_training_learns_to_reconstruct(run, roundtrip, tiny_dataset):
+    assert [line.split("; ")[1] for line in run.lines if "params on mesh" in line] == [
+        f"up to step {IMAGE_STEPS} of {STEPS}: batches of 4 x 1 frame(s) 32x32",
+        f"up to step {STEPS} of {STEPS}: batches of 2 x 5 frame(s) 32x32"]
     assert any(f"[vae] step {STEPS}/{STEPS} loss" in line and "psnr" in line for line in run.lines)
     rows = read_metrics(os.path.join(run.workdir, "vae"))
     assert [r["step"] for r in rows] == list(range(5, STEPS + 1, 5))
     assert all(np.isfinite(r[k]) for r in rows for k in ("loss", "l1", "mse", "kl", "psnr"))
-    first, last = rows[0], rows[-1]
+    # The logged loss within the single-frame phase (the clip phase's loss is another objective).
+    first, last = rows[0], next(r for r in rows if r["step"] == IMAGE_STEPS)
+    print("image phase:", {k: (round(first[k], 4), round(last[k], 4)) for k in ("loss", "psnr")},
+          "clip phase:", [(r["step"], round(r["loss"], 4), round(r["psnr"], 2)) for r in rows
+                          if r["step"] > IMAGE_STEPS])
     # On fixed frames, the mean-latent round trip of the public encode/decode (same latent
-    # normalisation as in training) beats the run's initial VAE by a wide margin.
+    # normalisation as in training) after the single-frame phase beats the run's initial VAE by
+    # a wide margin.
     video = to_video(frames(tiny_dataset))
     before, after = (float(jnp.mean(jnp.abs(roundtrip(p, video)[1] - video)))
-                     for p in (run.initial, run.params))
-    print(f"fixed-frame L1: {before:.4f} (init) -> {after:.4f} ({STEPS} steps); training loss "
+                     for p in (run.initial, image_phase_params(run)))
+    print(f"fixed-frame L1: {before:.4f} (init) -> {after:.4f} ({IMAGE_STEPS} steps); training "
+          f"loss "
           f"{first['loss']:.4f} -> {last['loss']:.4f}, psnr {first['psnr']:.2f} -> "
           f"{last['psnr']:.2f}")
     assert after < 0.7 * before, (before, after)  # measured 0.4365 -> 0.2575
     # The logged training loss (5-step means; batch content adds noise): measured 0.604 -> 0.468.
     assert last["loss"] < 0.85 * first["loss"], (first, last)
     assert last["psnr"] > first["psnr"] + 0.75, (first, last)
+
+
+def temporal_parts(params) -> dict:
+    """{path: array} of what only frames after frame 0 use: the earlier time taps of every 3D
+    kernel and the time down/up-sampling convs."""
+    out = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        x = np.asarray(x)
+        if "time_conv" in name:
+            out[name] = x
+        elif name.endswith("kernel") and x.ndim == 5 and x.shape[0] > 1:
+            out[name] = x[:-1]
+    return out
+
+
+def test_the_clip_phase_trains_the_temporal_path(run, roundtrip, tiny_dataset):
+    """Single frames never reach the causal convs' earlier time taps or the time down/up-
+    sampling (what frames 1.. of a clip go through): the single-frame phase leaves them at their
+    initial values, and the clip phase trains them and changes the clips' reconstructions."""
+    initial, image_only = temporal_parts(run.initial), temporal_parts(image_phase_params(run))
+    final = temporal_parts(run.params)
+    assert len(initial) > 10 and any("time_conv" in k for k in initial)
+    for name, x in initial.items():
+        np.testing.assert_array_equal(image_only[name], x, err_msg=name)
+        assert np.abs(final[name] - x).max() > 1e-4, name
+    video = to_video(frames(tiny_dataset, n=4, t=5))
+    recon = [roundtrip(p, video)[1] for p in (image_phase_params(run), run.params)]
+    assert float(jnp.abs(recon[1][:, 1:] - recon[0][:, 1:]).mean()) > 1e-3
+
+
+def test_resume_at_the_phase_switch_continues_the_data_order(run, config, tiny_dataset,
+                                                             tmp_path):
+    """A run stopped at the end of the single-frame phase resumes into the clip phase at the same
+    data position: the same batches (data_log.txt) and, on CPU, the same params as the run that
+    did not stop."""
+    src, dst = os.path.join(run.workdir, "vae"), str(tmp_path / "vae")
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(str(STEPS)))
+    with open(os.path.join(src, "data_log.txt")) as f:
+        log = f.readlines()
+    assert len(log) == STEPS
+    with open(os.path.join(dst, "data_log.txt"), "w") as f:
+        f.writelines(log[:IMAGE_STEPS])
+    lines = []
+    vae_training.train(run.config, str(tmp_path), tiny_dataset, log=lines.append)
+    assert not any("batches of 4 x 1 frame(s)" in line for line in lines)  # phase 1 skipped
+    assert any(f"resuming from the checkpoint at step {IMAGE_STEPS}" in line for line in lines)
+    with open(os.path.join(dst, "data_log.txt")) as f:
+        assert f.readlines() == log
+    resumed, _ = checkpointing.restore_checked_params(
+        dst, wan_vae.abstract_params(run.config.model.vae), "VAE", "")
+    for a, b in zip(jax.tree.leaves(run.params), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_reference_encoder_is_patchified_vae_encode(run, roundtrip, tiny_dataset):

@@ -37,6 +37,13 @@ from im_anim_jax import config_validation
     ({"stage3.lr_dit": float("nan")}, (1, 2, 3), "stage3.lr_dit=nan must be a learning rate"),
     ({"stage2.steps": 0}, (1, 2), "stage2.steps=0 must be a positive integer"),
     ({"vae_training.warmup_steps": 50}, (1, 2), "vae_training.warmup_steps=50 exceeds"),
+    ({"vae_training.clip_frames": 4}, (1, 2), "vae_training.clip_frames=4: the VAE compresses "
+                                              "time 4x, so its training clips need 1 + 4k frames"),
+    ({"vae_training.clip_frames": 9}, (1, 2),
+     "data.synthetic.clip_frames=5 is shorter than the 9-frame clips"),
+    ({"vae_training.image_steps": -1}, (1, 2), "vae_training.image_steps=-1 must be an integer"),
+    ({"vae_training.clip_batch_size": 6, "vae_training.batch_size": 4, "stage2.batch_size": 4,
+      "mesh.shape.data": 4}, (1, 2), "vae_training.clip_batch_size=6 must be divisible by 4"),
     ({"stage1.batch_size": 6, "mesh.shape.data": 4}, (1,),
      "stage1.batch_size=6 must be divisible by 4"),
     ({"stage1.schedule": "linear"}, (1,), "stage1.schedule='linear' must be"),
