@@ -133,17 +133,22 @@ def restore_checked_params(stage_dir: str, abstract_params, name: str, hint: str
         elif step not in steps:
             raise FileNotFoundError(f"no {name} checkpoint of step {step} in {stage_dir}; it "
                                     f"holds steps {steps}")
-        want = param_shapes(abstract_params)
-        have = ckpt.meta(step)["param_shapes"]
-        diffs = [f"{k}: checkpoint {have.get(k)} vs config {want.get(k)}"
-                 for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
-        if diffs:
-            raise ValueError(f"the {name} checkpoint in {stage_dir} has a different architecture "
-                             f"than the config ({len(diffs)} params differ), e.g. "
-                             + "; ".join(diffs[:3]))
+        check_architecture(ckpt, step, param_shapes(abstract_params), f"the {name} checkpoint "
+                           f"in {stage_dir}")
         return ckpt.restore_params(step, abstract_params), step
     finally:
         ckpt.close()
+
+
+def check_architecture(ckpt: Checkpointer, step: int, want: dict, what: str, hint: str = ""):
+    """ValueError naming the first differing params unless the param shapes recorded with
+    checkpoint `step` equal `want` (param_shapes of the config's model)."""
+    have = ckpt.meta(step)["param_shapes"]
+    diffs = [f"{k}: checkpoint {have.get(k)} vs config {want.get(k)}"
+             for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+    if diffs:
+        raise ValueError(f"{what} has a different architecture than the config ({len(diffs)} "
+                         f"params differ), e.g. " + "; ".join(diffs[:3]) + hint)
 
 
 def meta_for(config, stage, params) -> dict:
