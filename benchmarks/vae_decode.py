@@ -54,7 +54,8 @@ def memory_table(cfg, size: int, latent_frames):
     rows = []
     for n in latent_frames:
         video = jax.ShapeDtypeStruct((1, 1 + 4 * (n - 1), size, size, 3), jnp.float32)
-        lat = jax.ShapeDtypeStruct((1, n, size // 16, size // 16, cfg.z_dim), jnp.float32)
+        s = size // model.space_factor
+        lat = jax.ShapeDtypeStruct((1, n, s, s, cfg.z_dim), jnp.float32)
         row = {"latent_frames": n}
         for name, fn, x in (("encode", vae.encode, video), ("decode", vae.decode, lat)):
             for mode, chunked in (("whole", False), ("chunked", True)):
@@ -92,7 +93,8 @@ def main():
     params = jax.tree.map(jnp.asarray, wan_vae.convert(
         {k: v.numpy() for k, v in ref.state_dict().items()}, cfg))
     model = vae.build_vae(cfg)
-    shape = (1, args.latent_frames, args.size // 16, args.size // 16, cfg.z_dim)
+    s = args.size // model.space_factor
+    shape = (1, args.latent_frames, s, s, cfg.z_dim)
     latents = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     mean, inv_std = (torch.from_numpy(a) for a in vae.latent_stats(cfg.z_dim))
     z_torch = torch.from_numpy(np.moveaxis(latents, -1, 1).copy())
