@@ -1,4 +1,5 @@
 """Shared fixtures. Grain worker processes need absl flags parsed."""
+import hashlib
 import os
 import sys
 
@@ -49,6 +50,23 @@ def pytest_collection_modifyitems(config, items):
         item.stash[_ORDER] = next((i for i, k in enumerate(LONGEST_FIRST) if k in name),
                                   len(LONGEST_FIRST))
     items.sort(key=lambda item: item.stash[_ORDER])  # stable: file order otherwise kept
+
+
+def _tree_digest(directory):
+    """{relative path: sha1} of every file under `directory`."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = hashlib.sha1(f.read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="session")
+def tree_digest():
+    """The function directory -> {relative path: sha1} (to check that nothing was written)."""
+    return _tree_digest
 
 
 @pytest.fixture(scope="session")

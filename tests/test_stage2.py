@@ -1,6 +1,5 @@
 """Stage 2: it starts from stage 1 (read-only; refusing a missing or different one), it learns the
 cross-identity target, its baselines train on the same data, and its report has every figure."""
-import hashlib
 import json
 import os
 import shutil
@@ -16,17 +15,6 @@ from im_anim_jax.training.metric_writer import read_metrics
 STEPS = 60
 
 
-def _digest(directory):
-    """{relative path: sha1} of every file under `directory`."""
-    out = {}
-    for root, _, files in os.walk(directory):
-        for f in files:
-            path = os.path.join(root, f)
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, directory)] = hashlib.sha1(fh.read()).hexdigest()
-    return out
-
-
 def _config(base, **stage2_fields):
     config = base.copy_and_resolve_references()
     # Single frames only (image_steps = steps): these runs need the reference encoder; the
@@ -40,13 +28,13 @@ def _config(base, **stage2_fields):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_stage1, tiny_dataset):
+def trained(tmp_path_factory, tiny_stage1, tiny_dataset, tree_digest):
     """Stage 1 copied into a fresh workdir, then the VAE and the main stage-2 model; the
     baselines for 3 steps each (enough to be evaluated, not to be compared)."""
     base, stage1_dir = tiny_stage1
     workdir = str(tmp_path_factory.mktemp("stage2"))
     shutil.copytree(os.path.join(stage1_dir, "stage1"), os.path.join(workdir, "stage1"))
-    before = _digest(os.path.join(workdir, "stage1"))
+    before = tree_digest(os.path.join(workdir, "stage1"))
     config = _config(base)
     stage2.train(config, workdir, tiny_dataset, log=lambda _: None)
     for name in stage2.BASELINES:
@@ -68,9 +56,9 @@ def test_stage2_learns_the_cross_identity_target(trained):
     assert all(r["codebook_perplexity"] >= 1 for r in rows)  # logged, so a collapse is visible
 
 
-def test_stage1_files_are_read_only_inputs(trained):
+def test_stage1_files_are_read_only_inputs(trained, tree_digest):
     _, workdir, before = trained
-    assert _digest(os.path.join(workdir, "stage1")) == before
+    assert tree_digest(os.path.join(workdir, "stage1")) == before
     for d in ["stage2"] + [f"stage2_{n}" for n in stage2.BASELINES]:
         assert stage2.checkpointing.latest_step(os.path.join(workdir, d)) is not None, d
 

@@ -72,25 +72,14 @@ def test_sigterm_at_a_random_step_checkpoints_exits_3_and_resumes_bitwise_past_a
     _assert_same_as_reference(workdir, reference, note)
 
 
-def _tree_digest(directory):
-    """{relative path: bytes} of every file under `directory`."""
-    out = {}
-    for root, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, directory)] = f.read()
-    return out
-
-
 def test_resuming_under_another_architecture_exits_2_naming_the_params_and_writes_nothing(
-        tmp_path, tiny_dataset, reference):
+        tmp_path, tiny_dataset, reference, tree_digest):
     """A config whose model differs from the checkpoint's (here: 128 codes, not 64) is refused
     before any restore: one message naming the differing params, exit 2, the directory intact
     (before, Orbax's tree-mismatch dump of both trees)."""
     workdir = str(tmp_path / "run")
     shutil.copytree(reference, workdir)
-    before = _tree_digest(workdir)
+    before = tree_digest(workdir)
     res = faultrun.run(faultrun.train_cmd(workdir, tiny_dataset, STEPS + 10,
                                           "--config.model.quantizer.codebook_size=128"))
     assert res.returncode == 2, res.stdout + res.stderr
@@ -99,4 +88,4 @@ def test_resuming_under_another_architecture_exits_2_naming_the_params_and_write
         "has a different architecture than the config" in error), error
     assert "checkpoint [64, " in error and "vs config [128, " in error, error
     assert "move " in error and len(error) < 1000, error
-    assert _tree_digest(workdir) == before
+    assert tree_digest(workdir) == before
