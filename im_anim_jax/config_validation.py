@@ -220,6 +220,15 @@ def _augment(config, stages, out: list) -> None:
                        f"(stage {s} supervises the driving clip with the unmirrored original)")
 
 
+def _frozen(config, stages, out: list) -> None:
+    if 3 in stages:
+        from im_anim_jax.training import stage3
+        try:
+            stage3.frozen(config)
+        except ValueError as e:
+            out.append(str(e))
+
+
 def problems(config, stages, workdir: str, num_devices: int | None = None,
              num_processes: int | None = None) -> list[str]:
     """Every problem of `config` for running `stages` in `workdir` (empty: none)."""
@@ -235,6 +244,7 @@ def problems(config, stages, workdir: str, num_devices: int | None = None,
     _frames_and_sizes(config, stages, out)
     _prerequisites(config, stages, workdir, out)
     _augment(config, stages, out)
+    _frozen(config, stages, out)
     _faults(config, out)
     return out
 

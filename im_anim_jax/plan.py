@@ -66,7 +66,7 @@ def abstract_state(config, stage: int, model, tx, mesh, ref_dim: int = 0):
         trained = lambda p: stage2._trained(p, config)  # noqa: E731
     else:
         boxed = stage3.abstract_params(model, config, ref_dim, boxed=True)
-        trained = stage3._trained
+        trained = lambda p: stage3._trained(p, config)  # noqa: E731
     params_sh = sharding.param_shardings(boxed, mesh, rules)
     params = sharding.raw_values(boxed)
     opt = jax.eval_shape(tx.init, trained(params))
@@ -148,7 +148,7 @@ def stage_step(config, stage: int, mesh):
 
     model = stage3.build(config, encoder)
     tx = stage3.make_optimizer(cfg, stage3._trained(stage3.abstract_params(model, config,
-                                                                           encoder.dim)))
+                                                                           encoder.dim), config))
     state, state_sh = abstract_state(config, 3, model, tx, mesh, encoder.dim)
     batch = {"driving": clip["frames"], "driving_keypoints": clip["keypoints"],
              "heatmaps": clip["heatmaps"], "joint_weights": clip["joint_weights"]}
@@ -370,7 +370,7 @@ def trained_params(config, stage: int, params: dict) -> dict:
     if stage == 2:
         return {k: params[k] for k in stage2.trainable(config)}
     if stage == 3:
-        return {k: v for k, v in params.items() if k not in stage3.FROZEN}
+        return stage3._trained(params, config)
     return params
 
 

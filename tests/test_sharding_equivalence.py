@@ -152,7 +152,7 @@ def _stages(config):
     s2_model, s2_tx = build_stage2(config.model, grid), stage1.make_optimizer(config.stage2)
     s3_model = stage3.stage3_model.build_stage3(config.model, grid)
     s3_tx = stage3.make_optimizer(config.stage3, stage3._trained(
-        stage3.abstract_params(s3_model, config, dim)))
+        stage3.abstract_params(s3_model, config, dim), config))
     context = jnp.asarray(text.context(config))
 
     from im_anim_jax import plan

@@ -136,6 +136,53 @@ def test_flow_matching_inputs_and_loss_on_a_one_step_toy(tiny_config):
     assert float(loss(step)) < float(loss(a))
 
 
+def test_frozen_groups_keep_their_params_and_get_no_optimizer_state(tiny_config):
+    from im_anim_jax import sharding, text
+    from im_anim_jax.models.wan import vae
+    from im_anim_jax.training import vae as vae_training
+    config = tiny_config.copy_and_resolve_references()
+    config.stage3.frozen = ("motion_encoder", "joint_decoder")
+    config.stage3.batch_size = b = 2
+    vae_model = vae.build_vae(config.model.vae, config.model.dtype, config.model.attention_impl)
+    f = vae_model.space_factor
+    encoder = vae_training.reference_encoder(config, vae_model, nn.unbox(vae_model.init(
+        jax.random.key(1), jnp.zeros((1, 1, f, f, 3)))["params"]))
+    model = stage3.build(config, encoder)
+    tx = stage3.make_optimizer(config.stage3, stage3._trained(
+        stage3.abstract_params(model, config, encoder.dim), config))
+    mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
+    state, _, state_sh = stage3.init_state(model, tx, config, mesh, encoder.dim)
+    before = jax.tree.map(np.array, state.params)  # copies: the step donates the state
+    rng = np.random.default_rng(0)
+    s, t, hm = (config.model.motion_tokenizer.image_size, config.stage3.clip_frames,
+                config.model.joint_decoder.heatmap_size)
+    batch = {"driving": rng.integers(0, 256, (b, t, s, s, 3), np.uint8),
+             "driving_keypoints": np.concatenate([rng.uniform(0, s - 1, (b, t, 62, 2)),
+                                                  np.ones((b, t, 62, 1))], -1).astype(np.float32),
+             "heatmaps": rng.uniform(0, 1, (b, t, 62, hm, hm)).astype(np.float32),
+             "joint_weights": np.ones((b, t, 62), np.float32),
+             "reference": rng.integers(0, 256, (b, s, s, 3), np.uint8),
+             "target": rng.integers(0, 256, (b, t, s, s, 3), np.uint8)}
+    step = stage3.make_train_step(model, tx, config, mesh, rules, state_sh, encoder,
+                                  jnp.asarray(text.context(config)))
+    for _ in range(2):  # the rate warms up from 0 over the first step
+        state, _ = step(state, batch)
+    for group in before:
+        same = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
+                                            before[group], jax.tree.map(np.asarray,
+                                                                        state.params[group])))
+        assert all(same) == (group in ("motion_encoder", "joint_decoder", "quantize")), group
+    assert stage3.frozen(config) == ("quantize", "motion_encoder", "joint_decoder")
+    assert set(stage3._trained(state.params, config)) == {
+        "retargeter", "joint_head", "dit", "expression_encoder"}
+    config.stage3.frozen = ("motion_encoders",)
+    with pytest.raises(ValueError, match=r"unknown param groups \['motion_encoders'\]"):
+        stage3.frozen(config)
+    config.stage3.frozen = ("dit",)
+    with pytest.raises(ValueError, match="may not hold 'dit'"):
+        stage3.frozen(config)
+
+
 def test_windows_cover_the_video_with_the_stated_overlap():
     assert generation.windows(5, 17, 5) == (5, [0])
     assert generation.windows(7, 17, 5) == (9, [0])

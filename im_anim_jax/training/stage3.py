@@ -15,9 +15,9 @@ Init: the newest stage-2 (main) checkpoint for the motion encoder, quantizer, re
 head and joint decoder; the DiT from model.dit.init_from (a converted Wan2.2 TI2V DiT, regrouped
 and widened by zero control channels) or fresh; the expression branch fresh (zero output).
 Trained: everything but the quantizer's codebook (kept, as in stage 2: it defines the token space)
-with AdamW at stage3.lr_dit on the DiT (its expression blocks excepted) and stage3.lr_other on the
-rest, after one global-norm clip; `ema_decay` > 0 keeps an EMA of the trained params (used for
-generation) inside the optimizer state.
+and the groups of stage3.frozen, with AdamW at stage3.lr_dit on the DiT (its expression blocks
+excepted) and stage3.lr_other on the rest, after one global-norm clip; `ema_decay` > 0 keeps an
+EMA of the trained params (used for generation) inside the optimizer state.
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ from im_anim_jax.training import state as train_state
 from im_anim_jax.training import vae as vae_training
 
 STAGE = 3
-FROZEN = ("quantize",)
+GROUPS = ("motion_encoder", "quantize", "retargeter", "joint_head", "joint_decoder", "dit",
+          "expression_encoder")
 MISSING_HINT = "run `python train.py --config ... --workdir ... --stages 3` first"
 
 
@@ -83,8 +84,22 @@ def abstract_params(model, config, ref_dim: int, boxed: bool = False):
     return out if boxed else nn.unbox(out)
 
 
-def _trained(params: dict) -> dict:
-    return {k: v for k, v in params.items() if k not in FROZEN}
+def frozen(config) -> tuple[str, ...]:
+    """Top-level param groups stage 3 keeps fixed: the quantizer's codebook (it defines the token
+    space) and those of stage3.frozen (ValueError naming an unknown one)."""
+    extra = tuple(config.stage3.frozen)
+    unknown = sorted(set(extra) - set(GROUPS))
+    if unknown:
+        raise ValueError(f"config.stage3.frozen has unknown param groups {unknown}; choose from "
+                         f"{list(GROUPS)}")
+    if "dit" in extra:
+        raise ValueError("config.stage3.frozen may not hold 'dit': stage 3 trains the DiT")
+    return tuple(dict.fromkeys(("quantize",) + extra))
+
+
+def _trained(params: dict, config) -> dict:
+    fixed = frozen(config)
+    return {k: v for k, v in params.items() if k not in fixed}
 
 
 def _labels(params: dict) -> dict:
@@ -138,7 +153,8 @@ def init_state(model, tx, config, mesh, ref_dim: int):
     return train_state.init_sharded(
         lambda key: nn.unbox(model.init(key, *inputs)["params"]),
         abstract_params(model, config, ref_dim, boxed=True), tx, mesh,
-        sharding.rules(config.mesh), config.seed, trained=_trained)
+        sharding.rules(config.mesh), config.seed,
+        trained=lambda p: _trained(p, config))
 
 
 def load_converted_dit(config, abstract_dit: dict) -> dict:
@@ -177,7 +193,7 @@ def initial_params(state, state_sh, tx, config, workdir: str, ref_encoder):
         dit = flax.traverse_util.flatten_dict(params["dit"])
         dit.update(flax.traverse_util.flatten_dict(load_converted_dit(config, params["dit"])))
         params["dit"] = place(flax.traverse_util.unflatten_dict(dit), state_sh.params["dit"])
-    opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(_trained(params))
+    opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(_trained(params, config))
     return state.replace(params=params, opt_state=opt_state)
 
 
@@ -232,12 +248,13 @@ def make_train_step(model, tx, config, mesh, axis_rules, state_sh, vae_encoder, 
         keep = jax.random.uniform(k_text, (b, 1, 1)) >= cfg.text_dropout
         ctx = jnp.where(keep, jnp.broadcast_to(context, (b, *context.shape)), 0.0)
         ref_tokens = vae_training.reference_tokens(z_ref, vae_encoder.patch)
-        trained = _trained(state.params)
-        frozen = jax.lax.stop_gradient({k: v for k, v in state.params.items() if k in FROZEN})
+        trained = _trained(state.params, config)
+        fixed = jax.lax.stop_gradient({k: v for k, v in state.params.items()
+                                       if k not in trained})
 
         def loss_fn(trained):
             v, heatmaps, aux = model.apply(
-                {"params": {**frozen, **trained}}, batch["driving"], batch["driving_keypoints"],
+                {"params": {**fixed, **trained}}, batch["driving"], batch["driving_keypoints"],
                 ref_tokens, latents, per_token(t_frames, per_frame), ctx)
             fl = flow_loss(v, target, weight)
             hm = stage1_training.heatmap_loss(heatmaps, batch["heatmaps"], batch["joint_weights"])
@@ -275,7 +292,7 @@ def train(config, workdir: str, data_path: str, log=print) -> dict:
     sharding.check_batch_size(cfg.batch_size, mesh, "stage3.batch_size")
     ref_encoder = vae_training.load_reference_encoder(config, workdir)
     model = build(config, ref_encoder)
-    tx = make_optimizer(cfg, _trained(abstract_params(model, config, ref_encoder.dim)))
+    tx = make_optimizer(cfg, _trained(abstract_params(model, config, ref_encoder.dim), config))
     state, abstract_state, state_sh = init_state(model, tx, config, mesh, ref_encoder.dim)
     directory = stage_dir(workdir)
     if checkpointing.latest_step(directory) is None:
@@ -310,20 +327,21 @@ def load_params(config, workdir: str, ref_encoder, step: int | None = None):
     (default the newest), checked against the config."""
     model = build(config, ref_encoder)
     abstract = abstract_params(model, config, ref_encoder.dim)
-    tx = make_optimizer(config.stage3, _trained(abstract))
+    trained = _trained(abstract, config)
+    tx = make_optimizer(config.stage3, trained)
     ckpt_dir = stage_dir(workdir)
     params, step = checkpointing.restore_checked_params(ckpt_dir, abstract, "stage-3",
                                                         MISSING_HINT, step)
     if config.stage3.ema_decay:
-        params = {**params, **_restore_ema(ckpt_dir, step, abstract, tx)}
+        params = {**params, **_restore_ema(ckpt_dir, step, abstract, trained, tx)}
     return model, params, step
 
 
-def _restore_ema(directory: str, step: int, abstract: dict, tx) -> dict:
+def _restore_ema(directory: str, step: int, abstract: dict, trained: dict, tx) -> dict:
     """The EMA params in the optimizer state of checkpoint `step` (one device)."""
     sds = jax.ShapeDtypeStruct
     state = train_state.TrainState(step=sds((), jnp.int32), params=abstract,
-                                   opt_state=jax.eval_shape(tx.init, _trained(abstract)),
+                                   opt_state=jax.eval_shape(tx.init, trained),
                                    rng=sds((2,), jnp.uint32))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     ckpt = checkpointing.Checkpointer(directory, async_save=False)
