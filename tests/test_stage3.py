@@ -211,6 +211,19 @@ def test_stage3_learns(trained):
     assert all(np.isfinite(r["loss"]) for r in rows)
 
 
+def test_resuming_with_other_frozen_groups_is_refused_and_writes_nothing(trained, tiny_dataset,
+                                                                         tree_digest):
+    config, workdir = trained
+    config = config.copy_and_resolve_references()
+    config.stage3.steps = STEPS + 5
+    config.stage3.frozen = ("motion_encoder",)
+    before = tree_digest(stage3.stage_dir(workdir))
+    with pytest.raises(ValueError, match=r"trained the param groups \[.*'motion_encoder'.*\], "
+                       r"the config trains \[.*\] \(e\.g\. stage3\.frozen"):
+        stage3.train(config, workdir, tiny_dataset, log=lambda _: None)
+    assert tree_digest(stage3.stage_dir(workdir)) == before
+
+
 def test_generation_in_windows_and_the_ema(trained):
     config, workdir = trained
     animator = generation.Animator.from_workdir(config, workdir)

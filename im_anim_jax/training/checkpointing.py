@@ -151,6 +151,21 @@ def check_architecture(ckpt: Checkpointer, step: int, want: dict, what: str, hin
                          f"params differ), e.g. " + "; ".join(diffs[:3]) + hint)
 
 
-def meta_for(config, stage, params) -> dict:
-    return {"stage": stage, "code_version": im_anim_jax.__version__,
+def check_trained(ckpt: Checkpointer, step: int, want, what: str, hint: str = ""):
+    """ValueError unless checkpoint `step` recorded the same trained param groups as `want` (its
+    optimizer state holds exactly those); nothing to check where either side recorded none."""
+    have = ckpt.meta(step).get("trained_groups")
+    if want is not None and have is not None and list(have) != list(want):
+        raise ValueError(f"{what} trained the param groups {list(have)}, the config trains "
+                         f"{list(want)} (e.g. stage3.frozen or stage2.train_motion_encoder "
+                         f"changed), so its optimizer state does not fit" + hint)
+
+
+def meta_for(config, stage, params, trained=None) -> dict:
+    """Checkpoint metadata; `trained`: the top-level param groups the stage updates, where it
+    updates only some (check_trained compares them on resume)."""
+    meta = {"stage": stage, "code_version": im_anim_jax.__version__,
             "config": config.to_json_best_effort(), "param_shapes": param_shapes(params)}
+    if trained is not None:
+        meta["trained_groups"] = sorted(trained)
+    return meta

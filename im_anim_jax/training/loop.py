@@ -109,11 +109,12 @@ def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callabl
                         async_save=ckpt_cfg.async_save)
     start = ckpt.latest_step() or 0
     if start:
+        what = f"the checkpoint of step {start} in {stage_dir}"
+        hint = (f". Resume it with the config that wrote it, or move {stage_dir} away (and the "
+                f"stages trained on it) to train this config from scratch")
         try:
-            checkpointing.check_architecture(
-                ckpt, start, meta["param_shapes"], f"the checkpoint of step {start} in "
-                f"{stage_dir}", f". Resume it with the config that wrote it, or move {stage_dir} "
-                f"away (and the stages trained on it) to train this config from scratch")
+            checkpointing.check_architecture(ckpt, start, meta["param_shapes"], what, hint)
+            checkpointing.check_trained(ckpt, start, meta.get("trained_groups"), what, hint)
         except ValueError:
             ckpt.close()
             raise

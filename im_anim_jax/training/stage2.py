@@ -250,7 +250,8 @@ def train_variant(config, workdir: str, data_path: str, name: str, ref_encoder,
     log(f"[{tag}] {n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trained) on mesh "
         f"{dict(mesh.shape)}; reference grid {ref_encoder.grid}; {cfg.steps} steps of "
         f"{cfg.batch_size} pairs x {cfg.clip_frames} frames")
-    meta = dict(checkpointing.meta_for(config, STAGE, state.params), variant=name)
+    meta = dict(checkpointing.meta_for(config, STAGE, state.params, trainable(config)),
+                variant=name)
     _, last = loop.run(
         name=tag, stage_dir=directory, state=state, abstract_state=abstract_state,
         train_step=make_train_step(model, tx, config, mesh, axis_rules, state_sh, ref_encoder),

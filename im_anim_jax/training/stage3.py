@@ -310,7 +310,7 @@ def train(config, workdir: str, data_path: str, log=print) -> dict:
         f"{n['expression_encoder'] / 1e6:.2f}M) on mesh {dict(mesh.shape)}; {cfg.steps} steps of "
         f"{cfg.batch_size} pairs x {cfg.clip_frames} frames; DiT "
         + ("from " + config.model.dit.init_from if config.model.dit.init_from else "from scratch"))
-    meta = checkpointing.meta_for(config, STAGE, state.params)
+    meta = checkpointing.meta_for(config, STAGE, state.params, _trained(state.params, config))
     _, last = loop.run(
         name="stage3", stage_dir=directory, state=state, abstract_state=abstract_state,
         train_step=make_train_step(model, tx, config, mesh, axis_rules, state_sh, ref_encoder,
