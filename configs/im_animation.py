@@ -355,8 +355,9 @@ def _small(c, variant):
     # The demo DiT starts from scratch (no pretrained Wan2.2 on this machine): a far higher rate.
     # It trains the DiT and the expression branch and keeps the stage-2 model (the paper trains
     # all parts): on 2 cores the motion encoder's backward and the retarget heatmaps took 1.50 s
-    # of a 1.58 s step, the DiT 0.07 s. Frozen, a step takes 0.5-0.6 s: held-out PSNR* 19.11
-    # after 1000 steps against 17.10 after 300 of everything, in about the same time (README).
+    # of a 1.58 s step, the DiT 0.07 s. Frozen, a step takes 0.45 s (the retarget loss, then a
+    # constant, is left out): held-out PSNR* 19.11 after 1000 steps against 17.10 after 300 of
+    # everything (README).
     c.stage3.update(dict(steps=1000 if demo else 6, clip_frames=17 if demo else 5, lr_dit=1e-3,
                          lr_other=1e-3, schedule="cosine", warmup_steps=20 if demo else 2,
                          batch_size=4 if demo else 2, log_every=50 if demo else 3,

@@ -136,12 +136,11 @@ def test_flow_matching_inputs_and_loss_on_a_one_step_toy(tiny_config):
     assert float(loss(step)) < float(loss(a))
 
 
-def test_frozen_groups_keep_their_params_and_get_no_optimizer_state(tiny_config):
+def _frozen_step(config):
+    """(state, jitted stage-3 step, batch of random pairs) on `config` with a fresh VAE."""
     from im_anim_jax import sharding, text
     from im_anim_jax.models.wan import vae
     from im_anim_jax.training import vae as vae_training
-    config = tiny_config.copy_and_resolve_references()
-    config.stage3.frozen = ("motion_encoder", "joint_decoder")
     config.stage3.batch_size = b = 2
     vae_model = vae.build_vae(config.model.vae, config.model.dtype, config.model.attention_impl)
     f = vae_model.space_factor
@@ -152,7 +151,6 @@ def test_frozen_groups_keep_their_params_and_get_no_optimizer_state(tiny_config)
         stage3.abstract_params(model, config, encoder.dim), config))
     mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
     state, _, state_sh = stage3.init_state(model, tx, config, mesh, encoder.dim)
-    before = jax.tree.map(np.array, state.params)  # copies: the step donates the state
     rng = np.random.default_rng(0)
     s, t, hm = (config.model.motion_tokenizer.image_size, config.stage3.clip_frames,
                 config.model.joint_decoder.heatmap_size)
@@ -165,6 +163,14 @@ def test_frozen_groups_keep_their_params_and_get_no_optimizer_state(tiny_config)
              "target": rng.integers(0, 256, (b, t, s, s, 3), np.uint8)}
     step = stage3.make_train_step(model, tx, config, mesh, rules, state_sh, encoder,
                                   jnp.asarray(text.context(config)))
+    return state, step, batch
+
+
+def test_frozen_groups_keep_their_params_and_get_no_optimizer_state(tiny_config):
+    config = tiny_config.copy_and_resolve_references()
+    config.stage3.frozen = ("motion_encoder", "joint_decoder")
+    state, step, batch = _frozen_step(config)
+    before = jax.tree.map(np.array, state.params)  # copies: the step donates the state
     for _ in range(2):  # the rate warms up from 0 over the first step
         state, _ = step(state, batch)
     for group in before:
@@ -181,6 +187,30 @@ def test_frozen_groups_keep_their_params_and_get_no_optimizer_state(tiny_config)
     config.stage3.frozen = ("dit",)
     with pytest.raises(ValueError, match="may not hold 'dit'"):
         stage3.frozen(config)
+
+
+def test_a_frozen_retarget_path_skips_its_loss_and_trains_the_same(tiny_config, monkeypatch):
+    """With the whole stage-2 path frozen, L_retarget is a constant: the step leaves it out (and
+    the heatmap decode) yet moves every trained param as the step that adds it does."""
+    config = tiny_config.copy_and_resolve_references()
+    config.stage3.frozen = stage3.RETARGET_PATH
+    assert not stage3.retarget_loss_trains(config)
+    runs = {}
+    for with_loss in (False, True):
+        monkeypatch.setattr(stage3, "retarget_loss_trains", lambda c, w=with_loss: w)
+        state, step, batch = _frozen_step(config)
+        for _ in range(2):  # the rate warms up from 0 over the first step
+            state, metrics = step(state, batch)
+        runs[with_loss] = jax.tree.map(np.array, stage3._trained(state.params, config)), metrics
+    (skipped, m_skip), (full, m_full) = runs[False], runs[True]
+    assert "retarget_loss" not in m_skip and float(m_full["retarget_loss"]) > 0
+    assert float(m_full["loss"]) > float(m_skip["loss"])
+    # fp32; measured max abs diff 0 here (the loss term's gradient is exactly zero)
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), skipped, full))
+    assert max(diffs) <= 1e-6, max(diffs)
+    monkeypatch.undo()
+    config.stage3.frozen = stage3.RETARGET_PATH[1:]  # the motion encoder trains: the loss counts
+    assert stage3.retarget_loss_trains(config)
 
 
 def test_windows_cover_the_video_with_the_stated_overlap():

@@ -6,6 +6,7 @@ B's reference image from another moment):
     s = shift(u) (u ~ U(0, 1), Wan's timestep shift), eps ~ N(0, I), x_s = (1 - s) x0 + s eps
     v = model(driving, [z_ref ++ x_s], t = 1000 s per token (0 on z_ref and on held frames))
     L = mean (v - (eps - x0))^2 over the generated frames + 10 * L_retarget (+ VQ terms)
+    (L_retarget left out when stage3.frozen holds its whole path: `retarget_loss_trains`)
 With probability `context_prob` the first latent frames of x0 (those of sampling.overlap_frames
 video frames) are held clean with t = 0 and left out of the loss: how the next window of a long
 video starts (generation.py). The prompt context is dropped (zeros) with `text_dropout`, for
@@ -95,6 +96,16 @@ def frozen(config) -> tuple[str, ...]:
     if "dit" in extra:
         raise ValueError("config.stage3.frozen may not hold 'dit': stage 3 trains the DiT")
     return tuple(dict.fromkeys(("quantize",) + extra))
+
+
+RETARGET_PATH = ("motion_encoder", "retargeter", "joint_head", "joint_decoder")
+
+
+def retarget_loss_trains(config) -> bool:
+    """Whether L_retarget reaches a trained param: not when stage3.frozen holds the whole stage-2
+    path to the heatmaps (`RETARGET_PATH`). Then the step skips the heatmap decode, a constant
+    term (21% of a demo step), and logs no `retarget_loss`."""
+    return not set(RETARGET_PATH) <= set(frozen(config))
 
 
 def _trained(params: dict, config) -> dict:
@@ -239,6 +250,7 @@ def flow_loss(v, target, weight):
 def make_train_step(model, tx, config, mesh, axis_rules, state_sh, vae_encoder, context):
     cfg, per_frame = config.stage3, tokens_per_frame(config)
     held_frames = overlap_latents(config)
+    with_retarget = retarget_loss_trains(config)
 
     def step(state: train_state.TrainState, batch, z_ref, x0):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -257,10 +269,13 @@ def make_train_step(model, tx, config, mesh, axis_rules, state_sh, vae_encoder, 
                 {"params": {**fixed, **trained}}, batch["driving"], batch["driving_keypoints"],
                 ref_tokens, latents, per_token(t_frames, per_frame), ctx)
             fl = flow_loss(v, target, weight)
-            hm = stage1_training.heatmap_loss(heatmaps, batch["heatmaps"], batch["joint_weights"])
-            loss = fl + cfg.retarget_loss_weight * hm + cfg.vq_loss_weight * aux["loss"]
-            return loss, {"loss": loss, "flow_loss": fl, "retarget_loss": hm,
-                          "vq_loss": aux["loss"]}
+            loss = fl + cfg.vq_loss_weight * aux["loss"]
+            metrics = {"flow_loss": fl, "vq_loss": aux["loss"]}
+            if with_retarget:  # else `heatmaps` is unused and XLA drops the decode
+                hm = stage1_training.heatmap_loss(heatmaps, batch["heatmaps"],
+                                                  batch["joint_weights"])
+                loss, metrics["retarget_loss"] = loss + cfg.retarget_loss_weight * hm, hm
+            return loss, {"loss": loss, **metrics}
 
         return train_state.apply_gradients(state, tx, loss_fn, trained,
                                            tuple(config.faults.inject_nan_steps))
