@@ -33,6 +33,8 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "configs")]  # configs, and benchmarks'
 # tiny_stage3 run form one group (it is trained once), and the longest groups start first so the
 # two workers end together. tryfirst: the marks must exist before xdist's own hook reads them.
 LONGEST_FIRST = ("tiny_stage3", "test_sharding_equivalence.py", "test_stage2.py", "faults")
+# Files whose tests share no fixture (each runs its own subprocess): one group per test.
+SPLIT = ("test_sharding_equivalence.py",)
 _ORDER = pytest.StashKey[int]()
 # Two test processes on a GPU host must not each reserve 75% of its memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -46,6 +48,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         name = ("tiny_stage3" if "tiny_stage3" in groups[item.path] else
                 f"{item.path.parent.name}/{item.path.name}")
+        if item.path.name in SPLIT:
+            name = f"{name}::{item.name}"
         item.add_marker(pytest.mark.xdist_group(name))
         item.stash[_ORDER] = next((i for i, k in enumerate(LONGEST_FIRST) if k in name),
                                   len(LONGEST_FIRST))

@@ -1,4 +1,4 @@
-"""One training step of every stage (1, 2, 3) on the meshes (data, fsdp, context,
+"""One training step of every stage (1, 2, 3, and the VAE the demo trains) on the meshes (data, fsdp, context,
 tensor) = (8,1,1,1), (2,4,1,1), (2,2,1,2), (1,2,2,2) gives the loss and updated state of the
 same step on one device, for the tiny configs.
 
@@ -31,7 +31,7 @@ STATE_RTOL, STATE_ATOL = 1e-5, 1e-6
 PARAM_ATOL = 1e-4
 
 
-@pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])
+@pytest.mark.parametrize("stage", ["stage3", "vae", "stage2", "stage1"])  # longest first
 def test_stage_step_matches_one_device_on_four_meshes(stage):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "configs")]))
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -118,7 +118,8 @@ def _batches(config, rng):
                 "heatmaps": c["heatmaps"], "joint_weights": c["joint_weights"],
                 "reference": rng.integers(0, 256, (BATCH, s, s, 3), dtype=np.uint8),
                 "target": rng.integers(0, 256, (BATCH, t, s, s, 3), dtype=np.uint8)}
-    return {"stage1": clip(config.stage1.clip_frames),
+    return {"vae": {"frames": clip(config.vae_training.clip_frames)["frames"]},
+            "stage1": clip(config.stage1.clip_frames),
             "stage2": pairs(config.stage2.clip_frames), "stage3": pairs(config.stage3.clip_frames)}
 
 
@@ -154,6 +155,7 @@ def _stages(config):
     s3_tx = stage3.make_optimizer(config.stage3, stage3._trained(
         stage3.abstract_params(s3_model, config, dim), config))
     context = jnp.asarray(text.context(config))
+    v_tx = stage1.make_optimizer(config.vae_training)
 
     from im_anim_jax import plan
 
@@ -165,6 +167,10 @@ def _stages(config):
                 None, plan.abstract_state(config, stage, model, tx, mesh, ref_dim)[1])
         return init
     return {
+        # The VAE on clips (its temporal path); tiny: every mesh initialises it for real.
+        "vae": (lambda m, real: vae_training.init_state(vae_model, v_tx, config, m)[0::2],
+                lambda m, sh: vae_training.make_train_step(
+                    vae_model, v_tx, config.vae_training.kl_weight, m, rules, sh)),
         "stage1": (first(lambda m: stage1.init_state(s1_model, s1_tx, config, m, rules), 1,
                          s1_model, s1_tx),
                    lambda m, sh: stage1.make_train_step(s1_model, s1_tx, config, m, rules, sh)),
