@@ -1,12 +1,14 @@
-"""One training step of every stage (1, 2, 3, and the VAE the demo trains) on the meshes (data, fsdp, context,
-tensor) = (8,1,1,1), (2,4,1,1), (2,2,1,2), (1,2,2,2) gives the loss and updated state of the
-same step on one device, for the tiny configs.
+"""One training step of every stage (1, 2, 3, and the VAE the demo trains) on the meshes
+(data, fsdp, context, tensor) = (8,1,1,1), (2,4,1,1), (2,2,1,2), (1,2,2,2) gives the loss and
+updated state of the same step on one device, for the tiny configs.
 
 Each stage runs in its own subprocess with 8 simulated CPU devices (the device count must be
-set before jax starts), so pytest-xdist can spread the three. Per stage the state is
-initialised once on one device; each mesh gets a copy placed by its own shardings, then two steps run (the warmup schedules give the first step a zero
-learning rate, so the second is the one that moves the params; both losses are compared) and the
-whole state (params, optimizer moments, counters) is compared with the one-device run.
+set before jax starts), so pytest-xdist can spread them (conftest: one group per test). Per
+stage the state is initialised once on one device (the tiny VAE's init runs on every mesh, for
+its shardings); each mesh gets a copy placed by its own shardings, then two steps run (the
+warmup schedules give the first step a zero learning rate, so the second is the one that moves
+the params; both losses are compared) and the whole state (params, optimizer moments,
+counters) is compared with the one-device run.
 
 Tolerances (float32; the meshes only change reduction order and collectives): losses rtol 1e-5;
 optimizer state and counters |a - b| <= 1e-5 * max|b| + 1e-6 per leaf (relative to the leaf's
