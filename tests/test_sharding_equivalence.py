@@ -120,7 +120,8 @@ def _batches(config, rng):
                 "heatmaps": c["heatmaps"], "joint_weights": c["joint_weights"],
                 "reference": rng.integers(0, 256, (BATCH, s, s, 3), dtype=np.uint8),
                 "target": rng.integers(0, 256, (BATCH, t, s, s, 3), dtype=np.uint8)}
-    return {"vae": {"frames": clip(config.vae_training.clip_frames)["frames"]},
+    vae_frames = (BATCH, config.vae_training.clip_frames, s, s, 3)
+    return {"vae": {"frames": rng.integers(0, 256, vae_frames, dtype=np.uint8)},
             "stage1": clip(config.stage1.clip_frames),
             "stage2": pairs(config.stage2.clip_frames), "stage3": pairs(config.stage3.clip_frames)}
 
