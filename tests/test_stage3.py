@@ -64,6 +64,72 @@ def test_fresh_control_branch_is_bit_identical_to_the_base_dit(tiny_config):
     assert not np.allclose(wide.apply({"params": moved}, latents, t, context, control), want)
 
 
+def test_reference_control_puts_the_still_reference_on_the_generated_frames(tiny_config):
+    from im_anim_jax.evaluation.stage3 import zero_control
+    from im_anim_jax.models import stage3 as model_lib
+    cfg = tiny_config.model
+    motion, z = model_lib.motion_control_dim(cfg), cfg.dit.in_dim
+    assert cfg.reference_control and model_lib.control_dim(cfg) == motion + z
+    paper = cfg.copy_and_resolve_references()
+    paper.reference_control = False
+    assert model_lib.control_dim(paper) == motion
+    b, f, h, w, c = 2, 3, 4, 6, 5
+    k1, k2 = jax.random.split(jax.random.key(0))
+    still = jax.random.normal(k1, (b, f - 1, h, w, z))
+    control = jax.random.normal(k2, (b, f * (h // 2) * (w // 2), 4 * c))
+    out = model_lib.with_reference(control, still, (1, 2, 2))
+    assert out.shape == (b, control.shape[1], 4 * (c + z))
+    # Token (f, row, column), then pixel (p, q) of the 2x2 patch, then channels (the DiT's order).
+    pixels = np.asarray(out).reshape(b, f, h // 2, w // 2, 2, 2, c + z)
+    np.testing.assert_array_equal(
+        pixels[..., :c], np.asarray(control).reshape(b, f, h // 2, w // 2, 2, 2, c))
+    assert not np.any(pixels[:, 0, ..., c:])  # latent frame 0 is the reference itself
+    want = np.asarray(still).reshape(b, f - 1, h // 2, 2, w // 2, 2, z).transpose(
+        0, 1, 2, 4, 3, 5, 6)
+    np.testing.assert_array_equal(pixels[:, 1:, ..., c:], want)  # generated frame i: still[i - 1]
+    with pytest.raises(ValueError, match="do not match control"):
+        model_lib.with_reference(control, still[:, 1:], (1, 2, 2))
+    # control_zeroed removes M_ret's channels and keeps the reference's.
+    kernel = jnp.ones((1, 2, 2, cfg.dit.in_dim + motion + z, 3))
+    zeroed = zero_control({"dit": {"patch_embedding": {"kernel": kernel}}}, tiny_config)
+    k = np.asarray(zeroed["dit"]["patch_embedding"]["kernel"])
+    lo, hi = cfg.dit.in_dim, cfg.dit.in_dim + motion
+    assert k[..., :lo, :].all() and not k[..., lo:hi, :].any() and k[..., hi:, :].all()
+
+
+def test_x0_prediction_turns_the_same_dit_output_into_a_velocity(tiny_config):
+    from im_anim_jax.models import stage3 as model_lib
+    config = tiny_config.copy_and_resolve_references()
+    (h, w), (_, ph, pw) = stage3.latent_size(config), config.model.dit.patch_size
+    grid, f = (h // ph, w // pw), 1 + stage3.num_latent_frames(config.stage3.clip_frames)
+    models = {}
+    for prediction in ("velocity", "x0"):
+        config.model.dit_prediction = prediction
+        models[prediction] = model_lib.build_stage3(config.model, grid)
+    ref_dim = ph * pw * config.model.dit.in_dim
+    params = nn.unbox(models["velocity"].init(
+        jax.random.key(0), *stage3.dummy_inputs(config, ref_dim, grid))["params"])
+    params["dit"] = _randomised_head(params["dit"], jax.random.key(1))
+    k = jax.random.split(jax.random.key(2), 6)
+    ex = config.model.expression
+    latents = jax.random.normal(k[0], (2, f, h, w, config.model.dit.in_dim))
+    t = jax.random.uniform(k[1], (2, f * grid[0] * grid[1])) * 1000
+    t = t.at[:, :grid[0] * grid[1]].set(0.0)  # latent frame 0: the clean reference
+    inputs = (latents, t, jax.random.normal(k[2], (2, config.model.dit.text_len,
+                                                   config.model.dit.text_dim)),
+              jax.random.normal(k[3], (2, t.shape[1], ph * pw * model_lib.motion_control_dim(
+                  config.model))),
+              jax.random.normal(k[4], (2, f, 4 * ex.num_tokens, ex.out_dim)),
+              jax.random.normal(k[5], (2, f - 1, h, w, config.model.dit.in_dim)))
+    out = {p: np.asarray(m.apply({"params": params}, *inputs, method="velocity"))
+           for p, m in models.items()}
+    assert np.std(out["velocity"]) > 0.1  # the DiT's own output
+    sigma = np.maximum(np.asarray(t) / 1000.0, model_lib.MIN_SIGMA).reshape(2, f, *grid)
+    sigma = np.repeat(np.repeat(sigma, ph, axis=2), pw, axis=3)[..., None]
+    np.testing.assert_allclose(out["x0"], (np.asarray(latents) - out["velocity"]) / sigma,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_fresh_expression_blocks_are_bit_identical_to_the_base_dit(tiny_config):
     cfg = tiny_config.model.dit.copy_and_resolve_references()
     cfg.num_layers = 4

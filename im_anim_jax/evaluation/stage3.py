@@ -8,7 +8,7 @@ Per variant, against B's true frames: L1, PSNR*, SSIM, LPIPS, FID, FVD (metric_s
 conventions, sample counts, "not computed: ..." without converted weights), and motion accuracy:
 keypoints read back from the generated frames by the stage-1 heatmap model, PCK against B's
 ground-truth keypoints. Baselines on the same pairs: `reference_repeated` (the reference image as
-every frame) and `control_zeroed` (the model with its control channels' patch-embedding weights
+every frame) and `control_zeroed` (the model with M_ret's control channels' patch-embedding weights
 zeroed: no retargeted motion reaches the DiT). A ceiling beside them, `vae_reconstruction`: B's
 true frames encoded and decoded by the run's VAE, the best the latent generator can reach.
 
@@ -30,6 +30,7 @@ from im_anim_jax import evaluation, generation, media, metrics
 from im_anim_jax import keypoints as kp
 from im_anim_jax.evaluation import metric_suite, summary
 from im_anim_jax.metrics import image as image_metrics
+from im_anim_jax.models import stage3 as stage3_model
 from im_anim_jax.training import stage1 as stage1_training
 
 BASELINES = ("reference_repeated", "control_zeroed")
@@ -38,10 +39,12 @@ VARIANTS = ("model",) + BASELINES + CEILINGS
 
 
 def zero_control(params: dict, config) -> dict:
-    """Stage-3 params with the control channels' patch-embedding kernel slice set to zero."""
+    """Stage-3 params with M_ret's control channels' patch-embedding kernel slice set to zero
+    (the reference channels of model.reference_control stay)."""
     pe = params["dit"]["patch_embedding"]
-    in_dim = config.model.dit.in_dim
-    kernel = jnp.asarray(pe["kernel"]).at[..., in_dim:, :].set(0.0)
+    start = config.model.dit.in_dim
+    stop = start + stage3_model.motion_control_dim(config.model)
+    kernel = jnp.asarray(pe["kernel"]).at[..., start:stop, :].set(0.0)
     return {**params, "dit": {**params["dit"], "patch_embedding": {**pe, "kernel": kernel}}}
 
 

@@ -9,7 +9,14 @@ Latent frame 0 is the reference image's own latent (a one-frame VAE clip), held 
 as TI2V holds its first frame; frames 1..F are the video being generated (F = 1 + (T-1)/4, a clip
 of its own for the VAE). It gets zero control and zero expression tokens. M_ret's grid is the
 DiT's patch grid (retargeter.reference_patch = the DiT's patch), and each M_ret token's
-D = pt ph pw c channels are the c control channels of its patch's latent pixels.
+D = pt ph pw c channels are the c control channels of its patch's latent pixels. With
+`reference_control` (model.reference_control), z more control channels per latent pixel, after
+M_ret's, carry the latents of the reference held still (the reference image repeated over the
+clip, VAE-encoded: `still` [B, F, h, w, z]) to the generated frames (zeros for latent frame 0).
+A chunk of a still video does not encode to z_ref: that latent is the DiT's copy of the reference
+in the generated frames' latent space. With
+`prediction="x0"` (model.dit_prediction) the DiT's output is read as the clean latent and turned
+into the velocity (x_t - x0) / max(sigma, MIN_SIGMA), so sampler and loss are unchanged.
 
 Parameter names: the stage-2 model's at the top level (`motion_encoder`, `quantize`,
 `retargeter`, `joint_head`, `joint_decoder`), plus `dit` and `expression_encoder`.
@@ -31,6 +38,8 @@ class Stage3Model(Stage2Model):
     dit: WanDiT | None = None
     expression_encoder: expr_lib.ExpressionEncoder | None = None
     crop_size: int = 0
+    reference_control: bool = False
+    prediction: str = "velocity"
 
     def expressions(self, frames, keypoints):
         """frames [B, T, H, W, 3] (uint8 or [0, 1]), keypoints [B, T, J, 3] (pixels) ->
@@ -52,20 +61,61 @@ class Stage3Model(Stage2Model):
         e = jnp.concatenate([jnp.zeros_like(e[:, :1]), e], 1)
         return control.reshape(control.shape[0], -1, control.shape[-1]), e, heatmaps, aux
 
-    def velocity(self, latents, t, context, control, expression):
-        """The DiT alone: latents [B, 1 + F, h, w, z], t [B, L] -> velocity like latents."""
-        return self.dit(latents, t, context, control, expression)
+    def velocity(self, latents, t, context, control, expression, still=None):
+        """The DiT alone: latents [B, 1 + F, h, w, z], t [B, L], control [B, L, D], still
+        [B, F, h, w, z] (required iff reference_control) -> velocity like latents."""
+        if self.reference_control != (still is not None):
+            raise ValueError("model.reference_control needs `still` (the VAE latents of the "
+                             "reference repeated over the clip), and only it does; got "
+                             f"reference_control={self.reference_control}, still "
+                             f"{None if still is None else tuple(still.shape)}")
+        if self.reference_control:
+            control = with_reference(control, still, self.dit.patch_size)
+        out = self.dit(latents, t, context, control, expression)
+        if self.prediction == "velocity":
+            return out
+        return (latents - out) / token_sigma(t, latents.shape, self.dit.patch_size)
 
-    def __call__(self, frames, keypoints, reference, latents, t, context):
+    def __call__(self, frames, keypoints, reference, latents, t, context, still=None):
         """Driving frames/keypoints [B, T, ...], T_ref [B, P, C_ref], latents [B, 1 + F, h, w, z],
-        t [B, L], context [B, text_len, text_dim] -> (velocity, heatmaps, aux)."""
+        t [B, L], context [B, text_len, text_dim], still [B, F, h, w, z] (with
+        reference_control) -> (velocity, heatmaps, aux)."""
         control, e, heatmaps, aux = self.conditions(frames, keypoints, reference)
-        return self.velocity(latents, t, context, control, e), heatmaps, aux
+        return self.velocity(latents, t, context, control, e, still), heatmaps, aux
 
 
-def control_dim(model_cfg: ml_collections.ConfigDict) -> int:
-    """Control channels per latent pixel: retargeter.out_dim / (pt ph pw); ValueError unless the
-    retargeter's grid is the DiT's patch grid and out_dim divides evenly."""
+def with_reference(control, still, patch: tuple):
+    """control [B, (1 + F) P, pt ph pw c] (the DiT's token and channel order), still [B, F, h, w,
+    z] -> [B, (1 + F) P, pt ph pw (c + z)]: each latent pixel's c channels, then the z of `still`
+    at that pixel of the same generated frame (zeros on latent frame 0, the reference). pt = 1."""
+    b, n, _ = control.shape
+    _, f, h, w, z = still.shape
+    _, ph, pw = patch
+    if n != (1 + f) * (h // ph) * (w // pw):
+        raise ValueError(f"still latents {tuple(still.shape)} do not match control "
+                         f"{tuple(control.shape)}: expected F = latent frames - 1")
+    ref = still.reshape(b, f, h // ph, ph, w // pw, pw, z).transpose(0, 1, 2, 4, 3, 5, 6)
+    ref = ref.reshape(b, f * (n // (1 + f)), ph * pw, z).astype(control.dtype)
+    ref = jnp.concatenate([jnp.zeros((b, n - ref.shape[1], ph * pw, z), ref.dtype), ref], 1)
+    control = control.reshape(b, n, ph * pw, -1)
+    return jnp.concatenate([control, ref], -1).reshape(b, n, -1)
+
+
+MIN_SIGMA = 0.05  # x0 prediction: v = (x_t - x0) / max(sigma, MIN_SIGMA)
+
+
+def token_sigma(t, shape: tuple, patch: tuple):
+    """t [B, L] per patch token (0-1000) -> sigma per latent pixel [B, F, h, w, 1], at least
+    MIN_SIGMA."""
+    b, f, h, w, _ = shape
+    _, ph, pw = patch
+    s = jnp.maximum(t.astype(jnp.float32) / 1000.0, MIN_SIGMA).reshape(b, f, h // ph, 1, w // pw, 1)
+    return jnp.broadcast_to(s, (b, f, h // ph, ph, w // pw, pw)).reshape(b, f, h, w, 1)
+
+
+def motion_control_dim(model_cfg: ml_collections.ConfigDict) -> int:
+    """M_ret's control channels per latent pixel: retargeter.out_dim / (pt ph pw); ValueError
+    unless the retargeter's grid is the DiT's patch grid and out_dim divides evenly."""
     patch = tuple(model_cfg.dit.patch_size)
     if patch[0] != 1 or patch[1] != patch[2] or patch[1] != model_cfg.retargeter.reference_patch:
         raise ValueError(f"stage 3 needs the retargeter's grid on the DiT's patch grid: "
@@ -81,8 +131,18 @@ def control_dim(model_cfg: ml_collections.ConfigDict) -> int:
     return out // math.prod(patch)
 
 
+def control_dim(model_cfg: ml_collections.ConfigDict) -> int:
+    """The DiT's control channels per latent pixel: M_ret's, plus z with
+    model.reference_control."""
+    return motion_control_dim(model_cfg) + (model_cfg.dit.in_dim if model_cfg.reference_control
+                                            else 0)
+
+
 def build_stage3(model_cfg: ml_collections.ConfigDict, grid: tuple[int, int]) -> Stage3Model:
     """Stage3Model from `config.model` for a reference patch grid (Hp, Wp)."""
+    if model_cfg.dit_prediction not in ("velocity", "x0"):
+        raise ValueError(f"model.dit_prediction must be 'velocity' (Wan2.2's) or 'x0', got "
+                         f"{model_cfg.dit_prediction!r}")
     s2 = build_stage2(model_cfg, grid)
     ex = model_cfg.expression
     common = dict(dtype=jnp.dtype(model_cfg.dtype), attention_impl=model_cfg.attention_impl,
@@ -96,4 +156,5 @@ def build_stage3(model_cfg: ml_collections.ConfigDict, grid: tuple[int, int]) ->
         expression_encoder=expr_lib.ExpressionEncoder(
             num_tokens=ex.num_tokens, width=ex.width, depth=ex.depth, num_heads=ex.num_heads,
             patch_size=ex.patch_size, out_dim=ex.out_dim, **common),
-        crop_size=ex.crop_size)
+        crop_size=ex.crop_size, reference_control=bool(model_cfg.reference_control),
+        prediction=model_cfg.dit_prediction)
