@@ -101,11 +101,10 @@ class Animator:
         z_ref = vae_training.encode_video(self.encoder, jnp.asarray(reference)[:, None])
         ref_tokens = vae_training.reference_tokens(z_ref, self.encoder.patch)
         m_ret = self._m_ret(params, jnp.asarray(driving), ref_tokens)  # [B, F_all, P, D]
-        clip = min(self.clip_frames, padded)
-        still = stage3_training.still_latents(self.config, self.encoder, reference, clip)
         key = jax.random.key(seed)
         video = []
         for w, s in enumerate(starts):
+            clip = min(self.clip_frames, padded)
             frames = slice(s, s + clip)
             prefix = None if w == 0 else vae_training.encode_video(
                 self.encoder, jnp.asarray(np.concatenate(video, 1)[:, -self.overlap:]))
@@ -113,7 +112,7 @@ class Animator:
                 params, jax.random.fold_in(key, w), z_ref,
                 m_ret[:, s // 4:s // 4 + num_latent_frames(clip)],
                 jnp.asarray(driving[:, frames]), jnp.asarray(keypoints[:, frames]), prefix,
-                still, progress, f"window {w + 1}/{len(starts)}")
+                progress, f"window {w + 1}/{len(starts)}")
             out = np.asarray(vae_lib.decode(self.vae_model, self.vae_params, latents[:, 1:],
                                             chunked=True))
             video.append((out[:, 0 if w == 0 else self.overlap:] + 1.0) / 2.0)  # -> [0, 1]
@@ -127,10 +126,8 @@ class Animator:
         out = vae_lib.decode(self.vae_model, self.vae_params, latents, chunked=True)
         return (np.asarray(out) + 1.0) / 2.0
 
-    def _sample_window(self, params, key, z_ref, m_ret, frames, kps, prefix, still, progress,
-                       desc):
-        """Latents [B, 1 + F, h, w, z] of one window (frame 0 = z_ref, then `prefix` held);
-        `still`: the reference held still (model.reference_control) or None."""
+    def _sample_window(self, params, key, z_ref, m_ret, frames, kps, prefix, progress, desc):
+        """Latents [B, 1 + F, h, w, z] of one window (frame 0 = z_ref, then `prefix` held)."""
         b, f = m_ret.shape[:2]
         shape = (b, 1 + f) + z_ref.shape[2:]
         held = np.zeros(1 + f, bool)
@@ -152,7 +149,7 @@ class Animator:
             t = jnp.where(jnp.asarray(held), 0.0, 1000.0 * sigma)
             t = jnp.broadcast_to(jnp.repeat(t, per_frame)[None], (b, (1 + f) * per_frame))
             return self._velocity(params, x, t, context if cond else jnp.zeros_like(context),
-                                  control, expression, still)
+                                  control, expression)
 
         noise = jax.random.normal(key, shape, jnp.float32)
         return sampling.sample(

@@ -11,10 +11,7 @@ of its own for the VAE). It gets zero control and zero expression tokens. M_ret'
 DiT's patch grid (retargeter.reference_patch = the DiT's patch), and each M_ret token's
 D = pt ph pw c channels are the c control channels of its patch's latent pixels. With
 `reference_control` (model.reference_control), z more control channels per latent pixel, after
-M_ret's, carry the latents of the reference held still (the reference image repeated over the
-clip, VAE-encoded: `still` [B, F, h, w, z]) to the generated frames (zeros for latent frame 0).
-A chunk of a still video does not encode to z_ref: that latent is the DiT's copy of the reference
-in the generated frames' latent space. With
+M_ret's, carry z_ref (latent frame 0) to every generated frame (zeros for latent frame 0). With
 `prediction="x0"` (model.dit_prediction) the DiT's output is read as the clean latent and turned
 into the velocity (x_t - x0) / max(sigma, MIN_SIGMA), so sampler and loss are unchanged.
 
@@ -61,42 +58,35 @@ class Stage3Model(Stage2Model):
         e = jnp.concatenate([jnp.zeros_like(e[:, :1]), e], 1)
         return control.reshape(control.shape[0], -1, control.shape[-1]), e, heatmaps, aux
 
-    def velocity(self, latents, t, context, control, expression, still=None):
-        """The DiT alone: latents [B, 1 + F, h, w, z], t [B, L], control [B, L, D], still
-        [B, F, h, w, z] (required iff reference_control) -> velocity like latents."""
-        if self.reference_control != (still is not None):
-            raise ValueError("model.reference_control needs `still` (the VAE latents of the "
-                             "reference repeated over the clip), and only it does; got "
-                             f"reference_control={self.reference_control}, still "
-                             f"{None if still is None else tuple(still.shape)}")
+    def velocity(self, latents, t, context, control, expression):
+        """The DiT alone: latents [B, 1 + F, h, w, z], t [B, L], control [B, L, D] -> velocity
+        like latents (with reference_control, z_ref = latents[:, 0] joins the control)."""
         if self.reference_control:
-            control = with_reference(control, still, self.dit.patch_size)
+            control = with_reference(control, latents[:, :1], self.dit.patch_size)
         out = self.dit(latents, t, context, control, expression)
         if self.prediction == "velocity":
             return out
         return (latents - out) / token_sigma(t, latents.shape, self.dit.patch_size)
 
-    def __call__(self, frames, keypoints, reference, latents, t, context, still=None):
+    def __call__(self, frames, keypoints, reference, latents, t, context):
         """Driving frames/keypoints [B, T, ...], T_ref [B, P, C_ref], latents [B, 1 + F, h, w, z],
-        t [B, L], context [B, text_len, text_dim], still [B, F, h, w, z] (with
-        reference_control) -> (velocity, heatmaps, aux)."""
+        t [B, L], context [B, text_len, text_dim] -> (velocity, heatmaps, aux)."""
         control, e, heatmaps, aux = self.conditions(frames, keypoints, reference)
-        return self.velocity(latents, t, context, control, e, still), heatmaps, aux
+        return self.velocity(latents, t, context, control, e), heatmaps, aux
 
 
-def with_reference(control, still, patch: tuple):
-    """control [B, (1 + F) P, pt ph pw c] (the DiT's token and channel order), still [B, F, h, w,
-    z] -> [B, (1 + F) P, pt ph pw (c + z)]: each latent pixel's c channels, then the z of `still`
-    at that pixel of the same generated frame (zeros on latent frame 0, the reference). pt = 1."""
+def with_reference(control, z_ref, patch: tuple):
+    """control [B, (1 + F) P, pt ph pw c] (the DiT's token and channel order), z_ref [B, 1, h, w,
+    z] -> [B, (1 + F) P, pt ph pw (c + z)]: each latent pixel's c channels, then z_ref's z at that
+    pixel (zeros on latent frame 0, the reference itself). pt = 1."""
     b, n, _ = control.shape
-    _, f, h, w, z = still.shape
+    _, _, h, w, z = z_ref.shape
     _, ph, pw = patch
-    if n != (1 + f) * (h // ph) * (w // pw):
-        raise ValueError(f"still latents {tuple(still.shape)} do not match control "
-                         f"{tuple(control.shape)}: expected F = latent frames - 1")
-    ref = still.reshape(b, f, h // ph, ph, w // pw, pw, z).transpose(0, 1, 2, 4, 3, 5, 6)
-    ref = ref.reshape(b, f * (n // (1 + f)), ph * pw, z).astype(control.dtype)
-    ref = jnp.concatenate([jnp.zeros((b, n - ref.shape[1], ph * pw, z), ref.dtype), ref], 1)
+    p = (h // ph) * (w // pw)
+    ref = z_ref.reshape(b, h // ph, ph, w // pw, pw, z).transpose(0, 1, 3, 2, 4, 5)
+    ref = ref.reshape(b, 1, p, ph * pw, z).astype(control.dtype)
+    later = jnp.broadcast_to(ref, (b, n // p - 1, p, ph * pw, z))
+    ref = jnp.concatenate([jnp.zeros_like(ref), later], axis=1).reshape(b, n, ph * pw, z)
     control = control.reshape(b, n, ph * pw, -1)
     return jnp.concatenate([control, ref], -1).reshape(b, n, -1)
 

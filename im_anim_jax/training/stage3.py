@@ -72,13 +72,11 @@ def dummy_inputs(config, ref_dim: int, grid, frames: int | None = None):
     s, (h, w) = config.model.motion_tokenizer.image_size, latent_size(config)
     f = 1 + num_latent_frames(t)
     dit = config.model.dit
-    still = ((jnp.zeros((1, f - 1, h, w, dit.in_dim), jnp.float32),)
-             if config.model.reference_control else ())
     return (jnp.zeros((1, t, s, s, 3), jnp.uint8), jnp.zeros((1, t, 62, 3), jnp.float32),
             jnp.zeros((1, grid[0] * grid[1], ref_dim), jnp.float32),
             jnp.zeros((1, f, h, w, dit.in_dim), jnp.float32),
             jnp.zeros((1, f * tokens_per_frame(config)), jnp.float32),
-            jnp.zeros((1, dit.text_len, dit.text_dim), jnp.float32), *still)
+            jnp.zeros((1, dit.text_len, dit.text_dim), jnp.float32))
 
 
 def abstract_params(model, config, ref_dim: int, boxed: bool = False):
@@ -254,7 +252,7 @@ def make_train_step(model, tx, config, mesh, axis_rules, state_sh, vae_encoder, 
     held_frames = overlap_latents(config)
     with_retarget = retarget_loss_trains(config)
 
-    def step(state: train_state.TrainState, batch, z_ref, x0, still):
+    def step(state: train_state.TrainState, batch, z_ref, x0):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         k_flow, k_text = jax.random.split(key)
         latents, t_frames, target, weight = flow_inputs(k_flow, x0, z_ref, cfg, held_frames)
@@ -269,7 +267,7 @@ def make_train_step(model, tx, config, mesh, axis_rules, state_sh, vae_encoder, 
         def loss_fn(trained):
             v, heatmaps, aux = model.apply(
                 {"params": {**fixed, **trained}}, batch["driving"], batch["driving_keypoints"],
-                ref_tokens, latents, per_token(t_frames, per_frame), ctx, still)
+                ref_tokens, latents, per_token(t_frames, per_frame), ctx)
             fl = flow_loss(v, target, weight)
             loss = fl + cfg.vq_loss_weight * aux["loss"]
             metrics = {"flow_loss": fl, "vq_loss": aux["loss"]}
@@ -285,25 +283,15 @@ def make_train_step(model, tx, config, mesh, axis_rules, state_sh, vae_encoder, 
     keys = ("driving", "driving_keypoints", "heatmaps", "joint_weights")
     batch_sh = sharding.batch_sharding(mesh)
     jitted = jax.jit(step, in_shardings=(state_sh, {k: batch_sh for k in keys}, batch_sh,
-                                         batch_sh, batch_sh),
+                                         batch_sh),
                      out_shardings=(state_sh, None), donate_argnums=0)
 
     def run_step(state, batch):
         z_ref = vae_training.encode_video(vae_encoder, batch["reference"][:, None])
         x0 = vae_training.encode_video(vae_encoder, batch["target"])
-        still = still_latents(config, vae_encoder, batch["reference"], batch["target"].shape[1])
         with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
-            return jitted(state, {k: batch[k] for k in keys}, z_ref, x0, still)
+            return jitted(state, {k: batch[k] for k in keys}, z_ref, x0)
     return run_step
-
-
-def still_latents(config, vae_encoder, reference, frames: int):
-    """With model.reference_control: the VAE latents [B, F, h, w, z] of the reference images
-    [B, H, W, 3] repeated over `frames` video frames (the reference held still); else None."""
-    if not config.model.reference_control:
-        return None
-    still = jnp.repeat(jnp.asarray(reference)[:, None], frames, axis=1)
-    return vae_training.encode_video(vae_encoder, still)
 
 
 def build(config, ref_encoder):
