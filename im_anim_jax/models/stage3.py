@@ -99,7 +99,8 @@ def token_sigma(t, shape: tuple, patch: tuple):
     MIN_SIGMA."""
     b, f, h, w, _ = shape
     _, ph, pw = patch
-    s = jnp.maximum(t.astype(jnp.float32) / 1000.0, MIN_SIGMA).reshape(b, f, h // ph, 1, w // pw, 1)
+    s = jnp.maximum(t.astype(jnp.float32) / 1000.0, MIN_SIGMA)
+    s = s.reshape(b, f, h // ph, 1, w // pw, 1)
     return jnp.broadcast_to(s, (b, f, h // ph, ph, w // pw, pw)).reshape(b, f, h, w, 1)
 
 
