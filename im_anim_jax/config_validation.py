@@ -221,12 +221,15 @@ def _augment(config, stages, out: list) -> None:
 
 
 def _frozen(config, stages, out: list) -> None:
+    """stage3.frozen's groups and model.dit_prediction (stage 3)."""
     if 3 in stages:
         from im_anim_jax.training import stage3
-        try:
-            stage3.frozen(config)
-        except ValueError as e:
-            out.append(str(e))
+        for check in (lambda: stage3.frozen(config),
+                      lambda: stage3.stage3_model.check_prediction(config.model)):
+            try:
+                check()
+            except ValueError as e:
+                out.append(str(e))
 
 
 def problems(config, stages, workdir: str, num_devices: int | None = None,

@@ -129,11 +129,16 @@ def control_dim(model_cfg: ml_collections.ConfigDict) -> int:
                                             else 0)
 
 
-def build_stage3(model_cfg: ml_collections.ConfigDict, grid: tuple[int, int]) -> Stage3Model:
-    """Stage3Model from `config.model` for a reference patch grid (Hp, Wp)."""
+def check_prediction(model_cfg: ml_collections.ConfigDict) -> None:
+    """ValueError unless model.dit_prediction is 'velocity' or 'x0'."""
     if model_cfg.dit_prediction not in ("velocity", "x0"):
         raise ValueError(f"model.dit_prediction must be 'velocity' (Wan2.2's) or 'x0', got "
                          f"{model_cfg.dit_prediction!r}")
+
+
+def build_stage3(model_cfg: ml_collections.ConfigDict, grid: tuple[int, int]) -> Stage3Model:
+    """Stage3Model from `config.model` for a reference patch grid (Hp, Wp)."""
+    check_prediction(model_cfg)
     s2 = build_stage2(model_cfg, grid)
     ex = model_cfg.expression
     common = dict(dtype=jnp.dtype(model_cfg.dtype), attention_impl=model_cfg.attention_impl,
