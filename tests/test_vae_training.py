@@ -6,6 +6,7 @@ import os
 import shutil
 import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,6 +146,35 @@ def test_the_clip_phase_trains_the_temporal_path(run, roundtrip, tiny_dataset):
     video = to_video(frames(tiny_dataset, n=4, t=5))
     recon = [roundtrip(p, video)[1] for p in (image_params, run.params)]
     assert float(jnp.abs(recon[1][:, 1:] - recon[0][:, 1:]).mean()) > 1e-3
+
+
+def test_a_fresh_vae_is_its_image_model_inflated_to_clips():
+    """At init the temporal path passes frames through: a causal 3x3x3 conv on a clip equals its
+    single-frame (2D) conv on each frame, the time downsampling keeps the middle frame of each
+    triple and the upsampling copies each frame onto both frames it makes. So the clip phase
+    starts from what the image phase learned, not from random earlier time taps."""
+    x = jax.random.normal(jax.random.key(1), (2, 5, 6, 6, 4))
+    conv = vae.CausalConv3d(3)
+    params = nn.unbox(conv.init(jax.random.key(2), x))
+    clip = conv.apply(params, x)
+    frames = jnp.concatenate([conv.apply(params, x[:, i:i + 1]) for i in range(5)], axis=1)
+    np.testing.assert_allclose(clip, frames, atol=1e-6)
+    assert float(jnp.abs(params["params"]["kernel"][-1]).min()) > 0  # the last tap is drawn
+    down = vae.TimeConv(4, stride=2)
+    np.testing.assert_array_equal(down.apply(down.init(jax.random.key(3), x), x), x[:, 1:4:2])
+    up = vae.TimeConv(8, stride=1)
+    y = up.apply(up.init(jax.random.key(4), x), x)  # [B, 3, H, W, 2C]: two output frames each
+    np.testing.assert_array_equal(y[..., :4], x[:, 2:])
+    np.testing.assert_array_equal(y[..., 4:], x[:, 2:])
+
+
+def test_a_fresh_vae_posterior_starts_at_the_configured_log_variance(config):
+    model = vae.build_vae(config.model.vae)
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1, 32, 32, 3))))["params"]
+    bias, z = np.asarray(params["conv1"]["bias"]), config.model.vae.z_dim
+    assert config.model.vae.initial_logvar == -8.0
+    np.testing.assert_array_equal(bias[:z], 0.0)  # the mean half
+    np.testing.assert_array_equal(bias[z:], -8.0)  # the log-variance half
 
 
 def test_resume_at_the_phase_switch_continues_the_data_order(run, config, tiny_dataset,

@@ -51,17 +51,37 @@ def latent_stats(z_dim: int) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.float32(1.0) / std
 
 
+_TORCH_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # PyTorch's default
+
+
+def _earlier_taps_zero(key, shape, dtype=jnp.float32):
+    """PyTorch's default init of a causal [kt, kh, kw, C, F] kernel with every tap but the last
+    zeroed: the conv starts as its per-frame 2D conv (the inflation of an image model to video),
+    so the VAE's clip phase starts from what its image phase learned. The last tap is drawn as
+    before, so single frames see the same initial weights."""
+    return _TORCH_INIT(key, shape, dtype).at[:-1].set(0)
+
+
+def _time_identity(tap: int):
+    """Init of a [3, 1, 1, C, F] time conv: identity at `tap` (F = C; upstream Resample.init_weight,
+    tap 1) or at `tap` onto both frames it makes (F = 2C; upstream init_weight2, tap -1)."""
+    def init(key, shape, dtype=jnp.float32):
+        c, f = shape[-2:]
+        eye = jnp.tile(jnp.eye(c, dtype=dtype), (1, f // c))
+        return jnp.zeros(shape, dtype).at[tap, 0, 0].set(eye)
+    return init
+
+
 def _conv(module: nn.Module, x, features: int, kernel_size: tuple, strides: tuple, padding,
-          dtype, last_tap_only: bool = False):
+          dtype, last_tap_only: bool = False, init=_TORCH_INIT, bias_init=nn.initializers.zeros):
     """PyTorch ConvNd (cross-correlation + bias) on channels-last x [N, *spatial, C] with the
-    parameters `kernel` [*kernel_size, C, features] and `bias` [features] of `module`.
-    last_tap_only (3D kernels, x [N, 1, H, W, C]): only the kernel's last time tap, as a 2D conv
-    (what the full conv computes when every earlier input frame is zero)."""
+    parameters `kernel` [*kernel_size, C, features] and `bias` [features] of `module` (initialised
+    by `init` and `bias_init`). last_tap_only (3D kernels, x [N, 1, H, W, C]): only the kernel's last time tap,
+    as a 2D conv (what the full conv computes when every earlier input frame is zero)."""
     names = (None,) * len(kernel_size) + ("conv_in", "conv_out")
-    init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # PyTorch's default
     kernel = module.param("kernel", layers.axes(init, *names),
                           (*kernel_size, x.shape[-1], features))
-    bias = module.param("bias", layers.axes(nn.initializers.zeros, "conv_out"), (features,))
+    bias = module.param("bias", layers.axes(bias_init, "conv_out"), (features,))
     if last_tap_only:
         y = _conv_apply(x[:, 0], kernel[-1], strides[1:], padding[1:], dtype)
         return (y + bias.astype(dtype))[:, None]
@@ -113,6 +133,7 @@ class CausalConv3d(nn.Module):
     features: int
     kernel_size: tuple = (3, 3, 3)
     dtype: layers.Dtype = jnp.float32
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, x):
@@ -127,7 +148,8 @@ class CausalConv3d(nn.Module):
         if single:
             x = x[:, -1:]
         return _conv(self, x, self.features, self.kernel_size, (1, 1, 1), pad, self.dtype,
-                     last_tap_only=single)
+                     last_tap_only=single, init=_earlier_taps_zero if kt > 1 else _TORCH_INIT,
+                     bias_init=self.bias_init)
 
 
 class Conv2d(nn.Module):
@@ -229,7 +251,9 @@ class Resample(nn.Module):
 
 
 class TimeConv(nn.Module):
-    """Conv3d with kernel (3, 1, 1) and no padding over x [B, T, H, W, C] (T < 3: no frames)."""
+    """Conv3d with kernel (3, 1, 1) and no padding over x [B, T, H, W, C] (T < 3: no frames);
+    starts as the identity on one tap: the middle one to downsample (stride 2), the last to
+    upsample."""
     features: int
     stride: int
     dtype: layers.Dtype = jnp.float32
@@ -237,7 +261,7 @@ class TimeConv(nn.Module):
     @nn.compact
     def __call__(self, x):
         return _conv(self, x, self.features, (3, 1, 1), (self.stride, 1, 1), ((0, 0),) * 3,
-                     self.dtype)
+                     self.dtype, init=_time_identity(1 if self.stride == 2 else 2))
 
 
 def avg_down(x, features: int, factor_t: int, factor_s: int):
@@ -393,6 +417,10 @@ class WanVAE(nn.Module):
     num_res_blocks: int = 2
     temporal_downsample: tuple = (False, True, True)
     patch_size: int = 2
+    # log sigma^2 of the posterior at init (the bias of conv1's log-variance half; upstream's
+    # init is 0). Trained from scratch with a tiny KL weight, the posterior ends narrow (log
+    # sigma^2 near -8) anyway; starting there spares the first steps the unit-variance noise.
+    initial_logvar: float = 0.0
     dtype: layers.Dtype = jnp.float32
     attention_impl: str = "xla"
 
@@ -415,7 +443,9 @@ class WanVAE(nn.Module):
                                  temporal_downsample=tuple(self.temporal_downsample), **enc)
         self.decoder = Decoder3d(self.dec_dim, 3 * self.patch_size ** 2,
                                  temporal_upsample=tuple(self.temporal_downsample)[::-1], **enc)
-        self.conv1 = CausalConv3d(2 * self.z_dim, (1, 1, 1), self.dtype)
+        z, logvar = self.z_dim, self.initial_logvar
+        self.conv1 = CausalConv3d(2 * z, (1, 1, 1), self.dtype, bias_init=lambda key, shape, dtype=(
+            jnp.float32): jnp.zeros(shape, dtype).at[z:].set(logvar))
         self.conv2 = CausalConv3d(self.z_dim, (1, 1, 1), self.dtype)
 
     def _check_cache(self, first: bool):
@@ -514,5 +544,6 @@ def build_vae(vae_cfg: ml_collections.ConfigDict, dtype=jnp.float32,
     return WanVAE(z_dim=vae_cfg.z_dim, dim=vae_cfg.dim, dec_dim=vae_cfg.dec_dim,
                   dim_mult=tuple(vae_cfg.dim_mult), num_res_blocks=vae_cfg.num_res_blocks,
                   temporal_downsample=tuple(vae_cfg.temporal_downsample),
-                  patch_size=vae_cfg.patch_size, dtype=jnp.dtype(dtype),
+                  patch_size=vae_cfg.patch_size,
+                  initial_logvar=vae_cfg.initial_logvar, dtype=jnp.dtype(dtype),
                   attention_impl=attention_impl)
