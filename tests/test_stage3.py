@@ -95,13 +95,13 @@ def test_reference_control_puts_z_ref_on_every_generated_frame(tiny_config):
     assert k[..., :lo, :].all() and not k[..., lo:hi, :].any() and k[..., hi:, :].all()
 
 
-def test_x0_prediction_turns_the_same_dit_output_into_a_velocity(tiny_config):
+def test_x0_predictions_turn_the_same_dit_output_into_a_velocity(tiny_config):
     from im_anim_jax.models import stage3 as model_lib
     config = tiny_config.copy_and_resolve_references()
     (h, w), (_, ph, pw) = stage3.latent_size(config), config.model.dit.patch_size
     grid, f = (h // ph, w // pw), 1 + stage3.num_latent_frames(config.stage3.clip_frames)
     models = {}
-    for prediction in ("velocity", "x0"):
+    for prediction in ("velocity", "x0", "x0_residual"):
         config.model.dit_prediction = prediction
         models[prediction] = model_lib.build_stage3(config.model, grid)
     ref_dim = ph * pw * config.model.dit.in_dim
@@ -124,6 +124,9 @@ def test_x0_prediction_turns_the_same_dit_output_into_a_velocity(tiny_config):
     sigma = np.maximum(np.asarray(t) / 1000.0, model_lib.MIN_SIGMA).reshape(2, f, *grid)
     sigma = np.repeat(np.repeat(sigma, ph, axis=2), pw, axis=3)[..., None]
     np.testing.assert_allclose(out["x0"], (np.asarray(latents) - out["velocity"]) / sigma,
+                               rtol=1e-5, atol=1e-5)
+    x0 = out["velocity"] + np.asarray(latents)[:, :1]  # x0_residual: z_ref + the DiT's output
+    np.testing.assert_allclose(out["x0_residual"], (np.asarray(latents) - x0) / sigma,
                                rtol=1e-5, atol=1e-5)
 
 

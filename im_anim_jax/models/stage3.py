@@ -13,7 +13,9 @@ D = pt ph pw c channels are the c control channels of its patch's latent pixels.
 `reference_control` (model.reference_control), z more control channels per latent pixel, after
 M_ret's, carry z_ref (latent frame 0) to every generated frame (zeros for latent frame 0). With
 `prediction="x0"` (model.dit_prediction) the DiT's output is read as the clean latent and turned
-into the velocity (x_t - x0) / max(sigma, MIN_SIGMA), so sampler and loss are unchanged.
+into the velocity (x_t - x0) / max(sigma, MIN_SIGMA), so sampler and loss are unchanged; with
+`"x0_residual"` the clean latent is z_ref + the output (a fresh, zero-init head: the still
+reference on every frame).
 
 Parameter names: the stage-2 model's at the top level (`motion_encoder`, `quantize`,
 `retargeter`, `joint_head`, `joint_decoder`), plus `dit` and `expression_encoder`.
@@ -66,6 +68,8 @@ class Stage3Model(Stage2Model):
         out = self.dit(latents, t, context, control, expression)
         if self.prediction == "velocity":
             return out
+        if self.prediction == "x0_residual":  # x0 = z_ref + out on every latent frame
+            out = out + latents[:, :1]
         return (latents - out) / token_sigma(t, latents.shape, self.dit.patch_size)
 
     def __call__(self, frames, keypoints, reference, latents, t, context):
@@ -130,10 +134,10 @@ def control_dim(model_cfg: ml_collections.ConfigDict) -> int:
 
 
 def check_prediction(model_cfg: ml_collections.ConfigDict) -> None:
-    """ValueError unless model.dit_prediction is 'velocity' or 'x0'."""
-    if model_cfg.dit_prediction not in ("velocity", "x0"):
-        raise ValueError(f"model.dit_prediction must be 'velocity' (Wan2.2's) or 'x0', got "
-                         f"{model_cfg.dit_prediction!r}")
+    """ValueError unless model.dit_prediction is 'velocity', 'x0' or 'x0_residual'."""
+    if model_cfg.dit_prediction not in ("velocity", "x0", "x0_residual"):
+        raise ValueError(f"model.dit_prediction must be 'velocity' (Wan2.2's), 'x0' or "
+                         f"'x0_residual', got {model_cfg.dit_prediction!r}")
 
 
 def build_stage3(model_cfg: ml_collections.ConfigDict, grid: tuple[int, int]) -> Stage3Model:

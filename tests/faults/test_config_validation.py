@@ -38,7 +38,7 @@ from im_anim_jax import config_validation
     ({"stage3.frozen": ("motion_encoders",)}, (1, 2, 3),
      "config.stage3.frozen has unknown param groups ['motion_encoders']"),
     ({"model.dit_prediction": "eps"}, (1, 2, 3),
-     "model.dit_prediction must be 'velocity' (Wan2.2's) or 'x0', got 'eps'"),
+     "model.dit_prediction must be 'velocity' (Wan2.2's), 'x0' or 'x0_residual', got 'eps'"),
     ({"stage2.steps": 0}, (1, 2), "stage2.steps=0 must be a positive integer"),
     ({"vae_training.warmup_steps": 50}, (1, 2), "vae_training.warmup_steps=50 exceeds"),
     ({"vae_training.clip_frames": 4}, (1, 2), "vae_training.clip_frames=4: the VAE compresses "
