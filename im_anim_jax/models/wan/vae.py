@@ -72,12 +72,20 @@ def _time_identity(tap: int):
     return init
 
 
+def _logvar_bias(z: int, logvar: float):
+    """Init of conv1's bias [2z]: 0 for the mean half, `logvar` for the log-variance half."""
+    def init(key, shape, dtype=jnp.float32):
+        return jnp.zeros(shape, dtype).at[z:].set(logvar)
+    return init
+
+
 def _conv(module: nn.Module, x, features: int, kernel_size: tuple, strides: tuple, padding,
           dtype, last_tap_only: bool = False, init=_TORCH_INIT, bias_init=nn.initializers.zeros):
     """PyTorch ConvNd (cross-correlation + bias) on channels-last x [N, *spatial, C] with the
     parameters `kernel` [*kernel_size, C, features] and `bias` [features] of `module` (initialised
-    by `init` and `bias_init`). last_tap_only (3D kernels, x [N, 1, H, W, C]): only the kernel's last time tap,
-    as a 2D conv (what the full conv computes when every earlier input frame is zero)."""
+    by `init` and `bias_init`). last_tap_only (3D kernels, x [N, 1, H, W, C]): only the kernel's
+    last time tap, as a 2D conv (what the full conv computes when every earlier input frame is
+    zero)."""
     names = (None,) * len(kernel_size) + ("conv_in", "conv_out")
     kernel = module.param("kernel", layers.axes(init, *names),
                           (*kernel_size, x.shape[-1], features))
@@ -443,9 +451,8 @@ class WanVAE(nn.Module):
                                  temporal_downsample=tuple(self.temporal_downsample), **enc)
         self.decoder = Decoder3d(self.dec_dim, 3 * self.patch_size ** 2,
                                  temporal_upsample=tuple(self.temporal_downsample)[::-1], **enc)
-        z, logvar = self.z_dim, self.initial_logvar
-        self.conv1 = CausalConv3d(2 * z, (1, 1, 1), self.dtype, bias_init=lambda key, shape, dtype=(
-            jnp.float32): jnp.zeros(shape, dtype).at[z:].set(logvar))
+        self.conv1 = CausalConv3d(2 * self.z_dim, (1, 1, 1), self.dtype,
+                                  bias_init=_logvar_bias(self.z_dim, self.initial_logvar))
         self.conv2 = CausalConv3d(self.z_dim, (1, 1, 1), self.dtype)
 
     def _check_cache(self, first: bool):
