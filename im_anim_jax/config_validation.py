@@ -110,6 +110,10 @@ def _frames_and_sizes(config, stages, out: list) -> None:
             _video_size(config, stages, size, space, out)
         if time and 2 in stages and not m.vae.init_from:
             _vae_clips(config.vae_training, time, out)
+        lv = m.vae.initial_logvar
+        if 2 in stages and not m.vae.init_from and not (_is_number(lv) and -30 <= lv <= 20):
+            out.append(f"model.vae.initial_logvar={lv!r} must be a number in [-30, 20] (the "
+                       f"range the VAE loss clips log-variances to; -8: a narrow posterior)")
         if time and 3 in stages:
             t = config.stage3.clip_frames
             if not _is_int(t, 1) or (t - 1) % time:

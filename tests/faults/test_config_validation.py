@@ -41,6 +41,8 @@ from im_anim_jax import config_validation
      "model.dit_prediction must be 'velocity' (Wan2.2's), 'x0' or 'x0_residual', got 'eps'"),
     ({"stage2.steps": 0}, (1, 2), "stage2.steps=0 must be a positive integer"),
     ({"vae_training.warmup_steps": 50}, (1, 2), "vae_training.warmup_steps=50 exceeds"),
+    ({"model.vae.initial_logvar": float("nan")}, (1, 2),
+     "model.vae.initial_logvar=nan must be a number in [-30, 20]"),
     ({"vae_training.clip_frames": 4}, (1, 2), "vae_training.clip_frames=4: the VAE compresses "
                                               "time 4x, so its training clips need 1 + 4k frames"),
     ({"vae_training.clip_frames": 9}, (1, 2),
