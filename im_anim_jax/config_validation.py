@@ -225,11 +225,12 @@ def _augment(config, stages, out: list) -> None:
 
 
 def _frozen(config, stages, out: list) -> None:
-    """stage3.frozen's groups and model.dit_prediction (stage 3)."""
+    """stage3.frozen's groups, model.dit_prediction and stage3.loss_weighting (stage 3)."""
     if 3 in stages:
         from im_anim_jax.training import stage3
         for check in (lambda: stage3.frozen(config),
-                      lambda: stage3.stage3_model.check_prediction(config.model)):
+                      lambda: stage3.stage3_model.check_prediction(config.model),
+                      lambda: stage3.check_loss_weighting(config.stage3)):
             try:
                 check()
             except ValueError as e:

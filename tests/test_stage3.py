@@ -194,6 +194,17 @@ def test_flow_matching_inputs_and_loss_on_a_one_step_toy(tiny_config):
     w = np.asarray(weight)
     np.testing.assert_allclose(float(stage3.flow_loss(jnp.zeros_like(latents), target, weight)),
                                (err * w).sum() / w.sum(), rtol=1e-5)
+    # "x0" weighting: each frame's error times sigma^2 (that of the x0 the velocity implies).
+    scale = stage3.loss_scale(t, "x0")
+    np.testing.assert_allclose(np.asarray(scale), np.square(np.asarray(t[:, 1:]) / 1000),
+                               rtol=1e-6)
+    x0_weighted = float(stage3.flow_loss(jnp.zeros_like(latents), target, weight, scale))
+    np.testing.assert_allclose(x0_weighted, (err * w * np.asarray(scale)).sum() / w.sum(),
+                               rtol=1e-5)
+    # ... which is the mean square error of the clean latent x_s - sigma v implies (here v = 0).
+    x0_err = np.mean(np.square(np.asarray(latents[:, 1:] - x0)), axis=(2, 3, 4))
+    np.testing.assert_allclose(x0_weighted, (x0_err * w).sum() / w.sum(), rtol=1e-4)
+    assert np.all(np.asarray(stage3.loss_scale(t, "velocity")) == 1)
     # One gradient step of a toy velocity model (v = a x) lowers the loss.
     def loss(a):
         return stage3.flow_loss(a * latents, target, weight)

@@ -6,6 +6,7 @@ B's reference image from another moment):
     s = shift(u) (u ~ U(0, 1), Wan's timestep shift), eps ~ N(0, I), x_s = (1 - s) x0 + s eps
     v = model(driving, [z_ref ++ x_s], t = 1000 s per token (0 on z_ref and on held frames))
     L = mean (v - (eps - x0))^2 over the generated frames + 10 * L_retarget (+ VQ terms)
+    (stage3.loss_weighting "x0": each frame's squared error times s^2; loss_scale)
     (L_retarget left out when stage3.frozen holds its whole path: `retarget_loss_trains`)
 With probability `context_prob` the first latent frames of x0 (those of sampling.overlap_frames
 video frames) are held clean with t = 0 and left out of the loss: how the next window of a long
@@ -240,11 +241,29 @@ def flow_inputs(key, x0, z_ref, cfg, held_frames: int):
     return latents, t, eps - x0, (~held).astype(jnp.float32)
 
 
-def flow_loss(v, target, weight):
+def flow_loss(v, target, weight, scale=1.0):
     """Mean squared error over the weighted (generated) frames; v [B, 1 + F, ...] (frame 0 is
-    the reference, never in the loss), target [B, F, ...], weight [B, F]."""
+    the reference, never in the loss), target [B, F, ...], weight [B, F] (1 generated, 0 held),
+    scale [B, F]: each frame's error times `scale` (loss_scale), still divided by the frame
+    count."""
     err = jnp.mean(jnp.square(v[:, 1:].astype(jnp.float32) - target), axis=(2, 3, 4))
-    return jnp.sum(err * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+    return jnp.sum(err * weight * scale) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def loss_scale(t_frames, weighting: str):
+    """Per generated frame [B, F] from t [B, 1 + F] (0-1000): 1 ("velocity": Wan's flow loss) or
+    sigma^2 ("x0": the velocity error times sigma is the error of the clean latent it implies,
+    x0 = x_s - sigma v, so every noise level weighs alike instead of low noise 1/sigma^2 more)."""
+    if weighting == "x0":
+        return jnp.square(t_frames[:, 1:].astype(jnp.float32) / 1000.0)
+    return jnp.ones_like(t_frames[:, 1:])
+
+
+def check_loss_weighting(cfg) -> None:
+    """ValueError unless stage3.loss_weighting is 'velocity' or 'x0'."""
+    if cfg.loss_weighting not in ("velocity", "x0"):
+        raise ValueError(f"stage3.loss_weighting must be 'velocity' (Wan2.2's) or 'x0', got "
+                         f"{cfg.loss_weighting!r}")
 
 
 def make_train_step(model, tx, config, mesh, axis_rules, state_sh, vae_encoder, context):
@@ -268,7 +287,7 @@ def make_train_step(model, tx, config, mesh, axis_rules, state_sh, vae_encoder, 
             v, heatmaps, aux = model.apply(
                 {"params": {**fixed, **trained}}, batch["driving"], batch["driving_keypoints"],
                 ref_tokens, latents, per_token(t_frames, per_frame), ctx)
-            fl = flow_loss(v, target, weight)
+            fl = flow_loss(v, target, weight, loss_scale(t_frames, cfg.loss_weighting))
             loss = fl + cfg.vq_loss_weight * aux["loss"]
             metrics = {"flow_loss": fl, "vq_loss": aux["loss"]}
             if with_retarget:  # else `heatmaps` is unused and XLA drops the decode
@@ -302,6 +321,7 @@ def train(config, workdir: str, data_path: str, log=print) -> dict:
     """Trains (or resumes) stage 3 into WORKDIR/stage3; returns the last logged metrics."""
     cfg = config.stage3
     overlap_latents(config)
+    check_loss_weighting(cfg)
     mesh = sharding.make_mesh(config.mesh)
     axis_rules = sharding.rules(config.mesh)
     sharding.check_batch_size(cfg.batch_size, mesh, "stage3.batch_size")

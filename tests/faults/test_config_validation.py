@@ -39,6 +39,8 @@ from im_anim_jax import config_validation
      "config.stage3.frozen has unknown param groups ['motion_encoders']"),
     ({"model.dit_prediction": "eps"}, (1, 2, 3),
      "model.dit_prediction must be 'velocity' (Wan2.2's), 'x0' or 'x0_residual', got 'eps'"),
+    ({"stage3.loss_weighting": "snr"}, (1, 2, 3),
+     "stage3.loss_weighting must be 'velocity' (Wan2.2's) or 'x0', got 'snr'"),
     ({"stage2.steps": 0}, (1, 2), "stage2.steps=0 must be a positive integer"),
     ({"vae_training.warmup_steps": 50}, (1, 2), "vae_training.warmup_steps=50 exceeds"),
     ({"model.vae.initial_logvar": float("nan")}, (1, 2),
