@@ -230,7 +230,7 @@ def _frozen(config, stages, out: list) -> None:
         from im_anim_jax.training import stage3
         for check in (lambda: stage3.frozen(config),
                       lambda: stage3.stage3_model.check_prediction(config.model),
-                      lambda: stage3.check_loss_weighting(config.stage3)):
+                      lambda: stage3.check_loss_weighting(config.stage3.loss_weighting)):
             try:
                 check()
             except ValueError as e:

@@ -205,6 +205,8 @@ def test_flow_matching_inputs_and_loss_on_a_one_step_toy(tiny_config):
     x0_err = np.mean(np.square(np.asarray(latents[:, 1:] - x0)), axis=(2, 3, 4))
     np.testing.assert_allclose(x0_weighted, (x0_err * w).sum() / w.sum(), rtol=1e-4)
     assert np.all(np.asarray(stage3.loss_scale(t, "velocity")) == 1)
+    with pytest.raises(ValueError, match="stage3.loss_weighting must be 'velocity'"):
+        stage3.loss_scale(t, "snr")
     # One gradient step of a toy velocity model (v = a x) lowers the loss.
     def loss(a):
         return stage3.flow_loss(a * latents, target, weight)

@@ -254,16 +254,17 @@ def loss_scale(t_frames, weighting: str):
     """Per generated frame [B, F] from t [B, 1 + F] (0-1000): 1 ("velocity": Wan's flow loss) or
     sigma^2 ("x0": the velocity error times sigma is the error of the clean latent it implies,
     x0 = x_s - sigma v, so every noise level weighs alike instead of low noise 1/sigma^2 more)."""
+    check_loss_weighting(weighting)
     if weighting == "x0":
         return jnp.square(t_frames[:, 1:].astype(jnp.float32) / 1000.0)
     return jnp.ones_like(t_frames[:, 1:])
 
 
-def check_loss_weighting(cfg) -> None:
-    """ValueError unless stage3.loss_weighting is 'velocity' or 'x0'."""
-    if cfg.loss_weighting not in ("velocity", "x0"):
+def check_loss_weighting(weighting: str) -> None:
+    """ValueError unless `weighting` (stage3.loss_weighting) is 'velocity' or 'x0'."""
+    if weighting not in ("velocity", "x0"):
         raise ValueError(f"stage3.loss_weighting must be 'velocity' (Wan2.2's) or 'x0', got "
-                         f"{cfg.loss_weighting!r}")
+                         f"{weighting!r}")
 
 
 def make_train_step(model, tx, config, mesh, axis_rules, state_sh, vae_encoder, context):
@@ -321,7 +322,7 @@ def train(config, workdir: str, data_path: str, log=print) -> dict:
     """Trains (or resumes) stage 3 into WORKDIR/stage3; returns the last logged metrics."""
     cfg = config.stage3
     overlap_latents(config)
-    check_loss_weighting(cfg)
+    check_loss_weighting(cfg.loss_weighting)
     mesh = sharding.make_mesh(config.mesh)
     axis_rules = sharding.rules(config.mesh)
     sharding.check_batch_size(cfg.batch_size, mesh, "stage3.batch_size")
