@@ -41,6 +41,8 @@ def _check_output(flag: str, path: str, overwrite: bool) -> None:
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"--{flag} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):  # also False on a read-only file system
+        raise ValueError(f"--{flag} {path}: directory {parent} is not writable")
     if os.path.isdir(path):
         raise ValueError(f"--{flag} {path} is a directory")
     if os.path.exists(path) and not overwrite:
@@ -62,9 +64,12 @@ def _outputs() -> tuple[str, str]:
 def _main(argv):
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments {argv[1:]}")
-    from im_anim_jax import cli, media
+    from im_anim_jax import cli, config_validation, media
 
     config = cli.load_config(FLAGS)
+    problems = config_validation.sampling_problems(config)
+    if problems:
+        raise ValueError("; ".join(problems))
     workdir = os.path.abspath(FLAGS.workdir)
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"--workdir {workdir} does not exist; train first with train.py")
@@ -77,7 +82,12 @@ def _main(argv):
     reference = media.read_image(FLAGS.image, animator.resolution)
     driving, fps = media.read_video(FLAGS.driving, animator.resolution, FLAGS.max_frames)
     video = animator(reference, driving, seed=FLAGS.seed, progress=True)
-    media.write_videos({out: video, preview: media.side_by_side(driving, reference, video)}, fps)
+    try:
+        media.write_videos({out: video, preview: media.side_by_side(driving, reference, video)},
+                           fps)
+    except OSError as e:  # e.g. the disk filled up while encoding: nothing was written
+        raise ValueError(f"could not write {out} and {preview} (neither was written; existing "
+                         f"files are untouched): {e}") from None
     print(json.dumps({"out": out, "preview": preview, "frames": len(video), "fps": fps}))
 
 

@@ -12,7 +12,7 @@ import os
 
 import jax
 
-from im_anim_jax import sharding
+from im_anim_jax import sampling, sharding
 from im_anim_jax.models.retargeter import TEMPORAL_STRIDE
 from im_anim_jax.training import checkpointing
 
@@ -237,6 +237,21 @@ def _frozen(config, stages, out: list) -> None:
                 out.append(str(e))
 
 
+def sampling_problems(config) -> list[str]:
+    """Problems of config.sampling, the generator's settings (stage 3's evaluation, `animate`)."""
+    c, out = config.sampling, []
+    if c.method not in sampling.METHODS:
+        out.append(f"sampling.method must be one of {', '.join(map(repr, sampling.METHODS))}, "
+                   f"got {c.method!r}")
+    if not _is_int(c.steps, 1):
+        out.append(f"sampling.steps={c.steps!r} must be a positive integer")
+    if not (_is_number(c.shift) and c.shift > 0):
+        out.append(f"sampling.shift={c.shift!r} must be a number > 0 (1: no shift)")
+    if not (_is_number(c.guidance) and c.guidance >= 0):
+        out.append(f"sampling.guidance={c.guidance!r} must be a number >= 0 (1: no guidance)")
+    return out
+
+
 def problems(config, stages, workdir: str, num_devices: int | None = None,
              num_processes: int | None = None) -> list[str]:
     """Every problem of `config` for running `stages` in `workdir` (empty: none)."""
@@ -254,6 +269,12 @@ def problems(config, stages, workdir: str, num_devices: int | None = None,
     _augment(config, stages, out)
     _frozen(config, stages, out)
     _faults(config, out)
+    thresholds = config.eval.pck_thresholds
+    if 0.1 not in thresholds or not all(_is_number(a) and 0 < a <= 1 for a in thresholds):
+        out.append(f"eval.pck_thresholds={tuple(thresholds)} must be numbers in (0, 1] and "
+                   f"include 0.1, the figure every report leads with")
+    if 3 in stages:
+        out += sampling_problems(config)
     return out
 
 

@@ -42,9 +42,20 @@ class Animator:
 '''
 
 LAUNCHER = '''
-import runpy, sys
+import errno, os, runpy, sys
 import fake_generation
 sys.modules["im_anim_jax.generation"] = fake_generation
+if os.environ.get("FAKE_DISK_FULL"):  # encoding fails after the first frames were written
+    from im_anim_jax import media
+    def full(path, frames, fps):
+        open(path, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+    media._write_mp4 = full
+if os.environ.get("FAKE_READ_ONLY"):  # this directory cannot be written to
+    access = os.access
+    os.access = lambda p, mode, **kw: (not mode & os.W_OK and access(p, mode, **kw)
+                                       if os.path.abspath(p) == os.environ["FAKE_READ_ONLY"]
+                                       else access(p, mode, **kw))
 runpy.run_module("im_anim_jax.animate", run_name="__main__", alter_sys=True)
 '''
 
@@ -61,15 +72,17 @@ def env(tmp_path):
     return tmp_path
 
 
-def animate(env, *extra, **flags):
-    """Runs the CLI; flags default to the good inputs in `env`. -> CompletedProcess."""
+def animate(env, *extra, fake_env=None, **flags):
+    """Runs the CLI; flags default to the good inputs in `env`; fake_env: extra environment
+    variables for the launcher. -> CompletedProcess."""
     args = dict(config="configs/im_animation.py:tiny", workdir=env / "work",
                 image=env / "ref.png", driving=env / "drv.mp4", out=env / "out.mp4")
     args.update(flags)
     argv = [f"--{k}={v}" for k, v in args.items()] + list(extra)
     return subprocess.run([sys.executable, str(env / "launch.py"), *argv], cwd=ROOT,
                           capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": f"{env}{os.pathsep}{ROOT}"})
+                          env={**os.environ, "PYTHONPATH": f"{env}{os.pathsep}{ROOT}",
+                               **(fake_env or {})})
 
 
 def bad_input(result, message):
@@ -141,3 +154,25 @@ def test_out_exists_without_overwrite(env):
 def test_model_error(env):
     bad_input(animate(no_checkpoint(env)), "no stage-3 checkpoint in")
     assert not (env / "out.mp4").exists() and not (env / "out_preview.mp4").exists()
+
+
+def test_unwritable_out_directory(env):
+    (env / "ro").mkdir()
+    bad_input(animate(no_checkpoint(env), out=env / "ro" / "o.mp4",
+                      fake_env={"FAKE_READ_ONLY": str(env / "ro")}),
+              "ro is not writable")
+
+
+def test_disk_full_while_writing(env):
+    """A write that fails after generation: one error line, exit 2, nothing new on disk and the
+    file --overwrite would have replaced untouched."""
+    (env / "out.mp4").write_bytes(b"keep me")
+    before = sorted(os.listdir(env))
+    bad_input(animate(env, "--overwrite", fake_env={"FAKE_DISK_FULL": "1"}),
+              "No space left on device")
+    assert sorted(os.listdir(env)) == before and (env / "out.mp4").read_bytes() == b"keep me"
+
+
+def test_bad_sampler_setting(env):
+    bad_input(animate(no_checkpoint(env), "--config.sampling.method=ddim"),
+              "sampling.method must be one of 'euler', 'unipc', got 'ddim'")

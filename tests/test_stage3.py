@@ -379,6 +379,29 @@ def test_stage3_report(trained, tiny_dataset):
     assert "long_clip.mp4" in videos and "pair000.mp4" in videos
 
 
+def test_drift_scores_each_window_on_the_frames_it_adds(tiny_config, tmp_path, monkeypatch):
+    """The frames a later window shares with the one before are that one's output: spoiling them
+    must lower the earlier window's figure, not the later one's."""
+    from im_anim_jax.evaluation import stage3 as stage3_eval
+    from im_anim_jax.metrics import image as image_metrics
+    config = tiny_config.copy_and_resolve_references()
+    _, reference, truth, _ = stage3_eval.long_clip(config)
+    clip, overlap = config.stage3.clip_frames, config.sampling.overlap_frames
+    _, starts = generation.windows(len(truth), clip, overlap)
+    video = truth.astype(np.float32) / 255.0
+    shared = slice(starts[1], starts[1] + overlap)  # window 0's output, inside window 1's span
+    video[shared] = 1.0 - video[shared]
+
+    class Made:
+        def generate(self, *args, **kwargs):
+            return video[None]
+    monkeypatch.setattr(stage3_eval, "motion_hits", lambda *a: ({0.1: 1.0}, 1.0))
+    drift = stage3_eval.drift_figures(config, Made(), str(tmp_path))
+    identical = float(image_metrics.psnr_star(video[:1], video[:1])[0])
+    assert drift["window_psnr_star"][0] < identical
+    assert drift["window_psnr_star"][1:] == [identical] * (len(starts) - 1)
+
+
 def test_animate_cli_on_a_trained_run(trained, tmp_path):
     config, workdir = trained
     s = config.model.motion_tokenizer.image_size
