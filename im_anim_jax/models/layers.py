@@ -14,6 +14,9 @@ import jax.numpy as jnp
 
 Dtype = Any
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+# XLA attention computes its [B, H, Lq, Lk] scores in blocks of queries above this many elements
+# (1 GiB in fp32): e.g. the demo retargeter over a 1000-frame driving video has 38k tokens.
+MAX_SCORES = 1 << 28
 REMAT_POLICIES = {
     "none": None,
     "full": "full",
@@ -72,7 +75,24 @@ def attention(q, k, v, implementation: str = "xla"):
                          f"'xla', or model.dtype='bfloat16')")
     if implementation != "xla" and cudnn_supports(q, k):
         return even_length_attention(q, k, v, "cudnn")
-    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    return query_blocked_attention(q, k, v)
+
+
+def query_blocked_attention(q, k, v, max_scores: int = MAX_SCORES):
+    """XLA attention whose [B, H, Lq, Lk] scores hold at most `max_scores` elements at a time:
+    above that, blocks of queries in sequence (lax.map), each recomputed in the backward pass
+    (jax.checkpoint), so memory is O(block x Lk), not O(Lq x Lk) (Rabe & Staats, 2021). Each
+    query row's softmax is the unblocked one. q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
+    (b, lq, h, d), per_query = q.shape, q.shape[0] * q.shape[2] * k.shape[1]
+    if lq * per_query <= max_scores:
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    block = max(1, max_scores // per_query)
+    n = -(-lq // block)
+    blocks = jnp.pad(q, ((0, 0), (0, n * block - lq), (0, 0), (0, 0)))
+    blocks = blocks.reshape(b, n, block, h, d).swapaxes(0, 1)
+    out = jax.lax.map(jax.checkpoint(
+        lambda qb: jax.nn.dot_product_attention(qb, k, v, implementation="xla")), blocks)
+    return out.swapaxes(0, 1).reshape(b, n * block, h, v.shape[-1])[:, :lq]
 
 
 def layer_norm(name: str, dtype: Dtype, eps: float = 1e-5) -> nn.LayerNorm:
