@@ -14,9 +14,10 @@ import jax.numpy as jnp
 
 Dtype = Any
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
-# XLA attention computes its [B, H, Lq, Lk] scores in blocks of queries above this many elements
-# (1 GiB in fp32): e.g. the demo retargeter over a 1000-frame driving video has 38k tokens.
-MAX_SCORES = 1 << 28
+# XLA attention takes its queries in blocks when Lq x Lk exceeds this (per batch element and head;
+# 256 MiB of fp32 scores): the demo retargeter over a 601-frame driving video (21,664 tokens), the
+# DiT at 704x1280 x 81 frames (19,360); not the 256 px training shapes (1,408 DiT tokens).
+MAX_SCORES = 1 << 26
 REMAT_POLICIES = {
     "none": None,
     "full": "full",
@@ -79,14 +80,16 @@ def attention(q, k, v, implementation: str = "xla"):
 
 
 def query_blocked_attention(q, k, v, max_scores: int = MAX_SCORES):
-    """XLA attention whose [B, H, Lq, Lk] scores hold at most `max_scores` elements at a time:
-    above that, blocks of queries in sequence (lax.map), each recomputed in the backward pass
-    (jax.checkpoint), so memory is O(block x Lk), not O(Lq x Lk) (Rabe & Staats, 2021). Each
-    query row's softmax is the unblocked one. q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
-    (b, lq, h, d), per_query = q.shape, q.shape[0] * q.shape[2] * k.shape[1]
-    if lq * per_query <= max_scores:
+    """XLA attention whose scores hold at most `max_scores` elements per batch element and head
+    at a time: above Lq x Lk = max_scores, blocks of queries in sequence (lax.map), each
+    recomputed in the backward pass (jax.checkpoint), so memory is O(block x Lk), not
+    O(Lq x Lk) (Rabe & Staats, 2021). Each query row's softmax is the unblocked one. The bound
+    ignores B and H: under jit they are global shapes, not what one device holds.
+    q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
+    b, lq, h, d = q.shape
+    if lq * k.shape[1] <= max_scores:
         return jax.nn.dot_product_attention(q, k, v, implementation="xla")
-    block = max(1, max_scores // per_query)
+    block = max(1, max_scores // k.shape[1])
     n = -(-lq // block)
     blocks = jnp.pad(q, ((0, 0), (0, n * block - lq), (0, 0), (0, 0)))
     blocks = blocks.reshape(b, n, block, h, d).swapaxes(0, 1)
