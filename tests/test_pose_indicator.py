@@ -44,6 +44,12 @@ def test_ipi_shapes_axes_and_query(tiny_config):
 def test_stage2_model_takes_frames_and_keypoints(tiny_config):
     cfg = stage2.variant_config(tiny_config, "pose_indicator")
     assert stage2.trainable(cfg) == ("motion_encoder", "retargeter", "joint_head")
+    # Not from stage 1, so trained even where the stage-1 encoder is kept (the demo's setting).
+    for name in ("pose_indicator", "conv", "self_attention"):
+        kept = tiny_config.copy_and_resolve_references()
+        kept.stage2.train_motion_encoder = False
+        trained = stage2.trainable(stage2.variant_config(kept, name))
+        assert ("motion_encoder" in trained) == (name != "self_attention"), (name, trained)
     model = stage2.build_stage2(cfg.model, (1, 1))
     driving, ref = stage2.dummy_inputs(cfg, 48, (1, 1))
     assert set(driving) == {"frames", "keypoints"}

@@ -75,10 +75,12 @@ def stage_dir(workdir: str, name: str = MAIN) -> str:
 
 
 def trainable(config) -> tuple[str, ...]:
-    """Top-level params updated by stage 2."""
+    """Top-level params updated by stage 2. `stage2.train_motion_encoder=False` keeps a stage-1
+    motion encoder; the `conv` and `pose_indicator` encoders do not come from stage 1, so they
+    train regardless."""
     if not config.stage2.middle_supervision:
         return ("joint_head",)
-    if not config.stage2.train_motion_encoder:
+    if not config.stage2.train_motion_encoder and config.model.motion_encoder == "tokenizer":
         return ("retargeter", "joint_head")
     return ("motion_encoder", "retargeter", "joint_head")
 
