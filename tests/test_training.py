@@ -88,3 +88,17 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, tiny_dataset, args, me
     assert res.returncode == 2, res.stdout + res.stderr
     assert message in res.stderr and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.parametrize("kind", ["constant", "cosine"])
+def test_schedule_warms_up_from_zero_and_without_warmup_starts_at_the_peak(kind):
+    import ml_collections
+
+    from im_anim_jax.training import stage1 as stage1_training
+    cfg = ml_collections.ConfigDict(dict(lr=1.0, schedule=kind, steps=100, warmup_steps=10))
+    warm = stage1_training.schedule(cfg)
+    assert float(warm(0)) == 0.0 and abs(float(warm(10)) - 1.0) < 1e-6
+    cfg.warmup_steps = 0
+    cold = stage1_training.schedule(cfg)
+    assert float(cold(0)) == 1.0  # step 1 trains at the peak, not at 0
+    assert abs(float(cold(100)) - (1.0 if kind == "constant" else 0.01)) < 1e-6

@@ -162,8 +162,11 @@ def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callabl
                 if sync_each_step:
                     jax.block_until_ready(state)
                 pending.append(metrics)
-                probe = metrics if sync_each_step else watched
-                watched = metrics
+                stopping = stop["signal"] is not None
+                saving = step % checkpoint_every == 0 or step == total_steps or stopping
+                # Read one step late on accelerators, but this step's streak before a checkpoint.
+                probe, watched = ((metrics, None) if sync_each_step or saving
+                                  else (watched, metrics))
                 if probe is not None and "nonfinite_in_a_row" in probe:
                     streak = int(probe["nonfinite_in_a_row"])
                     if streak:
@@ -185,8 +188,7 @@ def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callabl
                     log(console(name, step, total_steps, last, rate, console_keys))
                     data_log.flush()
                     pending, t0, s0 = [], time.perf_counter(), step
-                stopping = stop["signal"] is not None and step < total_steps
-                if step % checkpoint_every == 0 or step == total_steps or stopping:
+                if saving:
                     data_log.flush()  # the log never lags behind a checkpoint
                     checkpointed(step, lambda: ckpt.save(step, state, data_iter, meta))
                 if stopping:
@@ -194,6 +196,9 @@ def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callabl
                     log(f"[{name}] stopped by signal {stop['signal']} after saving step {step}")
                     raise Preempted(step)
         checkpointed(total_steps, ckpt.wait)
+        if stop["signal"] is not None:  # came after the last step's check: still a stop
+            log(f"[{name}] stopped by signal {stop['signal']} after saving step {total_steps}")
+            raise Preempted(total_steps)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

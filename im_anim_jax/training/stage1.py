@@ -55,12 +55,15 @@ def schedule(cfg, lr: float | None = None) -> optax.Schedule:
     """Learning rate per step from `cfg` (a stage config), peaking at `lr` (default cfg.lr):
     "constant" (after linear warmup; the paper's setting) or "cosine" (warmup, then cosine decay
     to 1% of the peak at `cfg.steps`)."""
-    lr = cfg.lr if lr is None else lr
-    warmup = max(cfg.warmup_steps, 1)
+    lr, warmup = cfg.lr if lr is None else lr, cfg.warmup_steps
     if cfg.schedule == "constant":
+        if not warmup:
+            return optax.constant_schedule(lr)
         return optax.join_schedules(
             [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
     if cfg.schedule == "cosine":
+        if not warmup:  # optax's warmup of 0 steps would still start at 0
+            return optax.cosine_decay_schedule(lr, max(cfg.steps, 1), alpha=0.01)
         return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(cfg.steps, warmup + 1),
                                                   end_value=0.01 * lr)
     raise ValueError(f"schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")

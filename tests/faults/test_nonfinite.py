@@ -92,3 +92,59 @@ def test_checkpoints_from_before_the_guard_restore_with_zero_counts(tmp_path):
         (0, True, 0)
     jax.tree.map(np.testing.assert_array_equal, guard.inner_state, old.opt_state)
     np.testing.assert_array_equal(restored.params["w"], params["w"])
+
+
+def _loop(tmp_path, steps, train_step):
+    """training.loop.run on a toy state and a Grain iterator, a checkpoint every 100 steps."""
+    import grain
+    import jax.numpy as jnp
+    import ml_collections
+    from im_anim_jax.training import loop
+    data = iter(grain.MapDataset.range(10_000).map(
+        lambda i: {"x": np.full((1,), i, np.float32), "record": np.full((1,), i, np.int32),
+                   "start": np.zeros((1,), np.int32)}).to_iter_dataset())
+    return loop.run(
+        name="toy", stage_dir=str(tmp_path), state={"w": jnp.zeros(2)}, abstract_state=None,
+        train_step=train_step, data_iter=data, mesh=sharding.make_mesh(
+            ml_collections.ConfigDict(dict(shape=dict(data=-1, fsdp=1, context=1, tensor=1)))),
+        total_steps=steps, log_every=1, checkpoint_every=100,
+        ckpt_cfg=ml_collections.ConfigDict(dict(max_to_keep=2, async_save=False)),
+        meta={}, max_nonfinite_in_a_row=2, log=lambda s: None)
+
+
+def test_a_streak_reaching_the_limit_on_the_last_step_stops_before_a_checkpoint_on_accelerators(
+        tmp_path, monkeypatch):
+    """Accelerators read the guard's streak one step late; the last step's is read before its
+    checkpoint, so a run whose last two steps were skipped ends with Diverged and no new
+    checkpoint (XLA:CPU syncs every step; the accelerator path is simulated)."""
+    import pytest
+    from im_anim_jax.training import loop
+    monkeypatch.setattr(loop.jax, "default_backend", lambda: "gpu")
+
+    def step(state, batch):
+        bad = int(batch["x"][0]) >= 4  # steps 5 and 6 (the data starts at 0)
+        streak = int(batch["x"][0]) - 3 if bad else 0
+        return state, {"loss": np.float32(np.nan if bad else 1.0),
+                       "nonfinite_in_a_row": np.int32(streak), "nonfinite_total": np.int32(streak)}
+    with pytest.raises(loop.Diverged) as stopped:
+        _loop(tmp_path, 6, step)
+    assert stopped.value.step == 6 and stopped.value.code == 4
+    assert not [n for n in os.listdir(tmp_path) if n.isdigit()]
+
+
+def test_a_signal_during_the_last_step_still_stops_with_exit_3(tmp_path):
+    """SIGTERM while the last step runs: its checkpoint is written, then Preempted (exit 3), not
+    a normal return that would go on to the next stage."""
+    import signal
+
+    import pytest
+    from im_anim_jax.training import loop
+
+    def step(state, batch):
+        if int(batch["x"][0]) == 4:  # step 5 of 5
+            os.kill(os.getpid(), signal.SIGTERM)
+        return state, {"loss": np.float32(1.0)}
+    with pytest.raises(loop.Preempted) as stopped:
+        _loop(tmp_path, 5, step)
+    assert stopped.value.step == 5 and stopped.value.code == 3
+    assert [n for n in os.listdir(tmp_path) if n.isdigit()] == ["5"]
