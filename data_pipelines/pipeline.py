@@ -198,7 +198,12 @@ def _iterate(size: int, read, seed: int, batch_size: int, shard_index: int, shar
     """Seeded shuffle of range(size) (reshuffled per epoch), repeat, shard, `read(index, rng)`
     with threads (and optionally worker processes), skip bad records, batch."""
     ds = grain.MapDataset.range(size).seed(seed).shuffle().repeat()[shard_index::shard_count]
-    it = ds.random_map(read).to_iter_dataset(grain.ReadOptions(
+    # Grain draws element i's generator from the seed and i's position in this shard, so every
+    # process would draw the same crops, flips and clip starts: seed each shard apart (one
+    # process keeps the dataset's seed, and so its figures).
+    shard_seed = None if shard_count == 1 else int(
+        np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
+    it = ds.random_map(read, seed=shard_seed).to_iter_dataset(grain.ReadOptions(
         num_threads=read_threads, prefetch_buffer_size=2 * read_threads * batch_size))
     if num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

@@ -79,12 +79,17 @@ def test_every_clip_seen_once_per_epoch(tiny_dataset, tiny_config):
 def test_process_shards_are_disjoint_and_cover(tiny_dataset, tiny_config):
     n = len(records.open_split(tiny_dataset, "train"))
     per = n // 2
-    shards = []
+    shards, starts = [], []
     for i in range(2):
         it = iter(_train(tiny_dataset, tiny_config, batch_size=1, shard_index=i, shard_count=2))
-        shards.append({int(next(it)["record"][0]) for _ in range(per)})
+        batches = [next(it) for _ in range(per)]
+        shards.append({int(b["record"][0]) for b in batches})
+        starts.append([int(b["start"][0]) for b in batches])
     assert not shards[0] & shards[1]
     assert len(shards[0] | shards[1]) == 2 * per
+    # Each process draws its own random windows (Grain would give the i-th element of every
+    # shard the same generator): the clip starts differ somewhere.
+    assert starts[0] != starts[1], starts
 
 
 def test_eval_dataset_in_order_with_all_frames(tiny_dataset, tiny_config):
