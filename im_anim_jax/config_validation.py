@@ -202,6 +202,26 @@ def _prerequisites(config, stages, workdir: str, out: list) -> None:
                        f"model.vae.init_from is empty (stage 2 trains it)")
 
 
+def _pairs(config, stages, out: list) -> None:
+    """Stages 2-3 train on cross-identity pairs: a dataset at data.path must hold some (an
+    ingested video is one identity performing its own motion, so ingested data holds none)."""
+    from data_pipelines import pairs, records
+    path = config.data.path
+    if not path or not records.is_dataset(path):
+        return  # rendered by the run, or refused when it is read
+    for s in (2, 3):
+        if s not in stages:
+            continue
+        c = config[f"stage{s}"]
+        try:
+            pairs.load_pairs(path, "train", clip_frames=c.clip_frames, seed=config.seed,
+                             partners_per_clip=c.partners_per_clip, self_pairs=c.self_pairs)
+        except ValueError as e:
+            out.append(f"stage {s} trains on pairs of identities performing the same motion, "
+                       f"and data.path has none: {e}. Ingested videos (one identity, one motion "
+                       f"each) train stage 1 and the VAE only")
+
+
 def _faults(config, out: list) -> None:
     f = config.faults
     if not _is_int(f.max_nonfinite_in_a_row, 1):
@@ -266,6 +286,7 @@ def problems(config, stages, workdir: str, num_devices: int | None = None,
             _schedule(config, section, lrs, divisor, num_processes, out)
     _frames_and_sizes(config, stages, out)
     _prerequisites(config, stages, workdir, out)
+    _pairs(config, stages, out)
     _augment(config, stages, out)
     _frozen(config, stages, out)
     _faults(config, out)

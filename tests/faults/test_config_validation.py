@@ -105,3 +105,31 @@ def test_train_py_reports_all_problems_before_touching_the_workdir(tmp_path):
     for text in ("stage3.clip_frames=6", "stage2.lr=2.0", "needs 2 devices, but 1 are"):
         assert text in err, err
     assert not os.path.exists(workdir / "stage1") and not os.path.exists(workdir / "data")
+
+
+def test_data_without_pairs_is_refused_for_stages_2_and_3(tiny_config, tiny_dataset, tmp_path):
+    """Ingested videos are one identity performing its own motion each: stage 1 and the VAE
+    train on them, stages 2-3 would fail only when they start; validation names it at once."""
+    import json
+    import shutil
+    data = tmp_path / "ingested"
+    shutil.copytree(tiny_dataset, data)
+    with open(data / "index.json") as f:
+        index = json.load(f)
+    for split in index["splits"].values():
+        for i, entry in enumerate(split):  # what ingest writes: one identity and motion per video
+            entry["identity_id"] = entry["motion_id"] = i
+    with open(data / "index.json", "w") as f:
+        json.dump(index, f)
+    config = tiny_config.copy_and_resolve_references()
+    config.data.path = str(data)
+    assert not config_validation.problems(config, (1,), str(tmp_path), num_devices=1,
+                                          num_processes=1)
+    found = config_validation.problems(config, (1, 2, 3), str(tmp_path), num_devices=1,
+                                       num_processes=1)
+    for s in (2, 3):
+        assert any(p.startswith(f"stage {s} trains on pairs") and "no motion is performed by two "
+                   "identities" in p for p in found), found
+    config.data.path = tiny_dataset  # the synthetic set has pairs
+    assert config_validation.problems(config, (1, 2, 3), str(tmp_path), num_devices=1,
+                                      num_processes=1) == []
