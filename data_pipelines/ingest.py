@@ -1,7 +1,7 @@
 """Ingest real videos + per-frame DWPose (COCO-WholeBody-133) keypoints into the clip format.
 
 The output is the same ArrayRecord dataset directory that `data_pipelines.synthetic` writes (see
-`data_pipelines.records`), so stage 1 and the VAE train on it unchanged. Each video is its own
+`data_pipelines.records`), so stage 1 trains on it unchanged. Each video is its own
 identity performing its own motion, so it gives stages 2-3 no cross-identity pairs (config
 validation refuses those stages on such data).
 

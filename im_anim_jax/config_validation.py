@@ -219,7 +219,7 @@ def _pairs(config, stages, out: list) -> None:
         except ValueError as e:
             out.append(f"stage {s} trains on pairs of identities performing the same motion, "
                        f"and data.path has none: {e}. Ingested videos (one identity, one motion "
-                       f"each) train stage 1 and the VAE only")
+                       f"each) train stage 1 only")
 
 
 def _faults(config, out: list) -> None:
