@@ -110,14 +110,23 @@ def _pair_check(clip_frames: int, targets: Targets):
 
 
 class _SkipBadIterator(grain.DatasetIterator):
+    """Counts distinct bad records: the stream repeats, and a record skipped in every epoch is
+    one bad record, not one per epoch (else one bad file would end any long enough run)."""
+
     def __init__(self, parent, limit: int, where: str, batch_size: int):
         super().__init__(parent)
-        self._limit, self._where, self._skipped = limit, where, 0
+        self._limit, self._where, self._bad, self._earlier = limit, where, set(), 0
         self._batch_size = batch_size
+
+    @property
+    def _skipped(self) -> int:
+        return self._earlier + len(self._bad)
 
     def __next__(self):
         while "bad_record" in (ex := next(self._parent)):
-            self._skipped += 1
+            if ex["bad_record"] in self._bad:
+                continue  # skipped and counted in an earlier epoch
+            self._bad.add(ex["bad_record"])
             logging.warning("skipped bad record %d of %s (%d skipped so far): %s",
                             ex["bad_record"], self._where, self._skipped, ex["error"])
             if self._skipped > self._limit:
@@ -129,7 +138,8 @@ class _SkipBadIterator(grain.DatasetIterator):
         return dict(ex, bad_records=np.int32(self._skipped))
 
     def get_state(self):
-        return {"parent": self._parent.get_state(), "skipped": self._skipped}
+        return {"parent": self._parent.get_state(), "skipped": self._skipped,
+                "bad": sorted(self._bad)}
 
     def set_state(self, state):
         if set(state) == {"next_index"}:  # written before bad records were skipped (0.1.0):
@@ -137,7 +147,10 @@ class _SkipBadIterator(grain.DatasetIterator):
             state = {"parent": {"next_index": state["next_index"] * self._batch_size},
                      "skipped": 0}
         self._parent.set_state(state["parent"])
-        self._skipped = state["skipped"]
+        # States written before the distinct count hold the count alone; a record counted then
+        # may be counted once more.
+        self._bad = set(state.get("bad", ()))
+        self._earlier = state["skipped"] - len(self._bad)
 
 
 class _SkipBad(grain.IterDataset):
