@@ -108,8 +108,8 @@ def test_train_py_reports_all_problems_before_touching_the_workdir(tmp_path):
 
 
 def test_data_without_pairs_is_refused_for_stages_2_and_3(tiny_config, tiny_dataset, tmp_path):
-    """Ingested videos are one identity performing its own motion each: stage 1 and the VAE
-    train on them, stages 2-3 would fail only when they start; validation names it at once."""
+    """Ingested videos are one identity performing its own motion each: stage 1 trains on them,
+    stages 2-3 would fail only when they start; validation names it at once."""
     import json
     import shutil
     data = tmp_path / "ingested"
