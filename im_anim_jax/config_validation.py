@@ -257,6 +257,13 @@ def _frozen(config, stages, out: list) -> None:
                 out.append(str(e))
 
 
+def _eval(config, out: list) -> None:
+    thresholds = config.eval.pck_thresholds
+    if 0.1 not in thresholds or not all(_is_number(a) and 0 < a <= 1 for a in thresholds):
+        out.append(f"eval.pck_thresholds={tuple(thresholds)} must be numbers in (0, 1] and "
+                   f"include 0.1, the figure every report leads with")
+
+
 def sampling_problems(config) -> list[str]:
     """Problems of config.sampling, the generator's settings (stage 3's evaluation, `animate`)."""
     c, out = config.sampling, []
@@ -290,10 +297,7 @@ def problems(config, stages, workdir: str, num_devices: int | None = None,
     _augment(config, stages, out)
     _frozen(config, stages, out)
     _faults(config, out)
-    thresholds = config.eval.pck_thresholds
-    if 0.1 not in thresholds or not all(_is_number(a) and 0 < a <= 1 for a in thresholds):
-        out.append(f"eval.pck_thresholds={tuple(thresholds)} must be numbers in (0, 1] and "
-                   f"include 0.1, the figure every report leads with")
+    _eval(config, out)
     if 3 in stages:
         out += sampling_problems(config)
     return out
