@@ -102,3 +102,25 @@ def test_schedule_warms_up_from_zero_and_without_warmup_starts_at_the_peak(kind)
     cold = stage1_training.schedule(cfg)
     assert float(cold(0)) == 1.0  # step 1 trains at the peak, not at 0
     assert abs(float(cold(100)) - (1.0 if kind == "constant" else 0.01)) < 1e-6
+
+
+def test_weight_decay_reaches_kernels_only(tiny_config):
+    """Scanned stacks give norm scales and biases a leading `layers` axis, so a rank test would
+    decay them; the mask goes by name. Checked on the whole stage-3 model (every sub-model)."""
+    import flax
+
+    from im_anim_jax.training import stage1 as stage1_training, stage3
+    config = tiny_config
+    h, w = stage3.latent_size(config)
+    model = stage3.stage3_model.build_stage3(config.model, (h // 2, w // 2))
+    params = stage3.abstract_params(model, config, 4 * config.model.vae.z_dim)
+    flat = flax.traverse_util.flatten_dict(params)
+    mask = flax.traverse_util.flatten_dict(stage1_training.decay_mask(params))
+    decayed = {k for k, v in mask.items() if v}
+    assert decayed and decayed == {k for k in flat if k[-1] == "kernel"}
+    # What the rank test used to decay: stacked norms and fused biases, learned embeddings and
+    # tokens, the DiT's modulation and its qk-norm scales. None of them is decayed now.
+    names = {k[-1] for k, v in flat.items() if v.ndim >= 2 and k[-1] != "kernel"}
+    assert {"scale", "bias", "modulation", "mask_token"} <= names
+    stacked = [k for k, v in flat.items() if k[-1] in ("scale", "bias") and v.ndim >= 2]
+    assert stacked and not any(mask[k] for k in stacked)

@@ -70,10 +70,11 @@ def schedule(cfg, lr: float | None = None) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """Weight decay on matrices only, never on the codebook."""
+    """Weight decay on the kernels of dense and conv layers only (TiTok's and big_vision's rule):
+    never on norms, biases, modulations, learned embeddings, tokens or the codebook. By name, not
+    rank: scanned stacks give norm scales and biases a leading `layers` axis."""
     flat = flax.traverse_util.flatten_dict(params)
-    return flax.traverse_util.unflatten_dict(
-        {k: getattr(v, "ndim", 0) >= 2 and k[-1] != "embedding" for k, v in flat.items()})
+    return flax.traverse_util.unflatten_dict({k: k[-1] == "kernel" for k in flat})
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
