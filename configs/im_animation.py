@@ -397,6 +397,6 @@ def _small(c, variant):
     c.sampling.update(dict(steps=20 if demo else 4, guidance=1.0, overlap_frames=5 if demo
                            else 1))
     c.eval.batch_size = 8 if demo else 2
-    # All 32 held-out pairs (8 identities x 4 motions): on 8 the model's motion PCK moved by
-    # 0.018 between two VAEs that tie on 32 (0.353 vs 0.351); 37 s more (README, stage 3).
+    # One pair per held-out driving clip (8 identities x 4 motions): on 8 pairs the model's motion
+    # PCK moved by 0.018 between two VAEs that tie on 32 (README, stage 3).
     c.eval.stage3_pairs = 32 if demo else 2

@@ -119,3 +119,20 @@ def test_unknown_split_and_missing_dataset(tiny_dataset, tmp_path):
         records.open_split(tiny_dataset, "val")
     with pytest.raises(FileNotFoundError, match="is not a clip dataset"):
         records.open_split(str(tmp_path), "train")
+
+
+def test_pair_eval_dataset_one_pair_per_driving_clip_in_a_seeded_order(tiny_dataset, tiny_config):
+    """Stage 3's pairs: each held-out driving clip once, in an order the seed fixes, so the first
+    N spread over identities and motions (index order would give the first clips' partners)."""
+    entries = records.read_index(tiny_dataset)["splits"]["train"]
+    kw = dict(clip_frames=3, batch_size=4, targets=_targets(tiny_config), partners_per_clip=1)
+    drive = lambda ds: [int(r) for b in ds for r in b["record"]]  # noqa: E731
+    ordered = drive(pipeline.pair_eval_dataset(tiny_dataset, "train", seed=3, **kw))
+    assert ordered == list(range(len(entries)))           # one row per driving clip
+    shuffled = drive(pipeline.pair_eval_dataset(tiny_dataset, "train", seed=3, shuffle=True, **kw))
+    assert sorted(shuffled) == ordered and shuffled != ordered
+    assert shuffled == drive(pipeline.pair_eval_dataset(tiny_dataset, "train", seed=3,
+                                                        shuffle=True, **kw))
+    half = shuffled[:len(shuffled) // 2]
+    assert len({entries[r]["identity_id"] for r in half}) > len(
+        {entries[r]["identity_id"] for r in ordered[:len(half)]})

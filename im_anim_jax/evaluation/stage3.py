@@ -3,7 +3,10 @@
 protocol (a folder of real videos) is in stage3_self.py.
 
 Pairs: the held-out split's cross-identity pairs (identity A drives, identity B's image is the
-reference, B performing the same motion is the ground truth), the first `eval.stage3_pairs`.
+reference, B performing the same motion is the ground truth): one per held-out driving clip (its
+partner drawn with `eval.pair_seed`), in a seeded random order, the first `eval.stage3_pairs`.
+(Until a later session they were the first pairs in index order, every partner of each clip:
+the demo's 32 covered 3 of its 8 driving identities and 2 of its 4 motions.)
 Per variant, against B's true frames: L1, PSNR*, SSIM, LPIPS, FID, FVD (metric_suite.py: DisCo's
 conventions, sample counts, "not computed: ..." without converted weights), and motion accuracy:
 keypoints read back from the generated frames by the stage-1 heatmap model, PCK against B's
@@ -78,7 +81,7 @@ def pair_figures(config, animator, data_path: str, video_dir: str, networks: dic
                                     clip_frames=config.stage3.clip_frames,
                                     batch_size=config.eval.batch_size,
                                     targets=stage1_training.targets(config),
-                                    seed=config.eval.pair_seed)
+                                    seed=config.eval.pair_seed, partners_per_clip=1, shuffle=True)
     zeroed = zero_control(animator.params, config)
     suite = metric_suite.Suite(config, VARIANTS, networks)
     done, vis = 0, None
