@@ -60,6 +60,8 @@ def _main(argv):
         raise ValueError(f"--stage {FLAGS.stage}: the stages are {cli.IMPLEMENTED_STAGES}")
     _check_protocol()
     config = cli.load_config(FLAGS)
+    from im_anim_jax import config_validation
+    config_validation.raise_if_any(config_validation.evaluation_problems(config, FLAGS.stage))
     workdir = os.path.abspath(FLAGS.workdir)
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"--workdir {workdir} does not exist; train first with train.py")

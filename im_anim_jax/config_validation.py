@@ -279,6 +279,13 @@ def sampling_problems(config) -> list[str]:
     return out
 
 
+def evaluation_problems(config, stage: int) -> list[str]:
+    """Problems of the settings `evaluate.py --stage N` reads (found before any model loads)."""
+    out: list[str] = []
+    _eval(config, out)
+    return out + (sampling_problems(config) if stage == 3 else [])
+
+
 def problems(config, stages, workdir: str, num_devices: int | None = None,
              num_processes: int | None = None) -> list[str]:
     """Every problem of `config` for running `stages` in `workdir` (empty: none)."""
@@ -305,7 +312,11 @@ def problems(config, stages, workdir: str, num_devices: int | None = None,
 
 def validate(config, stages, workdir: str, **kwargs) -> None:
     """ValueError naming every problem `problems` finds."""
-    found = problems(config, stages, workdir, **kwargs)
+    raise_if_any(problems(config, stages, workdir, **kwargs))
+
+
+def raise_if_any(found: list[str]) -> None:
+    """ValueError naming every problem in `found`, one per line (none: nothing)."""
     if found:
         n = len(found)
         raise ValueError(f"the config has {n} problem{'s' if n > 1 else ''}:\n"

@@ -82,12 +82,17 @@ def _run(args):
       "--config.data.path={data}"], "no VAE checkpoint"),
     (["evaluate.py", "--config=configs/demo.py", "--workdir={tmp}", "--stage=4"],
      "the stages are"),
+    (["evaluate.py", "--config=configs/demo.py", "--workdir={tmp}", "--stage=3",
+      "--config.eval.pck_thresholds=(0.05,0.2)"], "must be numbers in (0, 1] and include 0.1"),
+    (["evaluate.py", "--config=configs/demo.py", "--workdir={tmp}", "--stage=3",
+      "--config.sampling.steps=0"], "sampling.steps=0 must be a positive integer"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, tiny_dataset, args, message):
     res = _run([a.format(tmp=tmp_path, data=tiny_dataset) for a in args])
     assert res.returncode == 2, res.stdout + res.stderr
     assert message in res.stderr and "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines()[-1].startswith("error: ")
+    lines = [x for x in res.stderr.strip().splitlines() if not x.startswith("  - ")]
+    assert lines[-1].startswith("error: ")  # a config's problems are listed below that line
 
 
 @pytest.mark.parametrize("kind", ["constant", "cosine"])
