@@ -425,3 +425,37 @@ def test_animate_cli_on_a_trained_run(trained, tmp_path):
                          + overrides, capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 2 and "different architecture" in res.stderr, res.stderr
     assert not out2.exists() and not (tmp_path / "out2_preview.mp4").exists()
+
+
+def test_converted_dit_loads_as_float32_and_a_missing_param_is_named(tmp_path, tiny_config):
+    """model.dit.init_from: a bf16 checkpoint (as `convert` keeps a bf16 source) becomes fp32
+    master params with the same values; one lacking a param is refused, not silently left at init."""
+    import flax
+    import ml_dtypes
+    import orbax.checkpoint as ocp
+
+    from im_anim_jax.convert import wan_dit
+    config = tiny_config
+    rng = np.random.default_rng(0)
+    base = jax.tree.map(lambda x: (0.1 * rng.normal(size=x.shape)).astype(ml_dtypes.bfloat16),
+                        wan_dit.abstract_params(config.model.dit))
+
+    def write(name, params):
+        dst = tmp_path / name
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(dst / "params", params)
+        (dst / "meta.json").write_text(json.dumps({"kind": "wan-dit"}))
+        return str(dst)
+
+    h, w = stage3.latent_size(config)
+    model = stage3.stage3_model.build_stage3(config.model, (h // 2, w // 2))
+    abstract = stage3.abstract_params(model, config, 4 * config.model.vae.z_dim)["dit"]
+    config.model.dit.init_from = write("full", base)
+    loaded = flax.traverse_util.flatten_dict(stage3.load_converted_dit(config, abstract))
+    assert {str(v.dtype) for v in loaded.values()} == {"float32"}
+    head = ("head", "head", "kernel")
+    np.testing.assert_array_equal(loaded[head], np.asarray(base["head"]["head"]["kernel"],
+                                                           np.float32))
+    config.model.dit.init_from = write("headless", {k: v for k, v in base.items() if k != "head"})
+    with pytest.raises(ValueError, match="lacks .* params of config.model.dit, e.g. head/"):
+        stage3.load_converted_dit(config, abstract)

@@ -171,7 +171,9 @@ def init_state(model, tx, config, mesh, ref_dim: int):
 
 def load_converted_dit(config, abstract_dit: dict) -> dict:
     """model.dit.init_from (python -m im_anim_jax.convert wan-dit) as stage-3 DiT params: blocks
-    grouped for the expression blocks, zero control channels, fresh expression params left out."""
+    grouped for the expression blocks, zero control channels, fresh expression params left out,
+    each cast to its param's dtype (a bf16 checkpoint still trains fp32 master params).
+    ValueError naming a param of the wrong shape, or one the checkpoint lacks."""
     path = config.model.dit.init_from
     loaded, meta = common.load_converted(path)
     if meta.get("kind") not in ("wan-dit", "wan_dit"):
@@ -186,7 +188,12 @@ def load_converted_dit(config, abstract_dit: dict) -> dict:
     if bad:
         raise ValueError(f"model.dit.init_from={path} does not fit config.model.dit: e.g. "
                          f"{'/'.join(bad[0])} has shape {tuple(have[bad[0]].shape)}")
-    return params
+    missing = [k for k in want if k not in have and "expression" not in k]
+    if missing:
+        raise ValueError(f"model.dit.init_from={path} lacks {len(missing)} params of "
+                         f"config.model.dit, e.g. {'/'.join(missing[0])}")
+    return flax.traverse_util.unflatten_dict(
+        {k: np.asarray(v).astype(want[k].dtype) for k, v in have.items()})
 
 
 def initial_params(state, state_sh, tx, config, workdir: str, ref_encoder):
