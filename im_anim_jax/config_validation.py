@@ -44,6 +44,9 @@ def _mesh(config, num_devices: int, num_processes: int, out: list) -> int | None
     except ValueError as e:
         out.append(str(e))
         return None
+    problem = sharding.batch_span_problem(sizes["data"] * sizes["fsdp"], num_processes)
+    if problem:
+        out.append(problem)
     return sizes["data"] * sizes["fsdp"]
 
 

@@ -109,14 +109,30 @@ def batch_sharding(mesh) -> NamedSharding:
 
 
 def global_batch(batch: dict, mesh) -> dict:
-    """Host-local numpy batch -> global jax.Arrays sharded over the batch axes (multi-host safe)."""
-    sharding = batch_sharding(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                        batch)
+    """Host-local numpy batch (each process its own rows, as the data pipeline shards them) ->
+    global jax.Arrays sharded over the batch axes; the global batch is the processes' rows
+    together, so a mesh whose batch shards do not span the processes is an error, not replicas
+    holding different rows."""
+    sharding, p = batch_sharding(mesh), jax.process_count()
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        sharding, np.asarray(x), (x.shape[0] * p, *x.shape[1:])), batch)
+
+
+def batch_span_problem(batch_shards: int, num_processes: int) -> str | None:
+    """Each process loads rows of its own, so the batch axes (data x fsdp = `batch_shards`) must
+    split over the processes: with fewer shards than processes (say context or tensor across
+    hosts) two processes would hold one shard's replicas, with different rows."""
+    if batch_shards % num_processes:
+        return (f"the data x fsdp mesh size {batch_shards} must be a multiple of the number of "
+                f"processes {num_processes}: each process loads its own rows, so the batch axes "
+                f"must span the hosts (put the cross-host factor on data or fsdp)")
+    return None
 
 
 def check_batch_size(batch_size: int, mesh, what: str) -> None:
     n = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch_size % n or batch_size % jax.process_count():
-        raise ValueError(f"{what}={batch_size} must be divisible by the data x fsdp mesh size {n} "
-                         f"and by the number of processes {jax.process_count()}")
+    problem = batch_span_problem(n, jax.process_count())
+    if problem:
+        raise ValueError(problem)
+    if batch_size % n:
+        raise ValueError(f"{what}={batch_size} must be divisible by the data x fsdp mesh size {n}")

@@ -69,8 +69,9 @@ def test_two_processes_join_one_mesh_and_checkpoint_collectively(tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-        assert json.loads(out.strip().splitlines()[-1]) == {"processes": 2, "devices": 4,
-                                                           "rows": 4, "sum": 18.0}
+        assert json.loads(out.strip().splitlines()[-1]) == {
+            "processes": 2, "devices": 4, "rows": 4, "sum": 18.0,
+            "context_mesh": ["refused by check_batch_size", "refused by global_batch"]}
     assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(tmp_path / "ckpt"))
 
 
@@ -93,8 +94,22 @@ def _multihost(directory: str):
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(directory, batch)
     ckpt.wait_until_finished()
+    # Batch axes that do not span the hosts (context across them): each process's rows would
+    # be one shard's replicas, different on each host. Refused by both the check and the feed.
+    ctx = sharding.make_mesh(ml_collections.ConfigDict(dict(shape=dict(data=1, context=-1))))
+    context_mesh = []
+    try:
+        sharding.check_batch_size(4, ctx, "stage1.batch_size")
+    except ValueError as e:
+        if "must be a multiple of the number of processes 2" in str(e):
+            context_mesh.append("refused by check_batch_size")
+    try:
+        sharding.global_batch(rows, ctx)
+    except ValueError:
+        context_mesh.append("refused by global_batch")
     print(json.dumps({"processes": jax.process_count(), "devices": jax.device_count(),
-                      "rows": batch["x"].shape[0], "sum": float(total(batch))}))
+                      "rows": batch["x"].shape[0], "sum": float(total(batch)),
+                      "context_mesh": context_mesh}))
 
 
 # ---------------------------------------------------------------- the subprocess (8 devices)

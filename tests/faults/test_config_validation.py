@@ -85,6 +85,20 @@ def test_each_violation_is_named(tiny_config, tmp_path, overrides, stages, expec
     assert len(found) == 1 or not overrides, found  # nothing else is blamed
 
 
+def test_batch_axes_must_span_the_processes(tiny_config, tmp_path):
+    """Each process loads its own rows: context across 2 hosts (data x fsdp = 1) is refused."""
+    config = tiny_config.copy_and_resolve_references()
+    config.mesh.shape.update(dict(data=1, fsdp=1, context=4))
+    found = config_validation.problems(config, (1,), str(tmp_path), num_devices=4,
+                                       num_processes=2)
+    assert found == ["the data x fsdp mesh size 1 must be a multiple of the number of processes "
+                     "2: each process loads its own rows, so the batch axes must span the hosts "
+                     "(put the cross-host factor on data or fsdp)"], found
+    config.mesh.shape.update(dict(data=2, context=2))
+    assert config_validation.problems(config, (1,), str(tmp_path), num_devices=4,
+                                      num_processes=2) == []
+
+
 def test_the_shipped_configs_pass(tmp_path):
     sys.path.insert(0, os.path.join(faultrun.ROOT, "configs"))
     import im_animation
