@@ -36,6 +36,9 @@ def main():
     config = im_animation.get_config("tiny")
     config.stage1.batch_size = 8
     config.model.quantizer.restart_threshold = 0.0
+    # Every loss term of the stage-1 step (the demo's): the cross-entropy and the patch head.
+    config.stage1.update(dict(heatmap_ce_weight=0.5, patch_heatmap_weight=0.7))
+    config.model.motion_tokenizer.patch_heatmap_head = True
     config.mesh.shape.update(dict(data=1, fsdp=1, context=1, tensor=1))
     batch = _batches(config, np.random.default_rng(0))["stage1"]
     model, tx = build_stage1(config.model), stage1.make_optimizer(config.stage1)

@@ -7,8 +7,9 @@ the whole state, takes B / n clips, and the gradients are summed across devices 
     state, metrics = step(state, data_parallel.split_batch(batch, devices, kind))
 
 It computes the same step as stage1.make_train_step (tested to float32 rounding in
-tests/test_data_parallel.py): the heatmap loss is a global weighted mean, so each device
-divides its weighted sum by the psum of all weights, and the VQ means are averaged; local
+tests/test_data_parallel.py, with every stage-1 loss term): the heatmap losses (MSE, the
+cross-entropy, the patch head's MSE) are global weighted means, so each device divides its
+weighted sums by the psum of all weights, and the VQ means are averaged; local
 gradients are psum'd, then the (guarded) AdamW update runs identically on every device.
 `shard_map` runs it under jit on a 1-D 'data' mesh (the supported way); `pmap` is the legacy
 transform (still in jax 0.10: jit + shard_map underneath). The dead-code restart is not part of
@@ -24,33 +25,41 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from im_anim_jax.training import stage1
+
 KINDS = ("shard_map", "pmap")
 AXIS = "data"
 
 
 def _local_step(model, tx, config):
     """(state, local batch) -> (state, metrics): one device's share; gradients psum'd over AXIS."""
-    vq_weight = config.stage1.vq_loss_weight
+    cfg = config.stage1
+    weights = {"heatmap_loss": 1.0, "vq_loss": cfg.vq_loss_weight,
+               "heatmap_ce": cfg.heatmap_ce_weight, "patch_heatmap_loss": cfg.patch_heatmap_weight}
 
     def step(state, batch):
-        w = batch["joint_weights"]
+        w, target = batch["joint_weights"], batch["heatmaps"]
         total_w = jnp.maximum(jax.lax.psum(jnp.sum(w), AXIS), 1.0)
-        devices = jax.lax.psum(1, AXIS)
+        share = lambda per_joint: jnp.sum(per_joint * w) / total_w  # noqa: E731 (of the mean)
 
         def loss_fn(params):
             heatmaps, aux = model.apply({"params": params}, batch["frames"])
-            sq = jnp.sum((heatmaps.astype(jnp.float32) - batch["heatmaps"]) ** 2, axis=(-2, -1))
-            hm = jnp.sum(sq * w) / total_w  # this device's share of the global mean
-            vq = aux["loss"] / devices
-            return hm + vq_weight * vq, (hm, vq)
+            terms = {"heatmap_loss": share(stage1.heatmap_sq_error(heatmaps, target)),
+                     "vq_loss": aux["loss"] / jax.lax.psum(1, AXIS)}
+            if cfg.heatmap_ce_weight:
+                terms["heatmap_ce"] = share(stage1.heatmap_ce(heatmaps, target,
+                                                              cfg.heatmap_ce_temperature))
+            if "patch_heatmaps" in aux:
+                terms["patch_heatmap_loss"] = share(stage1.heatmap_sq_error(
+                    aux["patch_heatmaps"], target))
+            return sum(weights[k] * v for k, v in terms.items()), terms
 
-        grads, (hm, vq) = jax.grad(loss_fn, has_aux=True)(state.params)
-        grads = jax.lax.psum(grads, AXIS)
-        hm, vq = jax.lax.psum(hm, AXIS), jax.lax.psum(vq, AXIS)
+        grads, terms = jax.grad(loss_fn, has_aux=True)(state.params)
+        grads, terms = jax.lax.psum(grads, AXIS), jax.lax.psum(terms, AXIS)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         state = state.replace(step=state.step + 1, opt_state=opt_state,
                               params=optax.apply_updates(state.params, updates))
-        return state, {"loss": hm + vq_weight * vq, "heatmap_loss": hm, "vq_loss": vq,
+        return state, {"loss": sum(weights[k] * v for k, v in terms.items()), **terms,
                        "grad_norm": optax.global_norm(grads)}
     return step
 

@@ -34,21 +34,29 @@ class TrainState(flax.struct.PyTreeNode):
     code_usage: jax.Array  # [K] EMA of per-batch code counts (dead-code restart)
 
 
-def heatmap_loss(pred, target, weights):
-    """pred/target [B, T, J, Hh, Wh], weights [B, T, J] -> scalar (masked joints excluded)."""
-    sq = jnp.sum((pred.astype(jnp.float32) - target) ** 2, axis=(-2, -1))
-    return jnp.sum(sq * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+def heatmap_sq_error(pred, target):
+    """pred/target [B, T, J, Hh, Wh] -> per-joint summed squared error [B, T, J] (float32)."""
+    return jnp.sum((pred.astype(jnp.float32) - target) ** 2, axis=(-2, -1))
 
 
-def heatmap_cross_entropy(pred, target, weights, temperature: float):
-    """Spatial cross-entropy: the target heatmap normalised to a distribution over its Hh x Wh
-    cells against softmax(pred / temperature); pred/target [B, T, J, Hh, Wh], weights [B, T, J]
-    -> scalar, mean over visible joints (an all-zero target counts as zero)."""
+def heatmap_ce(pred, target, temperature: float):
+    """Per-joint spatial cross-entropy [B, T, J]: the target heatmap normalised to a distribution
+    over its Hh x Wh cells against softmax(pred / temperature) (an all-zero target gives 0)."""
     logits = pred.astype(jnp.float32).reshape(pred.shape[:3] + (-1,)) / temperature
     p = target.reshape(logits.shape)
     p = p / jnp.maximum(jnp.sum(p, -1, keepdims=True), 1e-12)
-    ce = -jnp.sum(p * jax.nn.log_softmax(logits, -1), -1)
-    return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    return -jnp.sum(p * jax.nn.log_softmax(logits, -1), -1)
+
+
+def heatmap_loss(pred, target, weights):
+    """pred/target [B, T, J, Hh, Wh], weights [B, T, J] -> scalar (masked joints excluded)."""
+    return jnp.sum(heatmap_sq_error(pred, target) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def heatmap_cross_entropy(pred, target, weights, temperature: float):
+    """heatmap_ce averaged over visible joints (weights [B, T, J]) -> scalar."""
+    return (jnp.sum(heatmap_ce(pred, target, temperature) * weights)
+            / jnp.maximum(jnp.sum(weights), 1.0))
 
 
 def schedule(cfg, lr: float | None = None) -> optax.Schedule:
