@@ -153,3 +153,23 @@ def test_foreign_reference_drop_is_zero_only_for_an_output_that_ignores_the_refe
     follows.add(gt, moved, gt, w, other_identity, 16)
     assert follows.result() == {"foreign_reference_pck@0.1": 0.0,
                                 "foreign_reference_drop@0.1": 1.0}
+
+
+def test_unmeasured_figures_say_not_computed_instead_of_0():
+    """No swap seen (eval.batch_size 1), no neighbour of another identity, no visible joint:
+    the figure is "not computed: ...", never the 0 that reads as "the output ignores its input"
+    (or, for PCK, "every joint missed")."""
+    for follow in (stage2_eval.Follow("driving"), stage2_eval.Follow("reference")):
+        assert all(v.startswith("not computed: ") for v in follow.result().values())
+    gt = np.zeros((2, 5, 6, 2))
+    same = stage2_eval.Foreign()
+    same.add(gt, gt, gt, np.ones((2, 5, 6)), np.array([False, False]), 16)
+    assert all(v.startswith("not computed: ") for v in same.result().values())
+    still = stage2_eval.Follow("reference")  # the reference pose did not move: no slope
+    still.add(gt, gt, gt, gt, np.ones((2, 5, 6)), 16)
+    r = still.result()
+    assert r["reference_swap_shift"] == 0.0 and r["reference_pose_follow"].startswith("not comp")
+    hits = stage2_eval.Hits((0.05, 0.1))
+    hits.add(gt, gt, np.zeros((2, 5, 6)), 16)
+    assert hits.result("pck") == {f"pck@{a}": "not computed: no visible joints"
+                                  for a in (0.05, 0.1)}

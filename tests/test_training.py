@@ -129,3 +129,14 @@ def test_weight_decay_reaches_kernels_only(tiny_config):
     assert {"scale", "bias", "modulation", "mask_token"} <= names
     stacked = [k for k, v in flat.items() if k[-1] in ("scale", "bias") and v.ndim >= 2]
     assert stacked and not any(mask[k] for k in stacked)
+
+
+def test_stage1_joint_groups_without_visible_joints_are_not_computed(tiny_dataset):
+    """A group no clip shows (hands here) is "not computed: ...", not a PCK of 0."""
+    n = len(records.read_index(tiny_dataset)["splits"]["test"])
+    weights = np.ones((n, 62))
+    weights[:, stage1_eval.GROUPS["hands"]] = 0
+    result = stage1_eval.pck_figures({0.1: weights.copy()}, weights, tiny_dataset, "test",
+                                     np.arange(n))
+    assert result["pck@0.1/hands"] == "not computed: no visible joints"
+    assert result["pck@0.1"] == result["pck@0.1/body"] == 1.0

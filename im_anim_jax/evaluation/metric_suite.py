@@ -24,7 +24,7 @@ import collections
 
 import numpy as np
 
-from im_anim_jax import metrics
+from im_anim_jax import evaluation, metrics
 from im_anim_jax.metrics import frechet
 from im_anim_jax.metrics import image as image_metrics
 
@@ -133,6 +133,7 @@ class Suite:
         out["lpips"] = s["lpips"] / frames if callable(self.nets["lpips"]) else self.nets["lpips"]
         for metric in ("fid", "fvd"):
             out[metric], out[f"{metric}_samples"] = self._frechet(variant, metric)
-        out.update({f"motion_pck@{a}": s[f"hits@{a}"] / max(s["visible"], 1.0)
+        out.update({f"motion_pck@{a}": evaluation.ratio(s[f"hits@{a}"], s["visible"],
+                                                         "no visible reference keypoints")
                     for a in self.thresholds})
         return out

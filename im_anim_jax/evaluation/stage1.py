@@ -83,18 +83,18 @@ def clip_hits(pred_xy, keypoints, weights, targets, thresholds) -> dict:
 def pck_figures(hits: dict, weights, data_path: str, split: str, clip_records) -> dict:
     """hits {alpha: [N, J]} and weights [N, J] per clip (records `clip_records` of `split`) ->
     `pck@a`, per joint group, and per clip framing where the dataset index records one."""
-    joint_w = weights.sum(0)
-    result = {f"pck@{a}": float(h.sum()) / max(float(joint_w.sum()), 1.0)
+    joint_w, none = weights.sum(0), "no visible joints"
+    result = {f"pck@{a}": evaluation.ratio(float(h.sum()), float(joint_w.sum()), none)
               for a, h in hits.items()}
     for a, h in hits.items():  # per joint group: which joints hold the overall figure down
         for group, idx in GROUPS.items():
-            result[f"pck@{a}/{group}"] = float(h[:, idx].sum()) / max(float(joint_w[idx].sum()),
-                                                                      1.0)
+            result[f"pck@{a}/{group}"] = evaluation.ratio(float(h[:, idx].sum()),
+                                                          float(joint_w[idx].sum()), none)
     index = records.read_index(data_path)["splits"][split]
     framing = np.array([index[r].get("framing") for r in clip_records], dtype=object)
     for name in sorted({f for f in framing if f is not None}):  # e.g. half-body vs full-body
         sel = framing == name
-        result.update({f"pck@{a}/framing_{name}": float(h[sel].sum())
-                       / max(float(weights[sel].sum()), 1.0) for a, h in hits.items()})
+        result.update({f"pck@{a}/framing_{name}": evaluation.ratio(
+            float(h[sel].sum()), float(weights[sel].sum()), none) for a, h in hits.items()})
         result[f"clips/framing_{name}"] = int(sel.sum())
     return result

@@ -85,7 +85,8 @@ class Hits:
         self.weight += float(w.sum())
 
     def result(self, prefix: str) -> dict:
-        return {f"{prefix}@{a}": self.hits[a] / max(self.weight, 1.0) for a in self.thresholds}
+        return {f"{prefix}@{a}": evaluation.ratio(self.hits[a], self.weight, "no visible joints")
+                for a in self.thresholds}
 
 
 class Follow:
@@ -112,8 +113,12 @@ class Follow:
         self.weight += float(w.sum())
 
     def result(self) -> dict:
-        return {f"{self.prefix}_swap_shift": self.shift / max(self.weight, 1.0),
-                f"{self.prefix}_pose_follow": self.num / max(self.den, 1e-12)}
+        """Not computed where no pair had a swap (e.g. eval.batch_size 1 for `driving`, whose
+        swaps are batch neighbours) or the swapped input pose never moved."""
+        return {f"{self.prefix}_swap_shift": evaluation.ratio(
+                    self.shift, self.weight, f"no pair had a {self.prefix} swap"),
+                f"{self.prefix}_pose_follow": evaluation.ratio(
+                    self.num, self.den, f"no {self.prefix} swap moved the input pose")}
 
 
 class Foreign:
@@ -133,6 +138,9 @@ class Foreign:
 
     def result(self) -> dict:
         own, theirs = (h.result("pck")["pck@0.1"] for h in (self.own, self.theirs))
+        if isinstance(own, str):  # no batch neighbour showed another identity
+            own = theirs = "not computed: no pair had a neighbour of another identity"
+            return {"foreign_reference_pck@0.1": theirs, "foreign_reference_drop@0.1": own}
         return {"foreign_reference_pck@0.1": theirs, "foreign_reference_drop@0.1": own - theirs}
 
 

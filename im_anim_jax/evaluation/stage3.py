@@ -150,7 +150,7 @@ def drift_figures(config, animator, video_dir: str) -> dict:
         w = slice(s + (overlap if i else 0), s + config.stage3.clip_frames)
         psnr.append(float(image_metrics.psnr_star(video[w], truth[w]).mean()))
         hits, visible = motion_hits(animator, video[None, w], truth_kp[None, w], config)
-        pck.append(hits[0.1] / max(visible, 1.0))
+        pck.append(evaluation.ratio(hits[0.1], visible, "no visible keypoints"))
     return {"frames": len(driving), "window_starts": [int(s) for s in starts],
             "window_psnr_star": psnr, "window_motion_pck@0.1": pck,
             "psnr_star_change_last_vs_first": psnr[-1] - psnr[0]}
