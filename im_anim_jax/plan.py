@@ -171,7 +171,10 @@ def _dot_flops(eqn) -> float:
         lhs = eqn.invars[0].aval.shape
         return 2.0 * out * math.prod(lhs[d] for d in contract)
     rhs = eqn.invars[1].aval.shape  # each output element: a dot over the kernel less its out dim
-    return 2.0 * out * math.prod(rhs) / rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+    # An input dilated by d (a strided conv's input gradient) holds 1/prod(d) of real values:
+    # the taps on the inserted zeros are not work.
+    return (2.0 * out * math.prod(rhs) / rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+            / math.prod(eqn.params["lhs_dilation"]))
 
 
 def jaxpr_flops(jaxpr) -> tuple[float, int]:

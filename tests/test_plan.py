@@ -49,6 +49,13 @@ def test_jaxpr_flops_count_every_scanned_layer_convolutions_and_remat():
     # Depthwise: 8 channels, one input channel each; its weight gradient is a batch-grouped conv.
     assert plan.step_flops(jax.grad(lambda k: conv(k, x, 8)), jnp.ones((8, 1, 3, 3)))[0] == (
         2 * 2 * 2 * 8 * 32 * 32 * 9)
+    # A strided conv's input gradient is a conv over the input dilated by the stride: the taps
+    # on the inserted zeros are not work. An 8x8 patchify: backward-data costs what forward does.
+    patchify = lambda x: jax.lax.conv_general_dilated(x, jnp.ones((16, 8, 8, 8)), (8, 8),  # noqa
+                                                       "VALID").sum()
+    forward = plan.step_flops(patchify, x)[0]
+    assert forward == 2 * 2 * 16 * 4 * 4 * 8 * 64 and plan.step_flops(jax.grad(patchify), x)[0] == (
+        2 * forward)
 
 
 HLO = """HloModule step, entry_computation_layout={()->f32[]}
