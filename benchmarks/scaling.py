@@ -198,8 +198,9 @@ def main():
                    help="the mesh axis that grows (the others stay 1)")
     p.add_argument("--per_device_batch", type=int, default=2)
     p.add_argument("--frames", type=int, default=None, help="clip frames (default the stage's)")
-    p.add_argument("--size", type=int, default=None, help="frame height = width (default "
-                   "model.motion_tokenizer.image_size)")
+    p.add_argument("--size", type=int, default=None, help="stages 2-3: height = width of the "
+                   "reference and generated video (model.video_size; default the config's). "
+                   "Stage 1's frames are model.motion_tokenizer.image_size")
     p.add_argument("--steps", type=int, default=3, help="timed steps per point")
     p.add_argument("--out", default="runs/scaling")
     p.add_argument("--remat", default=None, choices=tuple(layers.REMAT_POLICIES),
@@ -227,8 +228,14 @@ def main():
     from im_anim_jax import plan as planner
     if args.remat:
         base.model.remat_policy = args.remat
-    base, _ = planner.configure(base, args.stage, "data=1", args.frames, args.size, args.size,
-                                None)
+    if args.stage == 1 and args.size is not None:
+        raise SystemExit("error: --size sets model.video_size, which stage 1 does not read; its "
+                         "frames are model.motion_tokenizer.image_size")
+    try:
+        base, _ = planner.configure(base, args.stage, "data=1", args.frames, args.size, args.size,
+                                    None)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
     os.makedirs(args.out, exist_ok=True)
     rows = []

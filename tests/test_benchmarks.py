@@ -1,4 +1,5 @@
 """The benchmark tools' own logic: the step-profile summary and the scaling sweep's inputs."""
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 from benchmarks import profile_summary, scaling
 from im_anim_jax import plan
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 class _Net(nn.Module):
     @nn.compact
@@ -117,3 +119,14 @@ def test_stage1_ceiling_reads_pixels_without_the_1d_tokens(tmp_path, tiny_config
     assert after["pck@0.1"] >= before["pck@0.1"] + 0.1, (before, after)
     with pytest.raises(ValueError, match="multiple of the patch grid"):
         run(1, heatmap_size=6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stage", "1", "--size", "64"], "--size sets model.video_size, which stage 1 does not read"),
+    (["--stage", "2", "--size", "30"], "reference images of 30x30"),
+])
+def test_scaling_size_errors_are_one_line(args, message):
+    res = subprocess.run([sys.executable, "benchmarks/scaling.py", "--devices", "1", "--sweeps", "",
+                          *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("error: ") and message in res.stderr
