@@ -354,6 +354,22 @@ def test_generation_in_windows_and_the_ema(trained):
     plain = stage3.load_params(config_no_ema, workdir, animator.encoder)[1]
     diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), raw["dit"], plain["dit"])
     assert max(jax.tree.leaves(diff)) > 0
+    # Read alone (not the Adam moments beside it), the EMA is the one in the whole train state.
+    from im_anim_jax.training import checkpointing
+    from im_anim_jax.training import state as train_state
+    abstract = stage3.abstract_params(animator.model, config, animator.encoder.dim)
+    trained = stage3._trained(abstract, config)
+    tx = stage3.make_optimizer(config.stage3, trained)
+    whole = train_state.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract,
+                                   opt_state=jax.eval_shape(tx.init, trained),
+                                   rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    ckpt = checkpointing.Checkpointer(stage3.stage_dir(workdir), async_save=False)
+    restored = ckpt.restore(ckpt.latest_step(), checkpointing.abstract_like(
+        whole, jax.tree.map(lambda _: device, whole)))
+    ckpt.close()
+    jax.tree.map(np.testing.assert_array_equal, {k: raw[k] for k in trained},
+                 stage3.ema_params(restored.opt_state))
     with pytest.raises(ValueError, match="driving video has shape"):
         animator(reference, driving[:, :4])
 

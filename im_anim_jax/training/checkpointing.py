@@ -63,11 +63,16 @@ class Checkpointer:
         """Only `state.params` (no optimizer state): for evaluation and later stages.
 
         Use a fresh Checkpointer: Orbax binds the `state` item to its first handler."""
-        target = {"params": abstract_params}
+        return self.restore_part(step, {"params": abstract_params})["params"]
+
+    def restore_part(self, step: int, target: dict):
+        """The part of `state` that `target` names (nested dicts of ShapeDtypeStructs as Orbax
+        stores the state: NamedTuples as dicts by field, tuples as lists, None for an element
+        left out), nothing else read. Use a fresh Checkpointer, as for restore_params."""
         args = ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True)
-        return self.manager.restore(step, args=ocp.args.Composite(state=args)).state["params"]
+        return self.manager.restore(step, args=ocp.args.Composite(state=args)).state
 
     def meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
