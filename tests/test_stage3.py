@@ -395,13 +395,18 @@ def test_stage3_report(trained, tiny_dataset):
     assert "long_clip.mp4" in videos and "pair000.mp4" in videos
 
 
-def test_drift_scores_each_window_on_the_frames_it_adds(tiny_config, tmp_path, monkeypatch):
+def test_drift_scores_each_window_on_the_frames_it_adds(tiny_config, tiny_dataset, tmp_path,
+                                                        monkeypatch):
     """The frames a later window shares with the one before are that one's output: spoiling them
-    must lower the earlier window's figure, not the later one's."""
+    must lower the earlier window's figure, not the later one's. The long clip's held-out
+    identities and motion are those of the evaluated data, whatever config.data.synthetic says."""
     from im_anim_jax.evaluation import stage3 as stage3_eval
     from im_anim_jax.metrics import image as image_metrics
     config = tiny_config.copy_and_resolve_references()
-    _, reference, truth, _ = stage3_eval.long_clip(config)
+    _, reference, truth, _ = stage3_eval.long_clip(config, tiny_dataset)
+    other = config.copy_and_resolve_references()
+    other.data.synthetic.update(dict(num_train_identities=1, num_train_motions=1, seed=7))
+    np.testing.assert_array_equal(stage3_eval.long_clip(other, tiny_dataset)[2], truth)
     clip, overlap = config.stage3.clip_frames, config.sampling.overlap_frames
     _, starts = generation.windows(len(truth), clip, overlap)
     video = truth.astype(np.float32) / 255.0
@@ -412,7 +417,7 @@ def test_drift_scores_each_window_on_the_frames_it_adds(tiny_config, tmp_path, m
         def generate(self, *args, **kwargs):
             return video[None]
     monkeypatch.setattr(stage3_eval, "motion_hits", lambda *a: ({0.1: 1.0}, 1.0))
-    drift = stage3_eval.drift_figures(config, Made(), str(tmp_path))
+    drift = stage3_eval.drift_figures(config, Made(), tiny_dataset, str(tmp_path))
     identical = float(image_metrics.psnr_star(video[:1], video[:1])[0])
     assert drift["window_psnr_star"][0] < identical
     assert drift["window_psnr_star"][1:] == [identical] * (len(starts) - 1)

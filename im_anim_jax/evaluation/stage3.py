@@ -28,7 +28,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines import pipeline, synthetic
+from data_pipelines import pipeline, records, synthetic
 from im_anim_jax import evaluation, generation, media, metrics
 from im_anim_jax import keypoints as kp
 from im_anim_jax.evaluation import metric_suite, summary
@@ -117,27 +117,37 @@ def grid(batch, generated, num_frames: int) -> np.ndarray:
     return np.concatenate(rows, 0)
 
 
-def long_clip(config, windows: int = 4):
+def long_clip(config, data_path: str, windows: int = 4):
     """A held-out long clip: (driving A [T, ...], reference B [H, W, 3], truth B [T, ...],
-    truth keypoints [T, J, 3]) uint8/float32, T = clip + (windows - 1) (clip - overlap)."""
-    syn, size = config.data.synthetic, config.model.motion_tokenizer.image_size
+    truth keypoints [T, J, 3]) uint8/float32, T = clip + (windows - 1) (clip - overlap),
+    rendered by the generator of the synthetic set at `data_path` (its index's arguments, so
+    identities and motion are held out from that set, whatever config.data.synthetic says);
+    ValueError for data of another origin."""
+    syn = records.read_index(data_path).get("metadata", {})
+    if syn.get("generator") != "synthetic":
+        raise ValueError(f"the data at {data_path} is not the synthetic set: no held-out long "
+                         f"clip to render")
+    size = config.model.motion_tokenizer.image_size
     clip, overlap = config.stage3.clip_frames, config.sampling.overlap_frames
     t = clip + (windows - 1) * (clip - overlap)
-    ident = [synthetic.make_identity(syn.seed, syn.num_train_identities + i, size)
+    ident = [synthetic.make_identity(syn["seed"], syn["num_train_identities"] + i, size)
              for i in range(2)]
-    motion = synthetic.make_motion(syn.seed, syn.num_train_motions)
-    other = synthetic.make_motion(syn.seed, syn.num_train_motions + 1)
+    motion = synthetic.make_motion(syn["seed"], syn["num_train_motions"])
+    other = synthetic.make_motion(syn["seed"], syn["num_train_motions"] + 1)
     driving, _ = synthetic.render_clip(ident[0], motion, t, size)
     truth, truth_kp = synthetic.render_clip(ident[1], motion, t, size)
     reference, _ = synthetic.render_clip(ident[1], other, 1, size)
     return driving, reference[0], truth, truth_kp
 
 
-def drift_figures(config, animator, video_dir: str) -> dict:
+def drift_figures(config, animator, data_path: str, video_dir: str) -> dict:
     """Per-window PSNR* and motion PCK@0.1 over a 4-window held-out clip, each window scored on
     the frames it adds to the video (after the first, its first `overlap_frames` are the previous
     window's)."""
-    driving, reference, truth, truth_kp = long_clip(config)
+    try:
+        driving, reference, truth, truth_kp = long_clip(config, data_path)
+    except ValueError as e:
+        return {"window_psnr_star": f"not computed: {e}"}
     video = animator.generate(reference[None], driving[None], seed=config.sampling.seed)[0]
     media.write_video(os.path.join(video_dir, "long_clip.mp4"),
                       media.side_by_side(driving, reference, video, truth), fps=8)
@@ -178,7 +188,7 @@ def evaluate(config, workdir: str, data_path: str, load=metrics.load_extractor,
     variants, vis, pairs = pair_figures(config, animator, data_path, video_dir, networks)
     result = report_fields(config, animator, "cross", variants,
                            "the target identity's ground-truth keypoints")
-    result.update(drift=drift_figures(config, animator, video_dir), pairs=pairs,
+    result.update(drift=drift_figures(config, animator, data_path, video_dir), pairs=pairs,
                   split=config.eval.split, videos=os.path.relpath(video_dir, workdir))
     evaluation.write_report(workdir, summary.REPORTS["cross"], result, vis)
     summary.update(workdir, "cross", result)
