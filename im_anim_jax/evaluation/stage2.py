@@ -139,8 +139,8 @@ class Foreign:
     def result(self) -> dict:
         own, theirs = (h.result("pck")["pck@0.1"] for h in (self.own, self.theirs))
         if isinstance(own, str):  # no batch neighbour showed another identity
-            own = theirs = "not computed: no pair had a neighbour of another identity"
-            return {"foreign_reference_pck@0.1": theirs, "foreign_reference_drop@0.1": own}
+            missing = "not computed: no pair had a neighbour of another identity"
+            return {"foreign_reference_pck@0.1": missing, "foreign_reference_drop@0.1": missing}
         return {"foreign_reference_pck@0.1": theirs, "foreign_reference_drop@0.1": own - theirs}
 
 

@@ -40,7 +40,7 @@ def _local_step(model, tx, config):
     def step(state, batch):
         w, target = batch["joint_weights"], batch["heatmaps"]
         total_w = jnp.maximum(jax.lax.psum(jnp.sum(w), AXIS), 1.0)
-        share = lambda per_joint: jnp.sum(per_joint * w) / total_w  # noqa: E731 (of the mean)
+        share = lambda per_joint: jnp.sum(per_joint * w) / total_w  # noqa: E731 (this device's part)
 
         def loss_fn(params):
             heatmaps, aux = model.apply({"params": params}, batch["frames"])

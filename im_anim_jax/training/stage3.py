@@ -193,7 +193,7 @@ def load_converted_dit(config, abstract_dit: dict) -> dict:
         raise ValueError(f"model.dit.init_from={path} lacks {len(missing)} params of "
                          f"config.model.dit, e.g. {'/'.join(missing[0])}")
     return flax.traverse_util.unflatten_dict(
-        {k: np.asarray(v).astype(want[k].dtype) for k, v in have.items()})
+        {k: np.asarray(v).astype(want[k].dtype, copy=False) for k, v in have.items()})
 
 
 def initial_params(state, state_sh, tx, config, workdir: str, ref_encoder):
