@@ -171,8 +171,9 @@ def main():
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
     what = "decode path, pose given" if args.read == "pose" else "pixels read without 1D tokens"
+    pck = result["pck@0.1"]  # a "not computed: ..." string when no joint was visible
     print(f"stage-1 ceiling after {config.stage1.steps} steps ({what}): held-out pck@0.1 "
-          f"{result['pck@0.1']:.3f}")
+          f"{pck if isinstance(pck, str) else f'{pck:.3f}'}")
     print(json.dumps(result))
 
 

@@ -115,6 +115,19 @@ def make_pairs(entries: list, *, clip_frames: int, seed: int,
     return Pairs(*cols, unpaired=np.asarray(unpaired, np.int64))
 
 
+def spread_order(driving: np.ndarray, seed: int) -> np.ndarray:
+    """An order of the rows of `driving` (each row's driving record) in rounds: each round takes
+    the next row of every driving clip, the clips in a seeded order, so the first N rows cover
+    the clips as evenly as N allows (make_pairs draws each clip's partners in a seeded order)."""
+    clips = np.random.default_rng(seed).permutation(np.unique(driving))
+    position = {int(c): i for i, c in enumerate(clips)}
+    seen = collections.Counter()
+    rank = np.zeros(len(driving), np.int64)
+    for i, d in enumerate(driving.tolist()):
+        rank[i], seen[d] = seen[d], seen[d] + 1
+    return np.lexsort(([position[d] for d in driving.tolist()], rank))
+
+
 def load_pairs(path: str, split: str, **kwargs) -> Pairs:
     """make_pairs over split `split` of the dataset directory `path` (its index.json)."""
     splits = records.read_index(path)["splits"]

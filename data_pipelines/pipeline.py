@@ -273,17 +273,18 @@ def pair_train_dataset(path: str, split: str, *, clip_frames: int, batch_size: i
 
 
 def pair_eval_dataset(path: str, split: str, *, clip_frames: int, batch_size: int,
-                      targets: Targets, seed: int, partners_per_clip: int | None = None,
-                      shuffle: bool = False) -> grain.MapDataset:
-    """The split's cross-identity pairs (`partners_per_clip` per driving clip, None: every
-    partner; no self pairs), un-augmented, in index order or, with `shuffle`, a permutation of it;
-    `seed` fixes the partners, windows, reference frames and the permutation. `record` is the
-    pair's index in index order."""
-    src = _pairs(path, split, clip_frames, targets, seed=seed,
-                 partners_per_clip=partners_per_clip, self_pairs=False)
+                      targets: Targets, seed: int, spread: bool = False) -> grain.MapDataset:
+    """Every cross-identity pair of the split (all partners, no self pairs), un-augmented, in
+    index order or, with `spread`, in rounds over the driving clips (pairs.spread_order: the
+    first N pairs cover the clips as evenly as N allows); `seed` fixes the partners' order, the
+    windows, reference frames and the rounds' clip order. `record`: the pair's index order."""
+    src = _pairs(path, split, clip_frames, targets, seed=seed, partners_per_clip=None,
+                 self_pairs=False)
     ds = grain.MapDataset.source(src).map_with_index(lambda i, ex: dict(ex, record=np.int32(i)))
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
+    if spread:
+        from data_pipelines import pairs
+        order, indexed = pairs.spread_order(src.pairs.driving, seed), ds
+        ds = grain.MapDataset.range(len(order)).map(lambda j: indexed[int(order[j])])
     return (ds.map(lambda ex: _with_pair_targets(ex, targets))
             .batch(batch_size, drop_remainder=False))
 

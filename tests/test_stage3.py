@@ -480,3 +480,30 @@ def test_converted_dit_loads_as_float32_and_a_missing_param_is_named(tmp_path, t
     config.model.dit.init_from = write("headless", {k: v for k, v in base.items() if k != "head"})
     with pytest.raises(ValueError, match="lacks .* params of config.model.dit, e.g. head/"):
         stage3.load_converted_dit(config, abstract)
+
+
+@pytest.mark.parametrize("layout", ["guarded", "before_the_guard"])
+def test_ema_is_read_alone_from_either_optimizer_state_layout(tmp_path, layout):
+    """The EMA comes out of a checkpoint by itself (a partial restore), from the optimizer state
+    inside the non-finite guard or, as written before the guard existed, bare."""
+    import ml_collections
+
+    from im_anim_jax.training import checkpointing
+    from im_anim_jax.training import state as train_state
+    cfg = ml_collections.ConfigDict(dict(lr_dit=1e-3, lr_other=1e-3, schedule="constant",
+                                         warmup_steps=0, steps=10, weight_decay=0.01,
+                                         grad_clip=1.0, ema_decay=0.9))
+    params = {"dit": {"a": {"kernel": jnp.arange(12.0).reshape(3, 4)}},
+              "other": {"b": {"bias": jnp.full((4,), 2.0)}}}
+    tx = stage3.make_optimizer(cfg, params)
+    opt = tx.init(params)
+    state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                   opt_state=opt if layout == "guarded" else opt.inner_state,
+                                   rng=jnp.zeros((2,), jnp.uint32))
+    ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(1, state, None, {})
+    ckpt.wait()
+    ckpt.close()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    got = stage3._restore_ema(str(tmp_path), 1, abstract, abstract, tx)
+    jax.tree.map(np.testing.assert_array_equal, got, stage3.ema_params(opt))

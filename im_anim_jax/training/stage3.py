@@ -386,10 +386,14 @@ def _restore_ema(directory: str, step: int, abstract: dict, trained: dict, tx) -
     inner = jax.eval_shape(tx.init, trained).inner_state  # the guard's chain
     at = [i for i, s in enumerate(inner) if isinstance(s, EmaState)][0]
     ema = {k: abstract[k] for k in trained}
-    target = {"opt_state": {"inner_state": [{"ema": ema} if i == at else None
-                                            for i in range(len(inner))]}}
-    ckpt = checkpointing.Checkpointer(directory, async_save=False)
-    try:
-        return ckpt.restore_part(step, target)["opt_state"]["inner_state"][at]["ema"]
-    finally:
-        ckpt.close()
+    chain = [{"ema": ema} if i == at else None for i in range(len(inner))]
+    for target in ({"inner_state": chain}, chain):  # a checkpoint from before the guard: bare
+        ckpt = checkpointing.Checkpointer(directory, async_save=False)
+        try:
+            part = ckpt.restore_part(step, {"opt_state": target})["opt_state"]
+            return (part["inner_state"] if isinstance(part, dict) else part)[at]["ema"]
+        except (ValueError, TypeError, KeyError):
+            if target is chain:
+                raise
+        finally:
+            ckpt.close()
