@@ -80,6 +80,11 @@ def test_missing_or_different_stage1_is_refused(trained, tmp_path, tiny_dataset)
 
 def test_evaluation_reports_every_variant_and_baseline(trained, tiny_dataset):
     config, workdir, _ = trained
+    # A batch of 4 holds pairs of both held-out references (6 -> 7 and 7 -> 6), so every swap
+    # figure is measured; in batches of 2 each batch's references show one identity and the
+    # foreign-reference figures are "not computed" (test_unmeasured_figures_...).
+    config = config.copy_and_resolve_references()
+    config.eval.batch_size = 4
     result = stage2_eval.evaluate(config, workdir, tiny_dataset)
     with open(os.path.join(workdir, "eval", "stage2.json")) as f:
         assert json.load(f) == result
