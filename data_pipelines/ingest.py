@@ -8,10 +8,13 @@ validation refuses those stages on such data).
 Inputs
 ------
 `videos_dir` holds one entry per video:
-  * a video file that PyAV decodes (read through imageio's pyav plugin): .mp4 .m4v .avi .mov
-    .mkv .webm .gif .mpg .mpeg;
-  * or a sub-folder of image frames (.png .jpg .jpeg .bmp .webp), ordered by the last integer in
-    each file name (e.g. frame_000012.png). Sub-folders without image files are ignored.
+  * a video file that PyAV decodes: .mp4 .m4v .avi .mov .mkv .webm .gif .mpg .mpeg. Frames are
+    read in display orientation (a phone video's display-matrix rotation is applied, as
+    `media.read_video` and OpenCV do);
+  * or a sub-folder of same-size image frames (.png .jpg .jpeg .bmp .webp), ordered by the last
+    integer in each file name (e.g. frame_000012.png), converted as `media.image_frames` does
+    (EXIF orientation applied, transparency on white, 16-bit greyscale to its top 8 bits).
+    Sub-folders without image files are ignored.
 The video's NAME is its file name without extension (or the sub-folder's name).
 
 `keypoints_dir` holds, for each NAME, EITHER
@@ -29,7 +32,10 @@ A frame entry is one of
       (x0, y0, s0, x1, ...).
 When a frame has several persons, the one with the highest mean keypoint score is kept. A frame
 with no person (empty list, `null`, no instances) gets confidence 0 for every joint.
-Coordinates are pixels of the source video, pixel centres at integer coordinates.
+Coordinates are pixels of the source video in display orientation, pixel centres at integer
+coordinates. Coordinates normalised to [0, 1] (as DWPose's annotator writes them) are refused:
+a video whose confident coordinates all lie in [0, 1] while its frames are larger than 4x4 pixels
+is skipped.
 
 Processing
 ----------
@@ -51,7 +57,9 @@ videos go to "test", chosen by a hash of the name (deterministic, independent of
 Bad input (undecodable or truncated video, missing/broken/mismatched keypoints) skips that video
 with a reason and never stops the run or leaves a half-written video in the dataset. The dataset
 is written atomically by `records.DatasetWriter`; when nothing can be ingested nothing is written
-and `IngestError` is raised.
+and `IngestError` is raised. The output must lie outside both input folders, in a writable
+folder (missing parent folders are created); `overwrite` replaces an existing output only when it is a dataset
+(dataset_info.json, features.json, index.json) or an empty directory, never anything else.
 
 CLI: python -m data_pipelines.ingest --videos DIR --keypoints DIR --out DIR
          [--size 64] [--clip-frames 17] [--test-fraction 0.1] [--min-score 0.3] [--overwrite]
@@ -68,10 +76,11 @@ import os
 import re
 import sys
 
+import av
 import numpy as np
 
 from data_pipelines import records
-from im_anim_jax import skeleton
+from im_anim_jax import media, skeleton
 
 VIDEO_EXTS = (".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm", ".gif", ".mpg", ".mpeg")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -92,7 +101,7 @@ class IngestError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
 def _parse_instance(inst, where: str) -> np.ndarray:
@@ -235,24 +244,16 @@ def read_keypoints(path: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 def _iter_image_folder(folder: str):
-    from PIL import Image
-    shape = None
-    for f in _numbered_files(folder, IMAGE_EXTS, "image", consecutive=False):
-        try:
-            with Image.open(f) as im:
-                a = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except Exception as e:  # PIL raises many types for broken images
-            raise InputError(f"{f}: cannot read image: {e}") from None
-        if shape is not None and a.shape != shape:
-            raise InputError(f"{f}: frame size {a.shape[1]}x{a.shape[0]} differs from the first "
-                             f"frame's {shape[1]}x{shape[0]}")
-        shape = a.shape
-        yield a
+    files = _numbered_files(folder, IMAGE_EXTS, "image", consecutive=False)
+    try:
+        for img in media.image_frames(files):
+            yield np.asarray(img, dtype=np.uint8)
+    except media.MediaError as e:  # a broken image, or one whose size differs from the first
+        raise InputError(str(e)) from None
 
 
 def _probe_video(path: str) -> int:
     """Opens the container with PyAV; returns the frame count it declares (0 = unknown)."""
-    import av
     try:
         with av.open(path) as c:
             if not c.streams.video:
@@ -268,19 +269,19 @@ def _probe_video(path: str) -> int:
 
 
 def _iter_video_file(path: str):
-    import av
-    import imageio.v3 as iio
+    """Frames in display orientation, decoded as `media.read_video` decodes them."""
     declared = _probe_video(path)
     n = 0
     try:
-        for frame in iio.imiter(path, plugin="pyav"):
-            n += 1
-            yield np.ascontiguousarray(frame[..., :3], dtype=np.uint8)
+        with av.open(path) as c:
+            for img in media.display_frames(c, c.streams.video[0]):
+                n += 1
+                yield np.asarray(img, dtype=np.uint8)
     except av.FFmpegError as e:
         msg = getattr(e, "strerror", None) or str(e)
         raise InputError(f"{path}: decoding failed after {n} frames ({msg}; truncated or "
                          f"corrupt file?)") from None
-    except Exception as e:  # imageio wraps some decoder failures
+    except Exception as e:  # any other failure of a corrupt file stays one InputError
         raise InputError(f"{path}: decoding failed after {n} frames ({type(e).__name__}: "
                          f"{e})") from None
     if n == 0:
@@ -390,7 +391,8 @@ def is_test_video(name: str, test_fraction: float) -> bool:
     """Deterministic split: a hash of the video name, uniform in [0, 1), below the fraction."""
     if test_fraction <= 0:
         return False
-    u = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
+    # fsencode: the name's bytes on disk, also for names that are not valid UTF-8
+    u = int.from_bytes(hashlib.sha256(os.fsencode(name)).digest()[:8], "big") / 2.0 ** 64
     return u < test_fraction
 
 
@@ -402,6 +404,17 @@ def _keypoint_source(keypoints_dir: str, name: str) -> str:
     if not (has_folder or has_file):
         raise InputError(f"missing keypoints: neither {folder}/ nor {file} exists")
     return folder if has_folder else file
+
+
+def _check_pixel_coordinates(kpts: np.ndarray, height: int, width: int, min_score: float,
+                             where: str) -> None:
+    """Raises InputError when every confident coordinate lies in [0, 1] on a frame > 4x4 pixels."""
+    score = kpts[..., 2]
+    confident = np.all(np.isfinite(kpts), axis=-1) & (score >= min_score) & (score > 0)
+    xy = kpts[..., :2][confident]
+    if min(height, width) > 4 and xy.size and np.all((xy >= 0) & (xy <= 1)):
+        raise InputError(f"{where}: coordinates look normalised to [0, 1]; expected pixels of "
+                         f"the {width}x{height} source video")
 
 
 def _prepare_video(name: str, path: str, keypoints_dir: str, size: int, clip_frames: int,
@@ -423,7 +436,61 @@ def _prepare_video(name: str, path: str, keypoints_dir: str, size: int, clip_fra
                          f"keypoints ({kp_path}) have {kpts.shape[0]}")
     if len(frames) < clip_frames:
         raise InputError(f"too short: {len(frames)} frames, fewer than clip_frames={clip_frames}")
+    _check_pixel_coordinates(kpts, hw[0], hw[1], min_score, kp_path)
     return np.stack(frames), transform_keypoints(kpts, hw[0], hw[1], size, min_score)
+
+
+def _video_clips(vid: int, name: str, path: str, keypoints_dir: str, size: int,
+                 clip_frames: int, min_score: float) -> list[tuple[dict, dict]]:
+    """One video -> [(example, extra index entry)] for each of its whole clips, all validated."""
+    frames, kpts = _prepare_video(name, path, keypoints_dir, size, clip_frames, min_score)
+    examples = []
+    for k in range(0, frames.shape[0] - clip_frames + 1, clip_frames):
+        ex = {"frames": frames[k:k + clip_frames], "keypoints": kpts[k:k + clip_frames],
+              "identity_id": np.int32(vid), "motion_id": np.int32(vid),
+              "shape_params": np.zeros((0,), np.float32)}
+        records.validate_example(ex)  # every clip is valid before any is written
+        examples.append((ex, {"video": name, "start_frame": k}))
+    return examples
+
+
+def _check_numbers(size, clip_frames, test_fraction, min_score) -> tuple[int, int, float, float]:
+    """The numeric arguments as plain int/float (json.dump takes no numpy scalars)."""
+    for what, v in (("size", size), ("clip_frames", clip_frames)):
+        if isinstance(v, bool) or not (isinstance(v, (int, np.integer)) and v > 0):
+            raise IngestError(f"{what} must be a positive integer, got {v!r}")
+    if not (_is_number(test_fraction) and 0.0 <= test_fraction <= 1.0):
+        raise IngestError(f"test_fraction must be a number in [0, 1], got {test_fraction!r}")
+    if not (_is_number(min_score) and math.isfinite(min_score)):
+        raise IngestError(f"min_score must be a finite number, got {min_score!r}")
+    return int(size), int(clip_frames), float(test_fraction), float(min_score)
+
+
+def _check_paths(videos_dir: str, keypoints_dir: str, out_dir: str, overwrite: bool) -> None:
+    """IngestError unless both inputs are folders and `out_dir` can be written without harming
+    them or anything that is not a dataset."""
+    out = os.path.realpath(out_dir)
+    for what, d in (("videos", videos_dir), ("keypoints", keypoints_dir)):
+        if not os.path.isdir(d):
+            raise IngestError(f"{what} folder {d} does not exist or is not a folder")
+        src = os.path.realpath(d)
+        if os.path.commonpath([out, src]) in (out, src):
+            raise IngestError(f"output directory {out_dir} is, contains or lies inside the "
+                              f"{what} folder {d}; choose an output outside the inputs")
+    if os.path.exists(out_dir) and not overwrite:
+        raise IngestError(f"output directory {out_dir} already exists (use overwrite=True / "
+                          f"--overwrite to replace it)")
+    try:
+        records.check_replaceable(out_dir)
+    except OSError as e:
+        raise IngestError(str(e)) from None
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    while not os.path.exists(parent):  # missing folders are created: the nearest existing one
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise IngestError(f"cannot create output directory {out_dir}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise IngestError(f"cannot create output directory {out_dir}: {parent} is not writable")
 
 
 def ingest(videos_dir: str, keypoints_dir: str, out_dir: str, *, size: int = 64,
@@ -432,24 +499,12 @@ def ingest(videos_dir: str, keypoints_dir: str, out_dir: str, *, size: int = 64,
     """Writes the clip dataset `out_dir` from `videos_dir` + `keypoints_dir` (module docstring).
 
     Returns {"ingested": [NAME, ...], "skipped": [{"file", "reason"}], "clips": {split: n},
-    "path": out_dir}. Raises IngestError for bad arguments or when nothing could be ingested
-    (then nothing is written).
+    "path": out_dir}. Raises IngestError for bad arguments, when nothing could be ingested or
+    when the dataset cannot be written (then nothing is written).
     """
-    for what, d in (("videos", videos_dir), ("keypoints", keypoints_dir)):
-        if not os.path.isdir(d):
-            raise IngestError(f"{what} folder {d} does not exist or is not a folder")
-    if isinstance(size, bool) or not (isinstance(size, (int, np.integer)) and size > 0):
-        raise IngestError(f"size must be a positive integer, got {size!r}")
-    if isinstance(clip_frames, bool) or not (isinstance(clip_frames, (int, np.integer)) and clip_frames > 0):
-        raise IngestError(f"clip_frames must be a positive integer, got {clip_frames!r}")
-    if not (0.0 <= test_fraction <= 1.0):
-        raise IngestError(f"test_fraction must be in [0, 1], got {test_fraction!r}")
-    if not math.isfinite(min_score):
-        raise IngestError(f"min_score must be finite, got {min_score!r}")
-    if os.path.exists(out_dir) and not overwrite:
-        raise IngestError(f"output directory {out_dir} already exists (use overwrite=True / "
-                          f"--overwrite to replace it)")
-
+    size, clip_frames, test_fraction, min_score = _check_numbers(size, clip_frames,
+                                                                 test_fraction, min_score)
+    _check_paths(videos_dir, keypoints_dir, out_dir, overwrite)
     videos, skipped = find_videos(videos_dir)
     if not videos:
         raise IngestError(f"no videos found in {videos_dir} (looked for {' '.join(VIDEO_EXTS)} "
@@ -460,16 +515,8 @@ def ingest(videos_dir: str, keypoints_dir: str, out_dir: str, *, size: int = 64,
             if path is None:  # ambiguous name, already in `skipped`
                 continue
             try:
-                frames, kpts = _prepare_video(vname, path, keypoints_dir, size, clip_frames,
-                                              min_score)
-                examples = []
-                for k in range(0, frames.shape[0] - clip_frames + 1, clip_frames):
-                    ex = {"frames": frames[k:k + clip_frames],
-                          "keypoints": kpts[k:k + clip_frames],
-                          "identity_id": np.int32(vid), "motion_id": np.int32(vid),
-                          "shape_params": np.zeros((0,), np.float32)}
-                    records.validate_example(ex)  # every clip is valid before any is written
-                    examples.append((ex, {"video": vname, "start_frame": k}))
+                examples = _video_clips(vid, vname, path, keypoints_dir, size, clip_frames,
+                                        min_score)
             except InputError as e:
                 skipped.append({"file": path, "reason": str(e)})
                 continue
@@ -485,26 +532,27 @@ def ingest(videos_dir: str, keypoints_dir: str, out_dir: str, *, size: int = 64,
             clips[split] = clips.get(split, 0) + len(examples)
             ingested.append(vname)
         skipped.sort(key=lambda s: s["file"])
-        report = {"ingested": ingested, "skipped": skipped, "clips": clips, "path": out_dir}
-        if writer is None:
-            _print_report(report)
-            reasons = "; ".join(f"{os.path.basename(s['file'])}: {s['reason']}"
-                                for s in skipped[:3])
-            more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
-            raise IngestError(f"nothing could be ingested from {videos_dir}: all {len(skipped)} "
-                              f"videos were skipped ({reasons}{more})")
-        writer.close(
-            description=f"real videos ingested from {os.path.abspath(videos_dir)}",
-            metadata={"source": "ingest", "videos_dir": os.path.abspath(videos_dir),
-                      "keypoints_dir": os.path.abspath(keypoints_dir), "size": size,
-                      "clip_frames": clip_frames, "test_fraction": test_fraction,
-                      "min_score": min_score, "videos": [v for v, _ in videos],
-                      "ingested": ingested, "skipped": skipped})
-    except BaseException:
+        if writer is not None:
+            writer.close(
+                description=f"real videos ingested from {os.path.abspath(videos_dir)}",
+                metadata={"source": "ingest", "videos_dir": os.path.abspath(videos_dir),
+                          "keypoints_dir": os.path.abspath(keypoints_dir), "size": size,
+                          "clip_frames": clip_frames, "test_fraction": test_fraction,
+                          "min_score": min_score, "videos": [v for v, _ in videos],
+                          "ingested": ingested, "skipped": skipped})
+    except BaseException as e:
         if writer is not None:
             writer.abort()
+        if isinstance(e, OSError):  # input errors are caught above: this is the writer's
+            raise IngestError(f"cannot write dataset {out_dir}: {e.strerror or e}") from None
         raise
+    report = {"ingested": ingested, "skipped": skipped, "clips": clips, "path": out_dir}
     _print_report(report)
+    if writer is None:
+        reasons = "; ".join(f"{os.path.basename(s['file'])}: {s['reason']}" for s in skipped[:3])
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        raise IngestError(f"nothing could be ingested from {videos_dir}: all {len(skipped)} "
+                          f"videos were skipped ({reasons}{more})")
     return report
 
 

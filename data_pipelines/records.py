@@ -55,12 +55,14 @@ class DatasetWriter:
     """Writes splits of clips into `path` atomically (temp dir, then rename on close()).
 
     Usage: `with DatasetWriter(path, name) as w: w.add("train", example, extra_index)`.
-    If the block raises, the temporary directory is removed and `path` is untouched.
+    If the block raises, the temporary directory is removed and `path` is untouched. With
+    `overwrite`, an existing `path` is replaced only if it is a dataset or an empty directory.
     """
 
     def __init__(self, path: str, name: str, shards_per_split: int = 1, overwrite: bool = False):
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"dataset directory {path} already exists (pass overwrite)")
+        check_replaceable(path)
         self.path, self.name, self.shards = os.path.abspath(path), name, shards_per_split
         self.tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
         os.makedirs(self.tmp)
@@ -91,6 +93,7 @@ class DatasetWriter:
     def close(self, description: str = "", metadata: dict | None = None) -> str:
         if not self._writers:
             raise ValueError(f"no example was written to {self.path}")
+        check_replaceable(self.path)  # it may have been filled since __init__
         for ws in self._writers.values():
             for w in ws:
                 w.close()
@@ -134,6 +137,16 @@ class DatasetWriter:
 def is_dataset(path: str) -> bool:
     return all(os.path.exists(os.path.join(path, f))
                for f in ("dataset_info.json", "features.json", INDEX_FILE))
+
+
+def check_replaceable(path: str) -> None:
+    """Raises FileExistsError when `path` exists but is neither a dataset nor an empty directory
+    (what `DatasetWriter(overwrite=True)` would otherwise delete)."""
+    if os.path.exists(path) and not (is_dataset(path) or (os.path.isdir(path)
+                                                          and not os.listdir(path))):
+        raise FileExistsError(f"{path} exists and is not a dataset this tool wrote (no "
+                              f"dataset_info.json, features.json and {INDEX_FILE}) nor an empty "
+                              f"directory; refusing to replace it")
 
 
 def read_index(path: str) -> dict:

@@ -74,6 +74,21 @@ def _open_image(path: str) -> Image.Image:
                          f"is it a valid {', '.join(IMAGE_EXTS)} file?") from None
 
 
+def image_frames(paths):
+    """Image files -> RGB PIL images (EXIF orientation applied, as `_rgb` converts them).
+
+    Raises MediaError naming the first file whose size differs from the first file's.
+    """
+    first = None
+    for path in paths:
+        img = _rgb(_open_image(path))
+        first = first or img.size
+        if img.size != first:
+            raise MediaError(f"{path}: frame size {img.width}x{img.height} differs from the first "
+                             f"frame's {first[0]}x{first[1]}; all frames must be the same size")
+        yield img
+
+
 def read_image(path: str, size) -> np.ndarray:
     """Image file -> float32 [H, W, 3] in [0, 1]; size is an int (square) or (H, W).
 
@@ -98,7 +113,8 @@ def _frame_dir(path: str, hw, max_frames):
     if not names:
         raise MediaError(f"directory {path} contains no image frames "
                          f"({', '.join(IMAGE_EXTS)})")
-    frames = (read_image(os.path.join(path, n), hw) for n in names[:max_frames])
+    paths = [os.path.join(path, n) for n in names[:max_frames]]
+    frames = (_fit(img, hw, f) for f, img in zip(paths, image_frames(paths)))
     return frames, DEFAULT_FPS
 
 
@@ -124,13 +140,19 @@ def _gif(path: str, hw, max_frames):
     return frames(), fps
 
 
-def _av_frames(container, stream, hw, path, max_frames):
-    for i, frame in enumerate(container.decode(stream)):
-        if i == max_frames:
-            return
+def display_frames(container, stream):
+    """Decoded frames of a PyAV video `stream` -> RGB PIL images in display orientation."""
+    for frame in container.decode(stream):
         img = frame.to_image()
         if frame.rotation:  # phone videos: the display matrix says how to turn the frame
             img = img.rotate(frame.rotation, expand=True)
+        yield img
+
+
+def _av_frames(container, stream, hw, path, max_frames):
+    for i, img in enumerate(display_frames(container, stream)):
+        if i == max_frames:
+            return
         yield _fit(img, hw, path)
 
 
@@ -156,9 +178,9 @@ def read_video(path: str, size, max_frames: int | None = None):
     """Video file or frame directory -> (float32 [T, H, W, 3] in [0, 1], fps).
 
     Formats: mp4, mov, webm, mkv, avi (PyAV), gif (fps from its frame durations), or a directory
-    of image frames in natural order (frame2 before frame10, fps 25). Frames are resized as
-    `read_image` does while decoding, so only the resized video is held; at most `max_frames`
-    frames are read.
+    of same-size image frames in natural order (frame2 before frame10, fps 25). Frames are
+    resized as `read_image` does while decoding, so only the resized video is held; at most
+    `max_frames` frames are read.
     """
     hw = _size(size)
     if max_frames is not None and max_frames < 1:

@@ -5,9 +5,11 @@ per frame, and COCO-WholeBody-133 keypoint JSON whose nose follows the dot.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -15,10 +17,11 @@ import av
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from PIL import Image
 
 from data_pipelines import ingest as ing
 from data_pipelines import records
-from im_anim_jax import skeleton
+from im_anim_jax import media, skeleton
 
 H, W, T = 40, 48, 24          # source videos: 48 wide, 40 high -> crop x0=4, y0=0, side 40
 SIZE, CLIP = 32, 8            # output 32x32 (scale 0.8), 8-frame clips
@@ -97,6 +100,41 @@ def good_pair(vdir, kdir, name, n=T):
     """A valid mp4 + one-file keypoints (format c)."""
     write_video(os.path.join(vdir, f"{name}.mp4"), make_frames(n))
     write_json(os.path.join(kdir, f"{name}.json"), [{"keypoints": k.tolist()} for k in make_kpts(n)])
+
+
+def png_pair(vdir, kdir, name, side=16, kp=(8, 8, 0.9)):
+    """A 2-frame video as a folder of side x side PNGs + one-file keypoints, every joint at kp."""
+    os.makedirs(os.path.join(vdir, name))
+    for t in range(2):
+        iio.imwrite(os.path.join(vdir, name, f"{t}.png"), np.zeros((side, side, 3), np.uint8))
+    write_json(os.path.join(kdir, f"{name}.json"), [{"keypoints": [list(kp)] * 133}] * 2)
+
+
+def rotate_mp4_90_cw(path, height):
+    """Sets the mp4's track display matrix to a 90-degree clockwise turn, as phones do for
+    portrait video; the coded frames are unchanged."""
+    data = bytearray(open(path, "rb").read())
+    at = data.find(b"tkhd")
+    matrix = at + 8 + (20 if data[at + 4] == 0 else 32) + 16  # after version, times, id, volume
+    data[matrix:matrix + 36] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, height << 16, 0,
+                                           0x40000000)
+    open(path, "wb").write(bytes(data))
+
+
+def assert_dot_turned_cw(frame, t):
+    """The dot of frame t (source H x W) after a 90-degree clockwise turn: (H - 1 - y, x)."""
+    x, y = dot_xy(t)
+    cx, cy = dot_centroid(frame)
+    assert abs(cx - (H - 1 - y)) < 0.5 and abs(cy - x) < 0.5, (t, cx, cy)
+
+
+def tiny_dataset(path):
+    """A one-clip dataset at `path`, as a previous run would have left it."""
+    with records.DatasetWriter(path, "old") as w:
+        w.add("train", {"frames": np.zeros((1, 4, 4, 3), np.uint8),
+                        "keypoints": np.zeros((1, 62, 3), np.float32),
+                        "identity_id": np.int32(0), "motion_id": np.int32(0),
+                        "shape_params": np.zeros((0,), np.float32)})
 
 
 def clips_by_video(path, split="train"):
@@ -304,6 +342,34 @@ def test_read_video(tmp_path):
         ing.read_video(str(tmp_path / "frames"))
 
 
+def test_rotated_video_is_read_in_display_orientation(tmp_path):
+    path = str(tmp_path / "rot.mp4")
+    write_video(path, make_frames(3))
+    rotate_mp4_90_cw(path, H)
+    v = ing.read_video(path)
+    assert v.shape == (3, W, H, 3)                       # 40 wide, 48 high once turned
+    for t in range(3):
+        assert_dot_turned_cw(v[t], t)
+    assert media.read_video(path, (W, H))[0].shape == (3, W, H, 3)   # as media reads it
+
+
+def test_image_frames_are_converted_as_media_does(tmp_path):
+    img = Image.fromarray(make_frames(1)[0])
+    exif = img.getexif()
+    exif[0x0112] = 6                                     # EXIF orientation: turn 90 degrees CW
+    os.makedirs(tmp_path / "exif")
+    img.save(tmp_path / "exif" / "0.png", exif=exif.tobytes())
+    v = ing.read_video(str(tmp_path / "exif"))
+    assert v.shape == (1, W, H, 3)
+    assert_dot_turned_cw(v[0], 0)
+    os.makedirs(tmp_path / "g16")
+    Image.fromarray(np.full((8, 8), 20000, np.uint16)).save(tmp_path / "g16" / "0.png")
+    assert np.all(ing.read_video(str(tmp_path / "g16")) == 20000 >> 8)   # not clipped to 255
+    os.makedirs(tmp_path / "alpha")
+    Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(tmp_path / "alpha" / "0.png")
+    assert np.all(ing.read_video(str(tmp_path / "alpha")) == 255)        # on white, not black
+
+
 def test_fewer_frames_than_the_container_declares_is_truncation(tmp_path, monkeypatch):
     # Some truncated files (e.g. an AVI cut before its end) decode without any error, just fewer
     # frames: the count the container declares exposes them.
@@ -373,6 +439,17 @@ def test_bad_files_are_skipped_with_reasons(tmp_path):
     assert len(records.open_split(out, "train")) == 3
 
 
+def test_normalised_keypoints_are_refused(tmp_path):
+    vdir, kdir = str(tmp_path / "v"), str(tmp_path / "k")
+    png_pair(vdir, kdir, "norm", side=16, kp=(0.5, 0.25, 0.9))
+    png_pair(vdir, kdir, "tiny", side=4, kp=(0.5, 0.25, 0.9))   # 4x4: [0, 1] may be pixels
+    report = ing.ingest(vdir, kdir, str(tmp_path / "out"), size=4, clip_frames=2)
+    assert report["ingested"] == ["tiny"]
+    assert report["skipped"] == [{"file": os.path.join(vdir, "norm"), "reason": (
+        f"{os.path.join(kdir, 'norm.json')}: coordinates look normalised to [0, 1]; expected "
+        f"pixels of the 16x16 source video")}]
+
+
 def test_all_bad_raises_and_writes_nothing(tmp_path, capsys):
     vdir, kdir, out = str(tmp_path / "v"), str(tmp_path / "k"), str(tmp_path / "out")
     os.makedirs(vdir)
@@ -383,12 +460,12 @@ def test_all_bad_raises_and_writes_nothing(tmp_path, capsys):
         ing.ingest(vdir, kdir, out, size=SIZE, clip_frames=CLIP)
     assert sorted(os.listdir(tmp_path)) == ["k", "v"]        # no output, no temp directory
     assert "ingested 0 videos (0 clips), skipped 2" in capsys.readouterr().out
-    # the same with overwrite over an existing directory: it is left alone
-    os.makedirs(out)
-    open(os.path.join(out, "keep.txt"), "w").write("mine")
+    # the same with overwrite over an existing dataset: it is left alone
+    tiny_dataset(out)
+    before = sorted(os.listdir(out))
     with pytest.raises(ing.IngestError, match="nothing could be ingested"):
         ing.ingest(vdir, kdir, out, size=SIZE, clip_frames=CLIP, overwrite=True)
-    assert os.listdir(out) == ["keep.txt"]
+    assert sorted(os.listdir(out)) == before and records.is_dataset(out)
     assert sorted(os.listdir(tmp_path)) == ["k", "out", "v"]
 
 
@@ -396,15 +473,105 @@ def test_existing_output_needs_overwrite(tmp_path):
     vdir, kdir, out = str(tmp_path / "v"), str(tmp_path / "k"), str(tmp_path / "out")
     os.makedirs(vdir)
     good_pair(vdir, kdir, "one", n=CLIP)
-    os.makedirs(out)
-    open(os.path.join(out, "keep.txt"), "w").write("mine")
+    tiny_dataset(out)
     with pytest.raises(ing.IngestError, match="already exists"):
         ing.ingest(vdir, kdir, out, size=SIZE, clip_frames=CLIP)
-    assert os.listdir(out) == ["keep.txt"]
+    assert records.read_index(out)["splits"]["train"][0]["num_frames"] == 1
     report = ing.ingest(vdir, kdir, out, size=SIZE, clip_frames=CLIP, overwrite=True)
     assert report["clips"] == {"train": 1}
-    assert records.is_dataset(out) and not os.path.exists(os.path.join(out, "keep.txt"))
+    assert records.read_index(out)["splits"]["train"][0]["num_frames"] == CLIP
     assert not glob.glob(out + ".tmp-*") and not glob.glob(out + ".old-*")
+    os.makedirs(tmp_path / "empty")                   # an empty directory may be replaced too
+    ing.ingest(vdir, kdir, str(tmp_path / "empty"), size=SIZE, clip_frames=CLIP, overwrite=True)
+    assert records.is_dataset(str(tmp_path / "empty"))
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_a_dataset(tmp_path):
+    vdir, kdir, out = str(tmp_path / "v"), str(tmp_path / "k"), str(tmp_path / "out")
+    png_pair(vdir, kdir, "a")
+    os.makedirs(out)
+    open(os.path.join(out, "keep.txt"), "w").write("mine")
+    with pytest.raises(ing.IngestError, match="out exists and is not a dataset this tool wrote"):
+        ing.ingest(vdir, kdir, out, size=8, clip_frames=2, overwrite=True)
+    assert os.listdir(out) == ["keep.txt"] and sorted(os.listdir(tmp_path)) == ["k", "out", "v"]
+
+
+def test_dataset_writer_overwrite_replaces_only_datasets(tmp_path):
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    open(os.path.join(out, "keep.txt"), "w").write("mine")
+    with pytest.raises(FileExistsError, match="not a dataset this tool wrote"):
+        records.DatasetWriter(out, "x", overwrite=True)
+    os.remove(os.path.join(out, "keep.txt"))
+    w = records.DatasetWriter(out, "x", overwrite=True)   # empty: allowed ...
+    tiny_dataset(str(tmp_path / "src"))
+    w.add("train", records.open_split(str(tmp_path / "src"), "train")[0])
+    open(os.path.join(out, "keep.txt"), "w").write("mine")  # ... but filled before close()
+    with pytest.raises(FileExistsError, match="not a dataset this tool wrote"):
+        w.close()
+    w.abort()
+    assert os.listdir(out) == ["keep.txt"] and sorted(os.listdir(tmp_path)) == ["out", "src"]
+
+
+@pytest.mark.parametrize("out,folder", [("v", "videos"), ("v/ds", "videos"), (".", "videos"),
+                                        ("k", "keypoints")])
+def test_output_may_not_overlap_the_inputs(tmp_path, capsys, out, folder):
+    vdir, kdir = str(tmp_path / "v"), str(tmp_path / "k")
+    png_pair(vdir, kdir, "a")
+    rc = ing.main(["--videos", vdir, "--keypoints", kdir, "--out", str(tmp_path / out),
+                   "--overwrite", "--size", "8", "--clip-frames", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert f"is, contains or lies inside the {folder} folder" in err
+    assert sorted(os.listdir(tmp_path)) == ["k", "v"] and os.listdir(vdir) == ["a"]
+
+
+def test_unusable_output_is_one_line_before_decoding(tmp_path, capsys):
+    vdir, kdir = str(tmp_path / "v"), str(tmp_path / "k")
+    png_pair(vdir, kdir, "a")
+    open(tmp_path / "file", "w").write("x")
+    rc = ing.main(["--videos", vdir, "--keypoints", kdir, "--out",
+                   str(tmp_path / "file" / "ds"), "--size", "8", "--clip-frames", "2"])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.out == "" and len(captured.err.splitlines()) == 1
+    assert f"{tmp_path / 'file'} is not a folder" in captured.err
+    assert sorted(os.listdir(tmp_path)) == ["file", "k", "v"]
+    # missing parent folders are created
+    assert ing.main(["--videos", vdir, "--keypoints", kdir, "--out",
+                     str(tmp_path / "new" / "sub" / "ds"), "--size", "8", "--clip-frames", "2"]) == 0
+    assert records.is_dataset(str(tmp_path / "new" / "sub" / "ds"))
+
+
+def test_write_failure_is_an_ingest_error_and_leaves_nothing(tmp_path, monkeypatch):
+    vdir, kdir, out = str(tmp_path / "v"), str(tmp_path / "k"), str(tmp_path / "out")
+    png_pair(vdir, kdir, "a")
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(records.DatasetWriter, "close", disk_full)
+    with pytest.raises(ing.IngestError, match="cannot write dataset .*out: No space left"):
+        ing.ingest(vdir, kdir, out, size=8, clip_frames=2)
+    assert sorted(os.listdir(tmp_path)) == ["k", "v"]
+
+
+def test_numpy_scalar_arguments(tmp_path):
+    vdir, kdir, out = str(tmp_path / "v"), str(tmp_path / "k"), str(tmp_path / "out")
+    png_pair(vdir, kdir, "a")
+    ing.ingest(vdir, kdir, out, size=np.int64(8), clip_frames=np.int32(2),
+               test_fraction=np.float64(0.0), min_score=np.float32(0.5))
+    meta = records.read_index(out)["metadata"]
+    numbers = [meta[k] for k in ("size", "clip_frames", "test_fraction", "min_score")]
+    assert numbers == [8, 2, 0, 0.5]
+    with pytest.raises(ing.IngestError, match=r"test_fraction must be a number in \[0, 1\]"):
+        ing.ingest(vdir, kdir, out + "2", test_fraction="0.1")
+
+
+def test_test_split_hashes_the_name_as_bytes_on_disk():
+    # UTF-8 names keep the split existing datasets were made with
+    names = ["vid0", "vid1", "café", "über", "舞蹈", "ñandú"]
+    assert [ing.is_test_video(n, 0.5) for n in names] == [False, True, False, False, True, True]
+    name = os.fsdecode(b"caf\xe9")   # not UTF-8: os.listdir gives it with a surrogate
+    assert ing.is_test_video(name, 0.86) and not ing.is_test_video(name, 0.85)   # u = 0.8554
 
 
 def test_test_fraction_splits_whole_videos(tmp_path):

@@ -122,6 +122,14 @@ def test_frame_directory_natural_order(tmp_path):
     assert len(media.read_video(str(tmp_path), 20, max_frames=4)[0]) == 4
 
 
+def test_frame_directory_of_mixed_sizes_is_refused(tmp_path):
+    Image.fromarray(ramp(1, 20, 20)[0]).save(tmp_path / "frame0.png")
+    Image.fromarray(ramp(1, 20, 24)[0]).save(tmp_path / "frame1.png")
+    with pytest.raises(MediaError, match=r"frame1.png: frame size 24x20 differs from the first "
+                                         r"frame's 20x20"):
+        media.read_video(str(tmp_path), 16)
+
+
 @pytest.mark.parametrize("ext", [".mp4", ".gif"])
 def test_failed_write_leaves_existing_file_and_no_temp(tmp_path, monkeypatch, ext):
     path = tmp_path / f"out{ext}"
