@@ -126,8 +126,11 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     # Text conditioning: a precomputed prompt embedding, [L, text_dim] float32 in a .npy file or
     # under the key "context" of a .safetensors file (e.g. umT5-XXL outputs cut to the prompt's
     # length); empty: a fixed seeded embedding standing in for one prompt (the synthetic data
-    # has one caption).
-    c.text = ml_collections.ConfigDict(dict(embedding="", fixed_length=8, fixed_seed=0))
+    # has one caption). `negative_embedding` (same format): the unconditional branch of
+    # classifier-free guidance, as Wan2.2 samples with its encoded negative prompt; empty: zeros,
+    # the null context that stage 3's text dropout trains.
+    c.text = ml_collections.ConfigDict(dict(embedding="", negative_embedding="", fixed_length=8,
+                                            fixed_seed=0))
 
     # ---- stages (paper sec. 4.1 / supplement sec. 6) ----
     c.stage1 = ml_collections.ConfigDict(dict(

@@ -53,6 +53,7 @@ class Animator:
                                                                 method="expressions"))
         self._velocity = jax.jit(lambda p, *a: model.apply({"params": p}, *a, method="velocity"))
         self.context = jnp.asarray(text.context(config))
+        self.negative_context = jnp.asarray(text.negative_context(config))
         self.overlap = config.sampling.overlap_frames
         self.held = stage3_training.overlap_latents(config)
         size = config.model.motion_tokenizer.image_size
@@ -143,18 +144,24 @@ class Animator:
         mask = jnp.asarray(held)[None, :, None, None, None]
         per_frame = control.shape[1] // (1 + f)
         cfg = self.config.sampling
-        context = jnp.broadcast_to(self.context, (b, *self.context.shape))
+        context, negative = (jnp.broadcast_to(c, (b, *c.shape))
+                             for c in (self.context, self.negative_context))
+
+        sigmas, timesteps = sampling.schedule(cfg.method, cfg.steps, cfg.shift)
+        step_of = {float(s): i for i, s in enumerate(sigmas[:-1])}
+
+        def per_token(value):  # 0 on held latent frames -> [B, L]
+            v = jnp.where(jnp.asarray(held), 0.0, value)
+            return jnp.broadcast_to(jnp.repeat(v, per_frame)[None], (b, (1 + f) * per_frame))
 
         def velocity(x, sigma, cond: bool):
-            t = jnp.where(jnp.asarray(held), 0.0, 1000.0 * sigma)
-            t = jnp.broadcast_to(jnp.repeat(t, per_frame)[None], (b, (1 + f) * per_frame))
-            return self._velocity(params, x, t, context if cond else jnp.zeros_like(context),
-                                  control, expression)
+            t = per_token(float(timesteps[step_of[sigma]]))
+            return self._velocity(params, x, t, context if cond else negative,
+                                  control, expression, per_token(sigma))
 
         noise = jax.random.normal(key, shape, jnp.float32)
         return sampling.sample(
-            sampling.guided(velocity, cfg.guidance),
-            noise, sampling.shifted_sigmas(cfg.steps, cfg.shift), method=cfg.method,
+            sampling.guided(velocity, cfg.guidance), noise, sigmas, method=cfg.method,
             clamp=lambda x: jnp.where(mask, clean, x), progress=progress, desc=desc)
 
     def _check(self, reference, driving):

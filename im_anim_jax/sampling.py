@@ -2,8 +2,10 @@
 
 Convention (one place): x_s = (1 - s) * x0 + s * eps with s in [0, 1] (s = 1 is pure noise);
 the model predicts the velocity v = eps - x0 = dx/ds and sampling integrates s from 1 down to 0.
-The DiT's timestep is t = 1000 * s. Solvers: Euler, and UniPC (order 2, "bh2", data/x0-prediction
-form, as Wan2.2's `FlowUniPCMultistepScheduler`) with flow-matching alpha = 1 - s, sigma = s.
+The DiT's timestep is t = 1000 * s (rounded down to an integer when sampling, as Wan2.2 does:
+`schedule`; the solver keeps the unrounded s). Solvers: Euler, and UniPC (order 2, "bh2",
+data/x0-prediction form, as Wan2.2's `FlowUniPCMultistepScheduler`) with flow-matching
+alpha = 1 - s, sigma = s.
 
 In that form every UniPC update from s_a to s_b reads x_b = r * x_a + (1 - r) * D with
 r = s_b / s_a and D a combination of x0-predictions m = x - s * v (alpha_b * (1 - e^{-h}) =
@@ -22,6 +24,7 @@ from tqdm import tqdm
 
 VelocityFn = Callable[[jax.Array, float], jax.Array]
 METHODS = ("euler", "unipc")
+NUM_TRAIN_TIMESTEPS = 1000  # the DiT's t = 1000 x sigma
 
 
 def shift_timesteps(u, shift: float):
@@ -32,13 +35,44 @@ def shift_timesteps(u, shift: float):
     return shift * u / (1 + (shift - 1) * u)
 
 
-def shifted_sigmas(num_steps: int, shift: float) -> np.ndarray:
-    """[num_steps + 1] float64 noise levels from exactly 1 down to exactly 0 (shifted linspace)."""
+def _check_steps(num_steps) -> int:
     if int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps}")
-    sigmas = shift_timesteps(np.linspace(1.0, 0.0, int(num_steps) + 1), shift)
+    return int(num_steps)
+
+
+def shifted_sigmas(num_steps: int, shift: float) -> np.ndarray:
+    """[num_steps + 1] float64 noise levels from exactly 1 down to exactly 0 (shifted linspace;
+    Wan2.2's `get_sampling_sigmas`, its dpm++ path, with the final 0)."""
+    sigmas = shift_timesteps(np.linspace(1.0, 0.0, _check_steps(num_steps) + 1), shift)
     sigmas[0], sigmas[-1] = 1.0, 0.0
     return sigmas
+
+
+def unipc_sigmas(num_steps: int, shift: float,
+                 num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> tuple[np.ndarray, np.ndarray]:
+    """Wan2.2's UniPC schedule (`FlowUniPCMultistepScheduler(shift=1).set_timesteps(N, shift)`):
+    (sigmas [N + 1], float32 values as float64: the shifted linspace from the training schedule's
+    largest sigma 1 - 1/num_train_timesteps (float32) down to 0, without its last point, then 0;
+    timesteps [N] int64: the DiT's t, 1000 x the shifted float64 sigma rounded down)."""
+    n = _check_steps(num_steps)
+    sigma_max = float(np.float32(1.0 - 1.0 / num_train_timesteps))
+    shifted = shift_timesteps(np.linspace(sigma_max, 0.0, n + 1)[:-1], shift)
+    timesteps = (shifted * num_train_timesteps).astype(np.int64)
+    sigmas = np.append(shifted, 0.0).astype(np.float32).astype(np.float64)
+    return sigmas, timesteps
+
+
+def schedule(method: str, num_steps: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
+    """(sigmas [N + 1] for `sample`, the DiT's integer timesteps [N]) as Wan2.2 makes them for
+    `method`: UniPC's own schedule (`unipc_sigmas`), `shifted_sigmas` for Euler (Wan2.2's
+    dpm++ path's); timesteps are 1000 x sigma rounded down, as Wan2.2 hands them to the DiT."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if method == "unipc":
+        return unipc_sigmas(num_steps, shift)
+    sigmas = shifted_sigmas(num_steps, shift)
+    return sigmas, (sigmas[:-1] * NUM_TRAIN_TIMESTEPS).astype(np.int64)
 
 
 def cfg(v_cond, v_uncond, scale: float):

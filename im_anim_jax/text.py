@@ -19,18 +19,20 @@ def fixed_embedding(text_dim: int, length: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((length, text_dim)).astype(np.float32)
 
 
-def load_embedding(path: str, text_len: int, text_dim: int) -> np.ndarray:
-    """The prompt embedding at `path` as float32 [L, text_dim]; ValueError naming what is wrong."""
+def load_embedding(path: str, text_len: int, text_dim: int,
+                   key: str = "text.embedding") -> np.ndarray:
+    """The prompt embedding at `path` (config key `key`) as float32 [L, text_dim]; ValueError
+    naming what is wrong."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"text.embedding={path}: no such file (expected a .npy or "
+        raise FileNotFoundError(f"{key}={path}: no such file (expected a .npy or "
                                 f".safetensors prompt embedding [L, {text_dim}])")
     if path.endswith(".npy"):
         try:
             e = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as err:
-            raise ValueError(f"text.embedding={path} is not a readable .npy array: {err}") from None
+            raise ValueError(f"{key}={path} is not a readable .npy array: {err}") from None
         if not isinstance(e, np.ndarray) or e.dtype.kind not in "fiu":
-            raise ValueError(f"text.embedding={path} holds {type(e).__name__} "
+            raise ValueError(f"{key}={path} holds {type(e).__name__} "
                              f"{getattr(e, 'dtype', '')}, not a numeric array")
     elif path.endswith(".safetensors"):
         from safetensors import SafetensorError
@@ -38,20 +40,24 @@ def load_embedding(path: str, text_len: int, text_dim: int) -> np.ndarray:
         try:
             tensors = load_file(path)
         except (SafetensorError, OSError) as err:
-            raise ValueError(f"text.embedding={path} is not a readable .safetensors file: "
+            raise ValueError(f"{key}={path} is not a readable .safetensors file: "
                              f"{err}") from None
         if SAFETENSORS_KEY not in tensors:
-            raise ValueError(f"text.embedding={path} has no tensor {SAFETENSORS_KEY!r} "
+            raise ValueError(f"{key}={path} has no tensor {SAFETENSORS_KEY!r} "
                              f"(found {sorted(tensors)})")
         e = tensors[SAFETENSORS_KEY]
     else:
-        raise ValueError(f"text.embedding={path}: expected a .npy or .safetensors file")
+        raise ValueError(f"{key}={path}: expected a .npy or .safetensors file")
     if e.ndim != 2 or e.shape[1] != text_dim or not 1 <= e.shape[0] <= text_len:
-        raise ValueError(f"text.embedding={path} has shape {e.shape}; expected [L, {text_dim}] "
+        raise ValueError(f"{key}={path} has shape {e.shape}; expected [L, {text_dim}] "
                          f"with 1 <= L <= dit.text_len={text_len}")
     if not np.all(np.isfinite(e)):
-        raise ValueError(f"text.embedding={path} holds non-finite values")
+        raise ValueError(f"{key}={path} holds non-finite values")
     return e.astype(np.float32)
+
+
+def _padded(e: np.ndarray, text_len: int) -> np.ndarray:
+    return np.pad(e, ((0, text_len - e.shape[0]), (0, 0)))
 
 
 def context(config) -> np.ndarray:
@@ -62,4 +68,15 @@ def context(config) -> np.ndarray:
     else:
         e = fixed_embedding(dit.text_dim, min(config.text.fixed_length, dit.text_len),
                             config.text.fixed_seed)
-    return np.pad(e, ((0, dit.text_len - e.shape[0]), (0, 0)))
+    return _padded(e, dit.text_len)
+
+
+def negative_context(config) -> np.ndarray:
+    """The unconditional branch's context for classifier-free guidance [text_len, text_dim]:
+    `config.text.negative_embedding` (same format; Wan2.2 samples with its encoded negative
+    prompt) or, without one, zeros: the null context stage 3's text dropout trains."""
+    dit = config.model.dit
+    if not config.text.negative_embedding:
+        return np.zeros((dit.text_len, dit.text_dim), np.float32)
+    return _padded(load_embedding(config.text.negative_embedding, dit.text_len, dit.text_dim,
+                                  "text.negative_embedding"), dit.text_len)

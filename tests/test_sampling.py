@@ -4,7 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from im_anim_jax.sampling import cfg, guided, sample, shift_timesteps, shifted_sigmas
+from im_anim_jax import text
+from im_anim_jax.sampling import (cfg, guided, sample, schedule, shift_timesteps, shifted_sigmas,
+                                 unipc_sigmas)
 
 
 def test_shifted_sigmas():
@@ -80,6 +82,41 @@ def test_unipc_matches_reference_scheduler():
         sigmas[0] = 1 - 1e-12
         near_one = sample(velocity, z, sigmas, method="unipc")
         assert float(jnp.max(jnp.abs(at_one - near_one))) < 1e-4
+
+
+def test_schedules_are_wan22s():
+    # Wan2.2's FlowUniPCMultistepScheduler(num_train_timesteps=1000, shift=1,
+    # use_dynamic_shifting=False).set_timesteps(6, shift=5.0), run on its own code: .sigmas
+    # (float32) and .timesteps (int64, what the DiT gets)
+    sigmas, timesteps = unipc_sigmas(6, 5.0)
+    np.testing.assert_array_equal(sigmas, np.float32(
+        [0.9997998476028442, 0.9613164067268372, 0.9088428020477295, 0.8330553770065308,
+         0.7139794230461121, 0.4996998906135559, 0.0]))
+    wan_t = [999, 961, 908, 833, 713, 499]
+    assert timesteps.dtype == np.int64 and timesteps.tolist() == wan_t
+    assert [a.tolist() for a in schedule("unipc", 6, 5.0)] == [sigmas.tolist(), wan_t]
+    # Euler: get_sampling_sigmas (Wan2.2's dpm++ path) ending at 0; t = 1000 sigma rounded down
+    sigmas, timesteps = schedule("euler", 4, 3.0)
+    np.testing.assert_array_equal(sigmas, shifted_sigmas(4, 3.0))
+    assert timesteps.tolist() == [1000, 900, 750, 500]
+    with pytest.raises(ValueError, match="unknown method"):
+        schedule("heun", 4, 3.0)
+
+
+def test_negative_context_for_guidance(tmp_path):
+    import ml_collections
+    config = ml_collections.ConfigDict(dict(
+        model=dict(dit=dict(text_len=6, text_dim=4)),
+        text=dict(embedding="", negative_embedding="", fixed_length=3, fixed_seed=0)))
+    assert text.negative_context(config).shape == (6, 4) and not text.negative_context(config).any()
+    e = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.save(tmp_path / "neg.npy", e)
+    config.text.negative_embedding = str(tmp_path / "neg.npy")
+    np.testing.assert_array_equal(text.negative_context(config), np.pad(e, ((0, 4), (0, 0))))
+    np.save(tmp_path / "bad.npy", np.zeros((2, 5), np.float32))
+    config.text.negative_embedding = str(tmp_path / "bad.npy")
+    with pytest.raises(ValueError, match=r"text.negative_embedding=.*bad.npy has shape \(2, 5\)"):
+        text.negative_context(config)
 
 
 @pytest.mark.parametrize("method", ["euler", "unipc"])

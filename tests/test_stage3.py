@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from im_anim_jax import generation, media
+from im_anim_jax import generation, media, sampling
 from im_anim_jax.models.wan import dit as dit_lib
 from im_anim_jax.training import stage3
 from im_anim_jax.training.metric_writer import read_metrics
@@ -128,6 +128,12 @@ def test_x0_predictions_turn_the_same_dit_output_into_a_velocity(tiny_config):
     x0 = out["velocity"] + np.asarray(latents)[:, :1]  # x0_residual: z_ref + the DiT's output
     np.testing.assert_allclose(out["x0_residual"], (np.asarray(latents) - x0) / sigma,
                                rtol=1e-5, atol=1e-5)
+    # A sampler's exact noise levels (here under MIN_SIGMA, where training's floor would leave
+    # part of the noise): x - sigma v is the DiT's x0 on every generated token.
+    exact = jnp.where(t > 0, 0.02, 0.0)
+    v = np.asarray(models["x0"].apply({"params": params}, *inputs, exact, method="velocity"))
+    np.testing.assert_allclose((np.asarray(latents) - 0.02 * v)[:, 1:], out["velocity"][:, 1:],
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_fresh_expression_blocks_are_bit_identical_to_the_base_dit(tiny_config):
@@ -340,8 +346,30 @@ def test_generation_in_windows_and_the_ema(trained):
     rng = np.random.default_rng(0)
     driving = rng.integers(0, 255, (11, s, s, 3), np.uint8)  # 3 windows of 5 with overlap 1
     reference = rng.random((s, s, 3), np.float32)
+    calls, dit = [], animator._velocity
+    animator._velocity = lambda p, x, t, ctx, *rest: calls.append(
+        (np.asarray(t), np.asarray(ctx), np.asarray(rest[-1]))) or dit(p, x, t, ctx, *rest)
     video = animator(reference, driving, progress=False)
     assert video.shape == (11, s, s, 3) and video.min() >= 0 and video.max() <= 1
+    # Wan2.2's schedule: the DiT gets integer timesteps (0 on held frames), the x0 conversion
+    # the solver's exact sigmas; one call per step and window at guidance 1.
+    sampling_cfg = config.sampling
+    sigmas, timesteps = sampling.schedule(sampling_cfg.method, sampling_cfg.steps,
+                                          sampling_cfg.shift)
+    assert len(calls) == 3 * sampling_cfg.steps
+    for i, (t, ctx, sigma) in enumerate(calls):
+        k = i % sampling_cfg.steps
+        assert set(np.unique(t)) == {0.0, float(timesteps[k])}
+        np.testing.assert_allclose(np.unique(sigma), [0.0, sigmas[k]], rtol=1e-6)
+        np.testing.assert_array_equal(ctx[0], np.asarray(animator.context))
+    # Guidance: the unconditional pass gets the negative context (zeros without a file).
+    calls.clear()
+    animator.config = config.copy_and_resolve_references()
+    animator.config.sampling.guidance = 2.0
+    animator(reference, driving[:5], progress=False)
+    assert len(calls) == 2 * sampling_cfg.steps
+    assert not np.any(calls[1][1]) and np.array_equal(calls[0][1][0], animator.context)
+    animator.config, animator._velocity = config, dit
     again = animator(reference, driving, progress=False)
     np.testing.assert_array_equal(video, again)  # seeded
     other = animator(reference, driving, progress=False, seed=1)

@@ -60,9 +60,13 @@ class Stage3Model(Stage2Model):
         e = jnp.concatenate([jnp.zeros_like(e[:, :1]), e], 1)
         return control.reshape(control.shape[0], -1, control.shape[-1]), e, heatmaps, aux
 
-    def velocity(self, latents, t, context, control, expression):
+    def velocity(self, latents, t, context, control, expression, sigma=None):
         """The DiT alone: latents [B, 1 + F, h, w, z], t [B, L], control [B, L, D] -> velocity
-        like latents (with reference_control, z_ref = latents[:, 0] joins the control)."""
+        like latents (with reference_control, z_ref = latents[:, 0] joins the control).
+
+        x0 predictions become velocities with the noise level per token: `sigma` [B, L] (a
+        sampler's exact levels, whose t is rounded to an integer; 0 marks held tokens) or, by
+        default, t / 1000 at least MIN_SIGMA (training)."""
         if self.reference_control:
             control = with_reference(control, latents[:, :1], self.dit.patch_size)
         out = self.dit(latents, t, context, control, expression)
@@ -70,7 +74,11 @@ class Stage3Model(Stage2Model):
             return out
         if self.prediction == "x0_residual":  # x0 = z_ref + out on every latent frame
             out = out + latents[:, :1]
-        return (latents - out) / token_sigma(t, latents.shape, self.dit.patch_size)
+        if sigma is None:
+            sigma = jnp.maximum(t.astype(jnp.float32) / 1000.0, MIN_SIGMA)
+        else:  # exact where generated, so the sampler's x - sigma v is the DiT's x0
+            sigma = jnp.where(sigma > 0, sigma, 1.0).astype(jnp.float32)
+        return (latents - out) / token_sigma(sigma, latents.shape, self.dit.patch_size)
 
     def __call__(self, frames, keypoints, reference, latents, t, context):
         """Driving frames/keypoints [B, T, ...], T_ref [B, P, C_ref], latents [B, 1 + F, h, w, z],
@@ -98,13 +106,11 @@ def with_reference(control, z_ref, patch: tuple):
 MIN_SIGMA = 0.05  # x0 prediction: v = (x_t - x0) / max(sigma, MIN_SIGMA)
 
 
-def token_sigma(t, shape: tuple, patch: tuple):
-    """t [B, L] per patch token (0-1000) -> sigma per latent pixel [B, F, h, w, 1], at least
-    MIN_SIGMA."""
+def token_sigma(sigma, shape: tuple, patch: tuple):
+    """sigma [B, L] per patch token -> per latent pixel [B, F, h, w, 1]."""
     b, f, h, w, _ = shape
     _, ph, pw = patch
-    s = jnp.maximum(t.astype(jnp.float32) / 1000.0, MIN_SIGMA)
-    s = s.reshape(b, f, h // ph, 1, w // pw, 1)
+    s = sigma.reshape(b, f, h // ph, 1, w // pw, 1)
     return jnp.broadcast_to(s, (b, f, h // ph, ph, w // pw, pw)).reshape(b, f, h, w, 1)
 
 
