@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import glob
 import math
 import os
 
@@ -205,6 +206,31 @@ def _prerequisites(config, stages, workdir: str, out: list) -> None:
                        f"model.vae.init_from is empty (stage 2 trains it)")
 
 
+# What each stage directory is built on: a stage that trains (from scratch, or on past its newest
+# checkpoint) changes the model these later stages were trained from.
+_DEPENDENTS = {"stage1": ("stage2", "stage2_*", "stage3"),
+               "vae": ("stage2", "stage2_*", "stage3"), "stage2": ("stage3",)}
+
+
+def _dependents(config, stages, workdir: str, out: list) -> None:
+    """A stage may not train on under later stages' checkpoints: they would be left on a model
+    that no longer exists (and `checkpoint.max_to_keep` deletes the old one)."""
+    runs = [("stage1", config.stage1.steps)] if 1 in stages else []
+    if 2 in stages:
+        runs += [] if config.model.vae.init_from else [("vae", config.vae_training.steps)]
+        runs.append(("stage2", config.stage2.steps))
+    for name, steps in runs:
+        done = checkpointing.latest_step(os.path.join(workdir, name)) or 0
+        later = sorted({os.path.basename(d) for pattern in _DEPENDENTS[name]
+                        for d in glob.glob(os.path.join(workdir, pattern))
+                        if checkpointing.latest_step(d) is not None})
+        if _is_int(steps, 1) and done < steps and later:
+            built = f"its step-{done} checkpoint" if done else "a checkpoint no longer there"
+            out.append(f"{name} would train to step {steps}, but {', '.join(later)} in {workdir} "
+                       f"were trained on {built}: they would be left on a model that no longer "
+                       f"exists. Keep its steps at {done} or move {', '.join(later)} away first")
+
+
 def _pairs(config, stages, out: list) -> None:
     """Stages 2-3 train on cross-identity pairs: a dataset at data.path must hold some (an
     ingested video is one identity performing its own motion, so ingested data holds none)."""
@@ -303,6 +329,7 @@ def problems(config, stages, workdir: str, num_devices: int | None = None,
             _schedule(config, section, lrs, divisor, num_processes, out)
     _frames_and_sizes(config, stages, out)
     _prerequisites(config, stages, workdir, out)
+    _dependents(config, stages, workdir, out)
     _pairs(config, stages, out)
     _augment(config, stages, out)
     _frozen(config, stages, out)

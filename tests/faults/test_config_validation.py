@@ -2,6 +2,7 @@
 import os
 import sys
 
+import numpy as np
 import pytest
 
 import faultrun
@@ -147,3 +148,37 @@ def test_data_without_pairs_is_refused_for_stages_2_and_3(tiny_config, tiny_data
     config.data.path = tiny_dataset  # the synthetic set has pairs
     assert config_validation.problems(config, (1, 2, 3), str(tmp_path), num_devices=1,
                                       num_processes=1) == []
+
+
+def test_a_stage_may_not_train_on_under_later_stages(tiny_config, tmp_path):
+    """Training stage 1, the VAE or stage 2 on (more steps, or from scratch) would leave the later
+    stages' checkpoints on a model that no longer exists: refused before anything runs."""
+    from im_anim_jax.training import checkpointing
+
+    def checkpoint(name, step):
+        ckpt = checkpointing.Checkpointer(str(tmp_path / name), async_save=False)
+        ckpt.save(step, {"x": np.zeros(1, np.float32)}, None, {})
+        ckpt.close()
+
+    def found(stages, **steps):
+        config = tiny_config.copy_and_resolve_references()
+        for section, n in steps.items():
+            config[section].steps = n
+        return [p for p in config_validation.problems(config, stages, str(tmp_path),
+                                                      num_devices=1, num_processes=1)
+                if "would train to step" in p]
+    checkpoint("stage1", 10)
+    assert found((1,), stage1=20) == []  # nothing built on it yet
+    checkpoint("vae", 6)
+    checkpoint("stage2", 6)
+    assert found((1, 2, 3), stage1=10, vae_training=6, stage2=6) == []  # all done: a rerun
+    checkpoint("stage2_self_attention", 6)
+    checkpoint("stage3", 6)
+    (problem,) = found((1,), stage1=20)
+    assert problem.startswith("stage1 would train to step 20, but stage2, stage2_self_attention, "
+                              "stage3 in ") and "its step-10 checkpoint" in problem
+    assert "Keep its steps at 10" in problem
+    problems = found((2,), vae_training=8, stage2=7)
+    assert [p.split(" would")[0] for p in problems] == ["vae", "stage2"]
+    assert "but stage3 in" in problems[1]
+    assert found((3,), stage1=20, vae_training=8, stage2=7) == []  # stage 3 trains nothing else
