@@ -49,7 +49,10 @@ def init_sharded(init_params: Callable, boxed_abstract: dict, tx, mesh, axis_rul
 def guard(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """`tx` skipping every update whose gradients are not finite (optax.apply_if_finite, which
     never gives up here: the training loop stops the run after config.faults.
-    max_nonfinite_in_a_row skipped steps). Its state counts the streak and the total."""
+    max_nonfinite_in_a_row skipped steps). Its state counts the streak and the total. A skipped
+    step leaves the inner optimizer's step count as it was, so the learning-rate schedule runs one
+    step behind `state.step` per skipped step (a cosine run ends that many steps short of its
+    final rate)."""
     return optax.apply_if_finite(tx, max_consecutive_errors=np.iinfo(np.int32).max)
 
 
