@@ -208,7 +208,8 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.mesh.shape = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
     c.mesh.rules = MESH_RULES
 
-    c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2, async_save=True))
+    c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2, async_save=True,
+                                                  allow_config_change=False))
     # Faults (every stage): a step with a non-finite loss or gradient leaves params and optimizer
     # state as they were and is counted; `max_nonfinite_in_a_row` such steps stop the stage (exit
     # 4) without a new checkpoint. Training records that cannot be decoded or have wrong shapes

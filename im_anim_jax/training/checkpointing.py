@@ -1,14 +1,18 @@
 """Orbax checkpoints of a stage: items `state` (params, opt state, step, rng), `data` (the Grain
-iterator state) and `meta` (config JSON, stage, code version, param shapes)."""
+iterator state) and `meta` (config JSON, stage, code version, param shapes, config changes
+accepted on resume)."""
 from __future__ import annotations
 
+import json
 import os
+import time
 
 import grain
 import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 import im_anim_jax
 
@@ -78,6 +82,20 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
+    def set_aside(self, steps) -> list[str]:
+        """Renames the directories of `steps` to `<step>.unreadable-<unix time>`, which no step
+        listing counts (nothing is deleted); returns the new paths."""
+        stamp, moved = int(time.time()), []
+        for step in steps:
+            path = os.path.join(self.directory, str(step))
+            moved.append(f"{path}.unreadable-{stamp}")
+            if jax.process_index() == 0:
+                os.rename(path, moved[-1])
+        if moved and jax.process_count() > 1:
+            multihost_utils.sync_global_devices("checkpoints set aside")
+        self.manager.reload()
+        return moved
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -138,17 +156,17 @@ def restore_checked_params(stage_dir: str, abstract_params, name: str, hint: str
         elif step not in steps:
             raise FileNotFoundError(f"no {name} checkpoint of step {step} in {stage_dir}; it "
                                     f"holds steps {steps}")
-        check_architecture(ckpt, step, param_shapes(abstract_params), f"the {name} checkpoint "
-                           f"in {stage_dir}")
+        check_architecture(ckpt.meta(step), param_shapes(abstract_params),
+                           f"the {name} checkpoint in {stage_dir}")
         return ckpt.restore_params(step, abstract_params), step
     finally:
         ckpt.close()
 
 
-def check_architecture(ckpt: Checkpointer, step: int, want: dict, what: str, hint: str = ""):
-    """ValueError naming the first differing params unless the param shapes recorded with
-    checkpoint `step` equal `want` (param_shapes of the config's model)."""
-    have = ckpt.meta(step)["param_shapes"]
+def check_architecture(have: dict, want: dict, what: str, hint: str = ""):
+    """ValueError naming the first differing params unless the param shapes recorded in the
+    checkpoint meta `have` equal `want` (param_shapes of the config's model)."""
+    have = have["param_shapes"]
     diffs = [f"{k}: checkpoint {have.get(k)} vs config {want.get(k)}"
              for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
     if diffs:
@@ -156,14 +174,96 @@ def check_architecture(ckpt: Checkpointer, step: int, want: dict, what: str, hin
                          f"params differ), e.g. " + "; ".join(diffs[:3]) + hint)
 
 
-def check_trained(ckpt: Checkpointer, step: int, want, what: str, hint: str = ""):
-    """ValueError unless checkpoint `step` recorded the same trained param groups as `want` (its
-    optimizer state holds exactly those); nothing to check where either side recorded none."""
-    have = ckpt.meta(step).get("trained_groups")
+def check_trained(have: dict, want, what: str, hint: str = ""):
+    """ValueError unless the checkpoint meta `have` recorded the same trained param groups as
+    `want` (its optimizer state holds exactly those); nothing to check where either side
+    recorded none."""
+    have = have.get("trained_groups")
     if want is not None and have is not None and list(have) != list(want):
         raise ValueError(f"{what} trained the param groups {list(have)}, the config trains "
                          f"{list(want)} (e.g. stage3.frozen or stage2.train_motion_encoder "
                          f"changed), so its optimizer state does not fit" + hint)
+
+
+# What a stage's training trajectory depends on, compared on resume (check_config): these config
+# sections, and per stage its own section first, then the parts of `model` it builds (stage 2's
+# baselines write into WORKDIR/stage2_<name> with their overrides applied, so their section is
+# `stage2` too). A part another stage alone uses (e.g. model.dit for stage 1) may differ.
+TRAJECTORY = ("seed", "data", "model.dtype")
+_STAGE1_MODEL = ("model.motion_tokenizer", "model.quantizer", "model.motion_decoder",
+                 "model.joint_decoder")
+STAGE_SECTIONS = {
+    1: ("stage1", *_STAGE1_MODEL),
+    "vae": ("vae_training", "model.vae", "model.video_size"),
+    2: ("stage2", *_STAGE1_MODEL, "model.vae", "model.motion_encoder", "model.retargeter",
+        "model.joint_head", "model.conv_motion_encoder", "model.pose_indicator"),
+    3: ("stage3", "model", "text", "sampling.overlap_frames")}
+# May change on resume (logged): how the same computation runs (the mesh and its axis rules are
+# not compared at all)...
+EXECUTION_ONLY = ("model.attention_impl", "model.remat_policy", "data.read_threads",
+                  "data.render_workers")
+# ...and these keys of the stage's own section: learning rates (Diverged asks for a lower one),
+# how often it logs and saves, and which other stage-2 variants train.
+RESUMABLE = ("lr", "lr_dit", "lr_other", "log_every", "checkpoint_every", "baselines")
+ABSENT = "(absent)"
+MAX_LISTED = 6
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _why_allowed(key: str, have: dict, want: dict, section: str) -> str:
+    """Why a change of `key` cannot alter the trajectory resumed; '' where it can."""
+    parent, _, leaf = key.rpartition(".")
+    if ABSENT in (have.get(key, ABSENT), want.get(key, ABSENT)):
+        return "a key added or removed by a code change"
+    if key in EXECUTION_ONLY:
+        return "execution only"
+    if parent == section and leaf in RESUMABLE:
+        return "allowed on resume"
+    schedules = {have.get(f"{section}.schedule"), want.get(f"{section}.schedule")}
+    if parent == section and leaf == "steps" and schedules == {"constant"}:
+        return "the constant schedule does not depend on it"
+    return ""
+
+
+def _change(key: str, have: dict, want: dict, section: str) -> str:
+    """`key: old -> new` of a refused change."""
+    text = lambda v: v if v == ABSENT else _cut(json.dumps(v))  # noqa: E731
+    out = f"{key}: {text(have.get(key, ABSENT))} -> {text(want.get(key, ABSENT))}"
+    if key == f"{section}.steps":  # refused where a schedule is "cosine"
+        out += " (the cosine schedule decays over it: the learning rate would jump on resume)"
+    return out
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_config(have: dict, want: dict, what: str, hint: str, allow: bool = False) -> dict:
+    """{key: [old, new, why allowed]}: the changes between the config JSON of checkpoint meta
+    `have` and that of meta `want` over what determines the stage's trajectory (TRAJECTORY and
+    STAGE_SECTIONS), where each is allowed (_why_allowed) or `allow`; otherwise ValueError
+    listing the others as `key: old -> new`, then `hint`. {} where either holds no config."""
+    if "config" not in have or "config" not in want:
+        return {}
+    old, new = _flat(json.loads(have["config"])), _flat(json.loads(want["config"]))
+    section, *extra = STAGE_SECTIONS[want["stage"]]
+    compared = (*TRAJECTORY, section, *extra)
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k, ABSENT) != new.get(k, ABSENT)
+            and any(k == p or k.startswith(p + ".") for p in compared)]
+    why = {k: _why_allowed(k, old, new, section) for k in keys}
+    refused = [_change(k, old, new, section) for k in keys if not why[k]]
+    if refused and not allow:
+        more = f"; +{len(refused) - MAX_LISTED} more" if len(refused) > MAX_LISTED else ""
+        raise ValueError(f"{what} was written under another config ({len(refused)} keys differ: "
+                         + "; ".join(refused[:MAX_LISTED]) + more + ")" + hint)
+    return {k: [old.get(k, ABSENT), new.get(k, ABSENT),
+                why[k] or "accepted by checkpoint.allow_config_change"] for k in keys}
 
 
 def meta_for(config, stage, params, trained=None) -> dict:

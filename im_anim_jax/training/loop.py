@@ -2,6 +2,9 @@
 
 Per stage directory: Orbax checkpoints (`<step>/{state,data,meta}`), TensorBoard events and
 `metrics.jsonl`, and `data_log.txt` ("step fingerprint" per step: which clips each step saw).
+A resume refuses a checkpoint written under another config (checkpointing.check_config), sets
+aside one that cannot be read (`<step>.unreadable-<unix time>`) for the one before it, and drops
+the logged rows of the steps after it (the abandoned run's).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from data_pipelines import pipeline
 from im_anim_jax import sharding
 from im_anim_jax.training import checkpointing
 from im_anim_jax.training.checkpointing import Checkpointer
-from im_anim_jax.training.metric_writer import MetricWriter
+from im_anim_jax.training.metric_writer import MetricWriter, drop_rows_after
 
 EXIT_PREEMPTED = 3   # SIGTERM/SIGINT: the current step finished and was checkpointed
 EXIT_DIVERGED = 4    # faults.max_nonfinite_in_a_row non-finite steps in a row; no new checkpoint
@@ -94,6 +97,67 @@ def _means(host: list[dict]) -> dict:
 GUARD_KEYS = ("nonfinite_in_a_row", "nonfinite_total")
 
 
+class _Unreadable(Exception):
+    """A checkpoint's meta or state could not be read (its cause, one line)."""
+
+
+def _read(action: Callable):
+    """action(), or _Unreadable naming the innermost cause of its error."""
+    try:
+        return action()
+    except Exception as e:  # noqa: BLE001  Orbax/TensorStore raise several types
+        while e.__cause__ is not None:
+            e = e.__cause__
+        raise _Unreadable(f"{_os_cause(e)}{type(e).__name__}: {_short(str(e), 100, 140)}") \
+            from None
+
+
+def _resume(ckpt: Checkpointer, name: str, state, abstract_state, data_iter, meta: dict,
+            allow_config_change: bool, log: Callable[[str], None]):
+    """(step, state, meta to save) from the newest checkpoint that restores after passing the
+    checks against `meta` (architecture, trained groups, config); (0, state, meta) where there is
+    none. Newer ones that could not be read are then set aside; ValueError if none could be."""
+    failed = {}
+    for step in reversed(ckpt.all_steps()):
+        try:
+            have = _read(lambda: ckpt.meta(step))
+            changes = _check(have, meta, step, ckpt.directory, allow_config_change)
+            state = _read(lambda: ckpt.restore(step, abstract_state, data_iter))
+        except _Unreadable as e:
+            log(f"[{name}] warning: the checkpoint of step {step} in {ckpt.directory} could not "
+                f"be read: {e}")
+            failed[step] = str(e)
+            continue
+        for old in ckpt.set_aside(sorted(failed)):
+            log(f"[{name}] set the unreadable checkpoint aside as {old}")
+        log(f"[{name}] resuming from the checkpoint at step {step} in {ckpt.directory}")
+        for key, (before, after, why) in changes.items():
+            log(f"[{name}] config changed since step {step}: {key}: {before} -> {after} ({why})")
+        history = have.get("config_changes", []) + (
+            [{"step": step, "changes": {k: v[:2] for k, v in changes.items()}}] if changes else [])
+        return step, state, (dict(meta, config_changes=history) if history else meta)
+    if failed:
+        newest = max(failed)
+        raise ValueError(f"none of the {len(failed)} checkpoints in {ckpt.directory} could be "
+                         f"read (the warnings above give each cause; step {newest}: "
+                         f"{failed[newest]}): move {ckpt.directory} away (and the stages "
+                         f"trained on it) to train from scratch")
+    return 0, state, meta
+
+
+def _check(have: dict, meta: dict, step: int, stage_dir: str, allow_config_change: bool) -> dict:
+    """checkpointing.check_config's changes, after checking architecture and trained groups."""
+    what = f"the checkpoint of step {step} in {stage_dir}"
+    move = f"move {stage_dir} away (and the stages trained on it) to train this config from scratch"
+    hint = f". Resume it with the config that wrote it, or {move}"
+    checkpointing.check_architecture(have, meta["param_shapes"], what, hint)
+    checkpointing.check_trained(have, meta.get("trained_groups"), what, hint)
+    return checkpointing.check_config(
+        have, meta, what, f". Resume it with the config that wrote it, {move}, or set --config."
+        f"checkpoint.allow_config_change=True to continue it under this config (the changes are "
+        f"logged and recorded in its meta)", allow_config_change)
+
+
 def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callable,
         data_iter, mesh, total_steps: int, log_every: int, checkpoint_every: int, ckpt_cfg,
         meta: dict, max_nonfinite_in_a_row: int, console_keys=None,
@@ -104,27 +168,25 @@ def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callabl
     Stops with Preempted (after a checkpoint) on SIGTERM/SIGINT, Diverged after
     `max_nonfinite_in_a_row` steps the optimizer guard skipped, CheckpointFailed when a
     checkpoint cannot be written. A batch's `bad_records` field (the pipeline's count of skipped
-    records) is reported as a metric."""
+    records) is reported as a metric. A checkpoint of another config (checkpointing.check_config)
+    is a ValueError unless `ckpt_cfg.allow_config_change`."""
     ckpt = Checkpointer(stage_dir, max_to_keep=ckpt_cfg.max_to_keep,
                         async_save=ckpt_cfg.async_save)
-    start = ckpt.latest_step() or 0
-    if start:
-        what = f"the checkpoint of step {start} in {stage_dir}"
-        hint = (f". Resume it with the config that wrote it, or move {stage_dir} away (and the "
-                f"stages trained on it) to train this config from scratch")
-        try:
-            checkpointing.check_architecture(ckpt, start, meta["param_shapes"], what, hint)
-            checkpointing.check_trained(ckpt, start, meta.get("trained_groups"), what, hint)
-        except ValueError:
-            ckpt.close()
-            raise
-        state = ckpt.restore(start, abstract_state, data_iter)
-        log(f"[{name}] resuming from the checkpoint at step {start} in {stage_dir}")
+    try:
+        start, state, meta = _resume(ckpt, name, state, abstract_state, data_iter, meta,
+                                     ckpt_cfg.get("allow_config_change", False), log)
+    except Exception:
+        ckpt.close()
+        raise
+    primary = jax.process_index() == 0  # writes the logs (Orbax coordinates the checkpoints)
+    if start and primary:
+        drop_rows_after(os.path.join(stage_dir, "data_log.txt"), start,
+                        lambda row: int(row.split()[0]))
     if start >= total_steps:
         log(f"[{name}] already complete ({start}/{total_steps} steps)")
         ckpt.close()
         return state, {}
-    writer = MetricWriter(stage_dir)
+    writer = MetricWriter(stage_dir, resume_step=start)
     stop = {"signal": None}
     previous = {s: signal.signal(s, lambda sig, _: stop.update(signal=sig))
                 for s in (signal.SIGTERM, signal.SIGINT)}
@@ -148,7 +210,8 @@ def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callabl
 
     t0, s0 = time.perf_counter(), start
     try:
-        with open(os.path.join(stage_dir, "data_log.txt"), "a") as data_log:
+        with open(os.path.join(stage_dir, "data_log.txt") if primary else os.devnull,
+                  "a") as data_log:
             for step in range(start + 1, total_steps + 1):
                 batch = next(data_iter)
                 if "bad_records" in batch:
@@ -191,6 +254,7 @@ def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callabl
                 if saving:
                     data_log.flush()  # the log never lags behind a checkpoint
                     checkpointed(step, lambda: ckpt.save(step, state, data_iter, meta))
+                    stopping = stop["signal"] is not None  # also a signal during the save
                 if stopping:
                     checkpointed(step, ckpt.wait)
                     log(f"[{name}] stopped by signal {stop['signal']} after saving step {step}")

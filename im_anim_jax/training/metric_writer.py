@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable
 
 import jax
 import numpy as np
@@ -15,12 +16,18 @@ from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
-    def __init__(self, logdir: str):
+    """Writes on process 0 only. `resume_step` > 0: the run resumes from that step's checkpoint,
+    so the rows of later steps (the abandoned run's) leave metrics.jsonl and TensorBoard."""
+
+    def __init__(self, logdir: str, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
         if self.enabled:
             os.makedirs(logdir, exist_ok=True)
-            self._tb = SummaryWriter(logdir)
-            self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+            path = os.path.join(logdir, "metrics.jsonl")
+            if resume_step:
+                drop_rows_after(path, resume_step, lambda row: json.loads(row)["step"])
+            self._tb = SummaryWriter(logdir, purge_step=resume_step + 1 if resume_step else None)
+            self._jsonl = open(path, "a")
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
@@ -52,3 +59,28 @@ def read_metrics(logdir: str) -> list[dict]:
                     row = json.loads(line)
                     rows[row["step"]] = row
     return [rows[s] for s in sorted(rows)]
+
+
+def drop_rows_after(path: str, step: int, step_of: Callable[[str], int]) -> None:
+    """Rewrites the text file `path` (if any) without its rows of steps after `step` and an
+    unfinished last row (a kill while writing), atomically (a temporary file, then a rename).
+    A row `step_of` cannot parse is kept."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = f.readlines()
+    kept = [r for r in rows if r.endswith("\n") and _step(r, step_of) <= step]
+    if len(kept) == len(rows):
+        return
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def _step(row: str, step_of: Callable[[str], int]) -> int:
+    try:
+        return int(step_of(row))
+    except (ValueError, IndexError, KeyError, TypeError):
+        return -1
