@@ -19,6 +19,7 @@ the input image to A @ (x, y, 1) in the output image.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 
@@ -236,20 +237,35 @@ def random_bone_factors(rng: np.random.Generator, max_factors: dict | None = Non
 
 def realign_bones(keypoints, anchor) -> np.ndarray:
     """Moves a driving pose sequence [T, 62, 3] onto another body, the anchor [Ta, 62, 3] (one pose
-    or a clip): every bone is scaled by median anchor length / median driving length (over
-    frames; 1 where the driving bone has zero length; a zero-length anchor bone collapses it) and
-    the neck trajectory is shifted by the difference of the median neck positions. Directions and
-    confidences are the driving ones."""
+    or a clip): every bone is scaled by median anchor length / median driving length (over the
+    frames where both its joints are visible, confidence > 0; 1 where either side never shows it
+    or the driving bone has zero length; a zero-length anchor bone collapses it) and the neck
+    trajectory is shifted by the difference of the median neck positions (over the frames where
+    the neck is visible; no shift where either never shows it). Directions and confidences are
+    the driving ones."""
     kpts, anchor = _check_keypoints(keypoints), _check_keypoints(anchor)
 
-    def lengths(k):
-        return np.median(np.linalg.norm(k[..., _CHILD, :2] - k[..., _PARENT, :2], axis=-1),
-                         axis=tuple(range(k.ndim - 2)))
+    def lengths(k):  # [num_bones], NaN where the bone is never visible
+        seen = (k[..., _CHILD, 2] > 0) & (k[..., _PARENT, 2] > 0)
+        length = np.linalg.norm(k[..., _CHILD, :2] - k[..., _PARENT, :2], axis=-1)
+        return _visible_median(np.where(seen, length, np.nan).reshape(-1, len(_CHILD)))
 
-    drv = lengths(kpts)
-    factors = np.where(drv > 0, lengths(anchor) / np.where(drv > 0, drv, 1.0), 1.0)
+    drv, anc = lengths(kpts), lengths(anchor)
+    known = np.isfinite(drv) & np.isfinite(anc) & (np.nan_to_num(drv) > 0)
+    factors = np.where(known, np.nan_to_num(anc) / np.where(known, drv, 1.0), 1.0)
     out = rescale_bones(kpts, np.maximum(factors, 1e-6))
-    shift = (np.median(anchor[..., _ROOT, :2].reshape(-1, 2), 0)
-             - np.median(kpts[..., _ROOT, :2].reshape(-1, 2), 0))
-    out[..., :2] += shift
+
+    def neck(k):  # [2], NaN where the neck is never visible
+        root = k[..., _ROOT, :].reshape(-1, 3)
+        return _visible_median(np.where(root[:, 2:] > 0, root[:, :2], np.nan))
+
+    shift = neck(anchor) - neck(kpts)
+    out[..., :2] += np.where(np.isfinite(shift), shift, 0.0)
     return out
+
+
+def _visible_median(x) -> np.ndarray:
+    """Median over axis 0 ignoring NaN (invisible) rows; NaN where a column has none."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN, as wanted
+        return np.nanmedian(x, axis=0)

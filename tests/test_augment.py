@@ -173,3 +173,18 @@ def test_realign_moves_a_motion_onto_another_body(tiny_dataset):
                                kb[..., :2] - kb[:, NECK:NECK + 1, :2], atol=2e-3)
     np.testing.assert_allclose(np.median(out[:, NECK, :2], 0), np.median(kb[:, NECK, :2], 0),
                                atol=1e-4)
+
+
+def test_realign_reads_only_visible_joints(tiny_dataset):
+    """Frames with nobody detected (ingest writes every joint at (0, 0) with confidence 0) do not
+    count: the other frames are moved as if those were not there. Before, their zero-length bones
+    and (0, 0) neck pulled the medians and shifted the pose by 17 px on a 32 px frame."""
+    src = records.open_split(tiny_dataset, "train")
+    drv, anchor = np.asarray(src[0]["keypoints"]), np.asarray(src[1]["keypoints"])
+    blank = drv.copy()
+    blank[3:] = 0.0
+    np.testing.assert_allclose(aug.realign_bones(blank, anchor)[:3],
+                               aug.realign_bones(drv[:3], anchor), atol=1e-5)
+    # A driving clip that never shows a bone keeps it (factor 1); nothing visible: no shift.
+    nobody = np.zeros_like(drv)
+    np.testing.assert_array_equal(aug.realign_bones(nobody, anchor), nobody)
