@@ -139,6 +139,16 @@ def load_pairs(path: str, split: str, **kwargs) -> Pairs:
         raise ValueError(f"split {split!r} of {path}: {e}") from None
 
 
+class BadClip(ValueError):
+    """One clip of a pair cannot be read or has the wrong contents: `record` (its index in the
+    split) and `role` ("driving", "target" or "reference") say which, so a bad file is counted once
+    however many pairs read it."""
+
+    def __init__(self, record: int, role: str, cause: str):
+        super().__init__(f"record {record} (the {role} clip): {cause}")
+        self.record, self.role = record, role
+
+
 class PairSource:
     """Grain random-access source of pair examples (one per row of `load_pairs`):
     driving [T, H, W, 3] uint8, driving_keypoints [T, 62, 3], reference [H, W, 3] uint8,
@@ -157,9 +167,16 @@ class PairSource:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def _clip(self, record: int, role: str) -> dict:
+        try:
+            return self._src[record]
+        except Exception as e:  # noqa: BLE001  decoding raises several types
+            raise BadClip(record, role, f"{type(e).__name__}: {e}") from None
+
     def __getitem__(self, i: int) -> dict:
         p = self.pairs
-        drv, tgt, ref = (self._src[int(x[i])] for x in (p.driving, p.target, p.reference))
+        drv, tgt, ref = (self._clip(int(x[i]), role) for x, role in (
+            (p.driving, "driving"), (p.target, "target"), (p.reference, "reference")))
         window = slice(int(p.start[i]), int(p.start[i]) + self.clip_frames)
         return {
             "driving": drv["frames"][window], "driving_keypoints": drv["keypoints"][window],

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from data_pipelines import records
+from data_pipelines import pairs, records
 from im_anim_jax import keypoints as kp
 from im_anim_jax import skeleton
 
@@ -102,10 +102,12 @@ def _pair_check(clip_frames: int, targets: Targets):
 
     def check(ex):
         for k, shape in shapes.items():
+            role = k.split("_")[0]
             if np.shape(ex[k]) != shape:
-                raise ValueError(f"{k} is {np.shape(ex[k])}, expected {shape}")
+                raise pairs.BadClip(int(ex[f"{role}_record"]), role,
+                                    f"{k} is {np.shape(ex[k])}, expected {shape}")
             if k.endswith("keypoints") and not np.all(np.isfinite(ex[k])):
-                raise ValueError(f"{k} contain NaN or inf")
+                raise pairs.BadClip(int(ex[f"{role}_record"]), role, f"{k} contain NaN or inf")
     return check
 
 
@@ -168,7 +170,8 @@ class _SkipBad(grain.IterDataset):
 
 def _guarded(src, check, sample):
     """(index, rng) -> sample(record index of src, rng), or a bad-record marker when reading,
-    decoding, `check`ing or sampling that record fails."""
+    decoding, `check`ing or sampling that record fails. A pair's marker names the clip that
+    failed (pairs.BadClip): `bad_record` is that clip's record, so it counts once."""
     def read(i, rng):
         what = "cannot be read or decoded"
         try:
@@ -177,6 +180,8 @@ def _guarded(src, check, sample):
             check(ex)
             what = "cannot be sampled"
             return sample(dict(ex, record=np.int32(i)), rng)
+        except pairs.BadClip as e:
+            return {"bad_record": e.record, "error": f"{what}: pair {i}'s {e}"}
         except Exception as e:  # noqa: BLE001  the one place a bad record becomes a skip
             return {"bad_record": int(i), "error": f"{what} ({type(e).__name__}: {e})"}
     return read
@@ -236,7 +241,6 @@ def eval_dataset(path: str, split: str, *, clip_frames: int | None, batch_size: 
 
 
 def _pairs(path, split, clip_frames, targets, **pairing):
-    from data_pipelines import pairs
     src = pairs.PairSource(path, split, clip_frames=clip_frames, **pairing)
     _check_source(records.open_split(path, split), path, split, clip_frames, targets)
     return src
@@ -269,7 +273,7 @@ def pair_train_dataset(path: str, split: str, *, clip_frames: int, batch_size: i
                     lambda ex, rng: _with_pair_targets(ex, targets, augment, rng))
     return _iterate(len(src), read, seed, batch_size, jax.process_index(), jax.process_count(),
                     read_threads, num_workers, max_bad_records, f"the pairs of split {split!r} of "
-                    f"{path} (a pair reads 3 records)")
+                    f"{path}")
 
 
 def pair_eval_dataset(path: str, split: str, *, clip_frames: int, batch_size: int,
@@ -282,7 +286,6 @@ def pair_eval_dataset(path: str, split: str, *, clip_frames: int, batch_size: in
                  self_pairs=False)
     ds = grain.MapDataset.source(src).map_with_index(lambda i, ex: dict(ex, record=np.int32(i)))
     if spread:
-        from data_pipelines import pairs
         order, indexed = pairs.spread_order(src.pairs.driving, seed), ds
         ds = grain.MapDataset.range(len(order)).map(lambda j: indexed[int(order[j])])
     return (ds.map(lambda ex: _with_pair_targets(ex, targets))
@@ -291,5 +294,5 @@ def pair_eval_dataset(path: str, split: str, *, clip_frames: int, batch_size: in
 
 def fingerprint(batch: dict) -> str:
     """A short id of which clip windows a batch holds (for resume tests and logs)."""
-    pairs = np.stack([batch["record"], batch["start"]], -1).astype(np.int64)
-    return hashlib.sha1(pairs.tobytes()).hexdigest()[:12]
+    windows = np.stack([batch["record"], batch["start"]], -1).astype(np.int64)
+    return hashlib.sha1(windows.tobytes()).hexdigest()[:12]

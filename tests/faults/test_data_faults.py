@@ -171,3 +171,18 @@ def test_stage_2_and_3_pairs_skip_pairs_touching_a_bad_record(faulty, tiny_confi
     assert not np.isin(used, list(bad)).any()
     assert batches[-1]["bad_records"].max() > 0
     assert all(b["driving"].shape == (2, 5, 32, 32, 3) for b in batches)
+
+
+def test_a_bad_clip_counts_once_however_many_pairs_read_it(faulty, tiny_config):
+    """Every pair reading a bad clip is skipped, but the clip counts as one bad record (before,
+    once per pair: faults.max_bad_records tripped after ~1/5 of the bad files stage 1 allows)."""
+    path, bad = faulty
+    it = iter(pipeline.pair_train_dataset(path, "train", clip_frames=5, batch_size=2,
+                                          targets=stage1_training.targets(tiny_config), seed=0))
+    for _ in range(40):  # 80 pairs: more than two epochs of the 36
+        count = int(next(it)["bad_records"].max())
+    src = pipeline._pairs(path, "train", 5, stage1_training.targets(tiny_config), seed=0,
+                          partners_per_clip=1, self_pairs=False).pairs
+    touching = np.isin(np.stack([src.driving, src.target, src.reference], -1), list(bad))
+    assert touching.any(-1).sum() > len(bad)  # several pairs read the bad clips
+    assert count == len(bad)
