@@ -31,7 +31,7 @@ def main(argv):
         raise ValueError(f"expected one checkpoint kind and --src/--dst; {USAGE}")
     config = cli.load_config(FLAGS)
     meta = convert(argv[1], FLAGS.src, FLAGS.dst, config.model, overwrite=FLAGS.overwrite)
-    print(json.dumps({k: meta[k] for k in ("kind", "num_params", "dtypes",
+    print(json.dumps({k: meta[k] for k in ("kind", "source", "num_params", "dtypes",
                                            "skipped_source_keys")} | {"dst": FLAGS.dst}))
 
 

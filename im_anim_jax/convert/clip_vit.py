@@ -24,6 +24,7 @@ from im_anim_jax.models.pose_indicator import build_clip_vit
 MODEL = "pose_indicator"  # model_cfg = config.model.pose_indicator (its `clip` block)
 PREFIX = "vision_model."
 SKIPPED = (PREFIX + "embeddings.position_ids",)
+STANDARD_FILES = ("model.safetensors", "pytorch_model.bin")  # Hugging Face names
 
 
 def abstract_params(model_cfg) -> dict:
@@ -54,9 +55,9 @@ def expected_shapes(model_cfg) -> dict[str, tuple]:
     return shapes
 
 
-def select(sd: dict) -> dict:
-    """The vision tower's tensors (text tower, projections, logit scale, buffers dropped)."""
-    return {k: v for k, v in sd.items() if k.startswith(PREFIX) and k not in SKIPPED}
+def keep(key: str) -> bool:
+    """True for the vision tower's tensors (text tower, projections, logit scale, buffers out)."""
+    return key.startswith(PREFIX) and key not in SKIPPED
 
 
 def convert(sd: dict, model_cfg) -> dict:

@@ -11,7 +11,7 @@ from im_anim_jax.convert import common
 from im_anim_jax.metrics import i3d
 
 MODEL = None
-STANDARD_FILE = "i3d_pretrained_400.pt"
+STANDARD_FILES = ("i3d_pretrained_400.pt",)
 
 
 def load(src: str) -> tuple[dict, dict]:
@@ -26,9 +26,9 @@ def expected_shapes(_) -> dict[str, tuple]:
     return common.mirrored_shapes(abstract_params(None))
 
 
-def select(sd: dict) -> dict:
-    """Drops `num_batches_tracked`."""
-    return {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+def keep(key: str) -> bool:
+    """False for `num_batches_tracked`."""
+    return not key.endswith("num_batches_tracked")
 
 
 def convert(sd: dict, _) -> dict:

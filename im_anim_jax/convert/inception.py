@@ -12,7 +12,7 @@ from im_anim_jax.convert import common
 from im_anim_jax.metrics import inception
 
 MODEL = None
-STANDARD_FILE = "pt_inception-2015-12-05-6726825d.pth"
+STANDARD_FILES = ("pt_inception-2015-12-05-6726825d.pth",)
 SKIPPED_PREFIXES = ("fc.", "AuxLogits.")
 
 
@@ -28,10 +28,9 @@ def expected_shapes(_) -> dict[str, tuple]:
     return common.mirrored_shapes(abstract_params(None))
 
 
-def select(sd: dict) -> dict:
-    """Drops the classifier heads and `num_batches_tracked`."""
-    return {k: v for k, v in sd.items()
-            if not k.startswith(SKIPPED_PREFIXES) and not k.endswith("num_batches_tracked")}
+def keep(key: str) -> bool:
+    """False for the classifier heads and `num_batches_tracked`."""
+    return not key.startswith(SKIPPED_PREFIXES) and not key.endswith("num_batches_tracked")
 
 
 def convert(sd: dict, _) -> dict:

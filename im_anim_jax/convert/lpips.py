@@ -20,6 +20,7 @@ from im_anim_jax.convert import common
 from im_anim_jax.metrics import lpips
 
 MODEL = None
+MULTI_FILE = True  # --src: a directory or comma-separated files, all read by load()
 HEAD_FILES = {"vgg": "vgg.pth", "alex": "alex.pth"}
 TRUNK_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
 CHECKPOINT_SUFFIXES = common.TORCH_SUFFIXES + (".safetensors",)
@@ -61,20 +62,20 @@ def _net(sd: dict, src: str) -> str:
     return nets[0]
 
 
-def load(src: str) -> tuple[dict, dict]:
-    sd = {}
+def load(src: str) -> tuple[common.LazyStateDict, dict]:
+    entries = {}
     for path in _files(src):
-        for key, value in common.load_state_dict(path).items():
-            key = _canonical(key)
-            if key in sd:
+        for key, entry in common.load_state_dict(path).renamed(_canonical).entries.items():
+            if key in entries:
                 raise common.ConversionError(f"{src}: {key} appears in more than one file")
-            sd[key] = value
+            entries[key] = entry
+    sd = common.LazyStateDict(entries)
     return sd, {"net": _net(sd, src)}
 
 
-def select(sd: dict) -> dict:
-    """Keeps the trunk and the heads (drops torchvision's classifier and ScalingLayer buffers)."""
-    return {k: v for k, v in sd.items() if k.startswith(("features.", "lin"))}
+def keep(key: str) -> bool:
+    """True for the trunk and the heads (not torchvision's classifier, ScalingLayer buffers)."""
+    return key.startswith(("features.", "lin"))
 
 
 def abstract_params(model_cfg) -> dict:

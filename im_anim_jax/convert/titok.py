@@ -5,8 +5,14 @@ Reads the encoder half of a TiTok checkpoint (`latent_tokens`, `encoder.*`,
 `pixel_decoder.*`) are not part of IM-Animation and are skipped. Sizes come from
 `config.model.motion_tokenizer` / `config.model.quantizer` (TiTok-L-32 in the `paper` variant);
 the legacy [N, W] -> [W, N] reshape is reproduced by the model when `is_legacy` is set.
+`is_legacy` and `use_l2_norm` change the maths but no shape: when the release's `config.json`
+sits beside the source, its values must be the config's (and stage1.init_from checks the
+converted checkpoint's against the run's).
 """
 from __future__ import annotations
+
+import json
+import os
 
 import flax.linen as nn
 import jax
@@ -18,6 +24,39 @@ from im_anim_jax.models.quantizer import VectorQuantizer
 
 MODEL = None  # needs config.model.motion_tokenizer and .quantizer
 SKIPPED_PREFIXES = ("decoder.", "pixel_quantize.", "pixel_decoder.")
+STANDARD_FILES = ("model.safetensors", "pytorch_model.bin")  # Hugging Face names
+MATHS_FIELDS = {"is_legacy": "motion_tokenizer", "use_l2_norm": "quantizer"}  # -> config.model.*
+UPSTREAM_DEFAULTS = {"is_legacy": True}  # TiTok reads vq_model.get("is_legacy", True)
+
+
+def check_maths(found: dict, model_cfg, where: str) -> None:
+    """Raises ConversionError when a MATHS_FIELDS value in `found` (read from `where`) is not
+    config.model's."""
+    bad = [f"{field}={found[field]} in {where} but config.model.{section}.{field}="
+           f"{model_cfg[section][field]}" for field, section in MATHS_FIELDS.items()
+           if found.get(field) is not None and found[field] != model_cfg[section][field]]
+    if bad:
+        raise common.ConversionError("; ".join(bad) + " (this changes the maths, not the shapes; "
+                                     "set the config to match)")
+
+
+def source_meta(path: str, model_cfg) -> dict:
+    """Checks the TiTok `config.json` beside `path` (if any) against config.model; -> meta."""
+    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    try:
+        with open(config_path) as f:
+            vq = dict(json.load(f)["model"]["vq_model"])
+    except (OSError, ValueError, KeyError, TypeError):  # none, or not a TiTok config
+        return {"source_config": None}
+    check_maths({f: vq.get(f, UPSTREAM_DEFAULTS.get(f)) for f in MATHS_FIELDS}, model_cfg,
+                config_path)
+    return {"source_config": config_path}
+
+
+def recorded_maths(meta: dict) -> dict:
+    """{MATHS_FIELDS field: value} a converted checkpoint's meta.json records."""
+    model = meta.get("model_config") or {}
+    return {f: model.get(section, {}).get(f) for f, section in MATHS_FIELDS.items()}
 
 
 def _modules(model_cfg):
@@ -68,9 +107,9 @@ def expected_shapes(model_cfg) -> dict[str, tuple]:
     return shapes
 
 
-def select(sd: dict) -> dict:
-    """Drops the image-decoder halves of the checkpoint (not used by IM-Animation)."""
-    return {k: v for k, v in sd.items() if not k.startswith(SKIPPED_PREFIXES)}
+def keep(key: str) -> bool:
+    """False for the image-decoder halves of the checkpoint (not used by IM-Animation)."""
+    return not key.startswith(SKIPPED_PREFIXES)
 
 
 def convert(sd: dict, model_cfg) -> dict:

@@ -16,6 +16,8 @@ from im_anim_jax.convert import common
 from im_anim_jax.models.wan import dit
 
 MODEL = "dit"
+STANDARD_FILES = ("diffusion_pytorch_model.safetensors.index.json",  # the TI2V-5B release
+                  "diffusion_pytorch_model.safetensors")
 
 
 def _table(cfg) -> list[tuple[str, str, tuple, object]]:

@@ -15,6 +15,7 @@ from im_anim_jax.convert import common
 from im_anim_jax.models.wan.vae import build_vae
 
 MODEL = "vae"
+STANDARD_FILES = ("Wan2.2_VAE.pth",)  # its name in the Wan2.2 release folders
 
 
 def abstract_params(model_cfg) -> dict:

@@ -134,14 +134,16 @@ def load_params(config, workdir: str):
     return model, params, step
 
 
-def init_from_titok(path: str, params: dict, shardings: dict) -> dict:
+def init_from_titok(path: str, params: dict, shardings: dict, model_cfg) -> dict:
     """`params` with motion_encoder and quantize replaced by a converted TiTok checkpoint (cast to
-    the parameter dtype, placed on `shardings`). A size mismatch names the differing params."""
-    from im_anim_jax.convert import common
+    the parameter dtype, placed on `shardings`). A size mismatch names the differing params, and
+    so does a converted is_legacy / use_l2_norm that is not `model_cfg`'s (config.model)."""
+    from im_anim_jax.convert import common, titok
     loaded, meta = common.load_converted(path)
     if meta.get("kind") != "titok":
         raise ValueError(f"stage1.init_from={path} holds a {meta.get('kind')!r} checkpoint; "
                          f"expected one written by `python -m im_anim_jax.convert titok`")
+    titok.check_maths(titok.recorded_maths(meta), model_cfg, f"stage1.init_from={path}")
     part = {k: params[k] for k in ("motion_encoder", "quantize")}
     try:
         common.check_tree(loaded, part)
@@ -241,7 +243,8 @@ def train(config, workdir: str, data_path: str, log=print) -> dict:
     tx = make_optimizer(cfg)
     state, abstract_state, state_sh = init_state(model, tx, config, mesh, axis_rules)
     if cfg.init_from:
-        state = state.replace(params=init_from_titok(cfg.init_from, state.params, state_sh.params))
+        state = state.replace(params=init_from_titok(cfg.init_from, state.params,
+                                                     state_sh.params, config.model))
         log(f"[stage1] motion encoder and codebook initialised from {cfg.init_from}")
     data_iter = iter(pipeline.train_dataset(
         data_path, "train", clip_frames=cfg.clip_frames,

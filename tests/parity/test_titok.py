@@ -109,7 +109,8 @@ def test_titok_checkpoint_initialises_stage1(tmp_path, tiny_config):
     params = jax.tree.map(np.asarray, nn.unbox(
         model.init(jax.random.key(0), dummy_frames(cfg.model))["params"]))
     cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    new = init_from_titok(str(tmp_path / "out"), params, jax.tree.map(lambda _: cpu, params))
+    new = init_from_titok(str(tmp_path / "out"), params, jax.tree.map(lambda _: cpu, params),
+                          cfg.model)
     np.testing.assert_array_equal(new["quantize"]["embedding"],
                                   ref.quantize.embedding.weight.detach().numpy())
     np.testing.assert_array_equal(new["motion_encoder"]["latent_tokens"],
@@ -121,4 +122,5 @@ def test_titok_checkpoint_initialises_stage1(tmp_path, tiny_config):
     bigger = jax.tree.map(np.asarray, nn.unbox(
         build_stage1(cfg.model).init(jax.random.key(0), dummy_frames(cfg.model))["params"]))
     with pytest.raises(ValueError, match="does not fit config.model"):
-        init_from_titok(str(tmp_path / "out"), bigger, jax.tree.map(lambda _: cpu, bigger))
+        init_from_titok(str(tmp_path / "out"), bigger, jax.tree.map(lambda _: cpu, bigger),
+                        cfg.model)
