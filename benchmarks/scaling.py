@@ -17,9 +17,10 @@ bytes and memory per device are the real per-device figures.
 FLOPs are counted from the step's jaxpr (im_anim_jax.plan.step_flops: matmuls and convolutions,
 each scanned layer counted). --mfu adds one row per device count on the real devices: the stage's
 step in bfloat16 with cuDNN attention (GPU), its achieved TFLOP/s and MFU = model FLOPs (XLA
-attention, no remat) / step time / (--peak_tflops per device; default by device kind: H100/H200
-989, A100 312 dense bf16; on CPU a measured float32 matmul peak and XLA attention, which only
-exercises the code path). --sweeps '' skips the float32 sweeps (a GPU host's MFU run alone).
+attention unblocked, no remat) / step time / (--peak_tflops per device; default by device kind:
+H100/H200 989, H100 PCIe 756, H100 NVL 835, A100 312 dense bf16; on CPU a measured float32
+matmul peak and XLA attention, which only exercises the code path; an unknown kind without
+--peak_tflops is refused before the sweeps). --sweeps '' skips the float32 sweeps (a GPU host's MFU run alone).
 
 Outputs OUT/scaling.csv (one row per point) and OUT/scaling.png; the last stdout line is JSON.
 --profile also traces one step per point into OUT/profile/<sweep>_<n>/ (perfetto trace + the
@@ -35,7 +36,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "configs")]
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per device
+# Dense bf16 per device, by device kind (the first name the kind contains: PCIe and NVL before
+# the SXM H100).
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0,
+               "A100": 312.0}
 FIELDS = ("sweep", "devices", "mesh", "global_batch", "step_s", "flops_per_step",
           "achieved_tflops", "mfu", "collective_gib", "all_gather_gib", "reduce_scatter_gib",
           "all_reduce_gib", "all_to_all_gib", "collective_permute_gib", "peak_gib", "params_gib",
@@ -70,17 +74,25 @@ def synthetic_args(args):
 
 def model_flops(config, stage: int, mesh) -> float:
     """Model FLOPs of one step (all devices): plan.step_flops of the step traced with XLA
-    attention and no remat (a cuDNN attention call has no matmuls in the jaxpr; recomputation is
-    not model work), the numerator of MFU."""
+    attention, unblocked, and no remat (a cuDNN attention call has no matmuls in the jaxpr;
+    recomputation, including that of query-blocked attention, is not model work), the numerator
+    of MFU."""
+    import functools
+    import sys
+    from unittest import mock
+
     import flax.linen as nn
     import jax
 
     from im_anim_jax import plan, sharding
+    from im_anim_jax.models import layers
     config = config.copy_and_resolve_references()
     config.model.attention_impl, config.model.remat_policy = "xla", "none"
-    step, args = plan.stage_step(config, stage, mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
-        return plan.step_flops(step, *args)[0]
+    unblocked = functools.partial(layers.query_blocked_attention, max_scores=sys.maxsize)
+    with mock.patch.object(layers, "query_blocked_attention", unblocked):
+        step, args = plan.stage_step(config, stage, mesh)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
+            return plan.step_flops(step, *args)[0]
 
 
 def measure(config, stage: int, mesh, steps: int, flops: float | None = None,
@@ -242,6 +254,11 @@ def main():
     sweeps = [w for w in args.sweeps.split(",") if w]
     if not set(sweeps) <= {"weak", "strong"}:
         raise SystemExit(f"--sweeps {args.sweeps!r}: expected a comma list of weak, strong")
+    if args.mfu:  # before the sweeps: an unknown device kind must not cost their results
+        try:
+            peak = peak_tflops(jax.devices()[0], args.peak_tflops)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     for sweep in sweeps:
         for n in counts:
             batch = args.per_device_batch * (n if sweep == "weak" else max(counts))
@@ -253,9 +270,7 @@ def main():
                   f"{row['step_s']:.3f} s/step, {row['collective_gib']:.4f} GiB collectives, "
                   f"{row['peak_gib']:.4f} GiB peak per device", flush=True)
     if args.mfu:
-        device = jax.devices()[0]
-        peak = peak_tflops(device, args.peak_tflops)
-        gpu = device.platform == "gpu"
+        gpu = jax.devices()[0].platform == "gpu"
         mfu_base = base.copy_and_resolve_references()
         mfu_base.model.dtype = "bfloat16" if gpu else mfu_base.model.dtype
         mfu_base.model.attention_impl = "cudnn" if gpu else "xla"

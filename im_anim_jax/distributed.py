@@ -9,12 +9,15 @@ process its own shards, process 0 the metadata).
 Where the processes learn of each other, in this order:
   1. JAX_COORDINATOR_ADDRESS=host:port (process 0's host), JAX_NUM_PROCESSES, JAX_PROCESS_ID
      (and optionally JAX_LOCAL_DEVICE_IDS): any launcher, e.g. a shell loop over hosts;
-  2. a multi-process cluster launch that jax.distributed detects itself: SLURM (srun, more than
-     one task), Open MPI (mpirun), Kubernetes indexed jobs, multi-host Cloud TPU VMs;
+  2. a multi-process cluster launch that jax.distributed detects itself: SLURM (a job step started
+     by srun with more than one task; not an salloc shell or an sbatch script without srun),
+     Open MPI (mpirun), Kubernetes indexed jobs (with the `kubernetes` package), multi-host Cloud
+     TPU VMs;
   3. neither: a single process, nothing to do.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Mapping
 
@@ -23,13 +26,24 @@ import jax
 ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 
 
+# The variables jax.distributed's own cluster detection needs (jax/_src/clusters/*): an
+# `salloc` shell or an sbatch script without `srun` has SLURM_JOB_ID and SLURM_NTASKS but no
+# step, and is one process.
+_SLURM = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+_OMPI = ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE")
+
+
 def _cluster_size(env: Mapping[str, str]) -> int:
     """Processes of a cluster launch that jax.distributed detects (1 when there is none)."""
-    if "SLURM_JOB_ID" in env and "SLURM_NTASKS" in env:
+    if all(k in env for k in _SLURM):
         return int(env["SLURM_NTASKS"])
-    if "OMPI_COMM_WORLD_SIZE" in env:
+    if all(k in env for k in _OMPI):
         return int(env["OMPI_COMM_WORLD_SIZE"])
     if "KUBERNETES_SERVICE_HOST" in env and "JOB_COMPLETION_INDEX" in env:
+        if importlib.util.find_spec("kubernetes") is None:  # jax's detection needs it
+            raise ValueError("a Kubernetes indexed job: multi-host start-up asks the Kubernetes "
+                             "API for the job's size, which needs `pip install kubernetes` (or "
+                             f"set {ENV_ADDRESS}, {ENV_COUNT} and {ENV_ID})")
         return 2  # an indexed job: jax asks the Kubernetes API for the real size
     hosts = env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES") or ""
     return max(1, len([h for h in hosts.split(",") if h]))

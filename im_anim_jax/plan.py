@@ -201,7 +201,8 @@ def jaxpr_flops(jaxpr) -> tuple[float, int]:
             continue
         times = eqn.params["length"] if name == "scan" else 1
         if name == "shard_map":
-            mesh, manual = eqn.params["mesh"], eqn.params.get("manual_axes")
+            mesh = eqn.params["mesh"]  # jax 0.10 names the manual axes `newly_manual_axes`
+            manual = eqn.params.get("newly_manual_axes", eqn.params.get("manual_axes"))
             times = math.prod(mesh.shape[a] for a in manual) if manual else mesh.size
         total += times * sum(f for f, _ in counted)
     return total, unknown
@@ -551,6 +552,9 @@ def configure(config, stage: int, mesh_text: str, frames: int | None, height: in
     config = config.copy_and_resolve_references()
     config.mesh.shape.update(sizes)
     cfg = config[f"stage{stage}"]
+    for flag, value in (("--frames", frames), ("--batch", batch)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be a positive integer")
     if frames is not None:
         cfg.clip_frames = frames
     if batch is not None:

@@ -129,9 +129,31 @@ def batch_span_problem(batch_shards: int, num_processes: int) -> str | None:
     return None
 
 
+def batch_layout_problem(mesh) -> str | None:
+    """The devices of each batch shard (one data x fsdp position, across context and tensor) must
+    sit in one process, and every process must hold as many shards: a mesh whose device order
+    interleaves the hosts (a TPU slice's physical layout can) passes the count check above yet
+    fails at the first batch."""
+    names = list(mesh.axis_names)
+    devices = np.moveaxis(np.asarray(mesh.devices), [names.index(a) for a in BATCH_AXES], [0, 1])
+    owner = np.vectorize(lambda d: d.process_index)(devices).reshape(
+        devices.shape[0] * devices.shape[1], -1)
+    for i, row in enumerate(owner):
+        if len(set(row.tolist())) > 1:
+            return (f"batch shard {i} of the data x fsdp axes has devices on processes "
+                    f"{sorted(set(row.tolist()))}: each process loads its own rows, so the "
+                    f"devices of one batch shard must be on one host (put the cross-host factor "
+                    f"on data or fsdp, or order the mesh's devices host by host)")
+    shards = np.bincount(owner[:, 0])
+    if len(set(shards[shards > 0].tolist())) > 1:
+        return (f"processes hold unequal numbers of batch shards {shards.tolist()}: each loads "
+                f"the same number of rows")
+    return None
+
+
 def check_batch_size(batch_size: int, mesh, what: str) -> None:
     n = mesh.shape["data"] * mesh.shape["fsdp"]
-    problem = batch_span_problem(n, jax.process_count())
+    problem = batch_span_problem(n, jax.process_count()) or batch_layout_problem(mesh)
     if problem:
         raise ValueError(problem)
     if batch_size % n:

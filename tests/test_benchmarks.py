@@ -130,3 +130,18 @@ def test_scaling_size_errors_are_one_line(args, message):
                           *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1].startswith("error: ") and message in res.stderr
+
+
+def test_scaling_peak_by_device_kind():
+    """PCIe and NVL H100s are not the SXM part; an unknown kind is refused by name."""
+    class Device:
+        platform = "gpu"
+
+        def __init__(self, kind):
+            self.device_kind = kind
+    assert scaling.peak_tflops(Device("NVIDIA H100 PCIe"), None) == 756.0
+    assert scaling.peak_tflops(Device("NVIDIA H100 NVL"), None) == 835.0
+    assert scaling.peak_tflops(Device("NVIDIA H100 80GB HBM3"), None) == 989.0
+    assert scaling.peak_tflops(Device("NVIDIA B200"), 2250.0) == 2250.0
+    with pytest.raises(ValueError, match="unknown peak for 'NVIDIA B200': pass --peak_tflops"):
+        scaling.peak_tflops(Device("NVIDIA B200"), None)

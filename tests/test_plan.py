@@ -143,3 +143,29 @@ def test_stage3_step_traces_at_a_non_square_clip(tiny_config):
         plan.configure(tiny_config, 3, "data=1", None, 48, 96, 2)
     with pytest.raises(ValueError, match="--height 0 --width 96: sizes must be positive"):
         plan.configure(tiny_config, 3, "data=1", None, 0, 96, 2)
+    for frames, batch, flag in ((0, 2, "--frames 0"), (None, -4, "--batch -4")):
+        with pytest.raises(ValueError, match=f"{flag}: must be a positive integer"):
+            plan.configure(tiny_config, 3, "data=1", frames, None, None, batch)
+
+
+def test_shard_map_flops_count_the_manual_axes_only():
+    """A shard_map manual over some mesh axes runs its body once per manual shard (jax 0.10
+    records them as `newly_manual_axes`; before, the planner read `manual_axes` and counted the
+    whole mesh)."""
+    code = """
+import jax
+jax.config.update("jax_num_cpu_devices", 8)
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+from im_anim_jax import plan
+mesh = jax.make_mesh((4, 2), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+x, w = jnp.ones((8, 16)), jnp.ones((16, 16))
+f = jax.shard_map(lambda x, w: x @ w, mesh=mesh, in_specs=(P("a"), P()), out_specs=P("a"),
+                  axis_names={"a"}, check_vma=False)
+with jax.set_mesh(mesh):
+    print(plan.step_flops(jax.jit(f), x, w)[0])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split()[-1]) == 4 * (2 * 2 * 16 * 16)  # 4 shards of [2,16]@[16,16]

@@ -75,6 +75,49 @@ def test_two_processes_join_one_mesh_and_checkpoint_collectively(tmp_path):
     assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(tmp_path / "ckpt"))
 
 
+def test_a_batch_shard_must_sit_in_one_process():
+    """data=2 x tensor=2 over 2 processes passes the count check (data x fsdp = 2 shards for 2
+    processes) but, with the devices interleaved as a TPU slice's layout can order them, each
+    batch shard spans both hosts: refused before any data (it used to fail at the first batch
+    in make_array_from_process_local_data)."""
+    import types
+
+    import numpy as np
+
+    from im_anim_jax import sharding
+
+    def mesh(owners):  # owners [data][tensor] -> process index of each device
+        devices = np.array([[types.SimpleNamespace(process_index=p) for p in row]
+                            for row in owners], dtype=object).reshape(2, 1, 1, 2)
+        return types.SimpleNamespace(axis_names=("data", "fsdp", "context", "tensor"),
+                                     devices=devices, shape={"data": 2, "fsdp": 1})
+    assert sharding.batch_layout_problem(mesh([[0, 0], [1, 1]])) is None
+    problem = sharding.batch_layout_problem(mesh([[0, 1], [0, 1]]))
+    assert problem.startswith("batch shard 0 of the data x fsdp axes has devices on processes "
+                              "[0, 1]")
+    assert "unequal numbers of batch shards [2, 0, 1]" in sharding.batch_layout_problem(
+        types.SimpleNamespace(axis_names=("data", "fsdp"), shape={"data": 3, "fsdp": 1},
+                              devices=np.array([[types.SimpleNamespace(process_index=p)]
+                                                for p in (0, 0, 2)], dtype=object)))
+
+
+def test_cluster_launches_are_told_from_single_processes(monkeypatch):
+    """Only a launch jax.distributed can itself join counts: an salloc shell or an sbatch script
+    without srun (no job step) is one process, where it used to fail with `coordinator_address
+    should be defined`; a Kubernetes indexed job without the `kubernetes` package is one line."""
+    from im_anim_jax import distributed
+    salloc = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}
+    assert distributed.initialize(salloc) is False
+    srun = dict(salloc, SLURM_STEP_NODELIST="n[1-2]", SLURM_PROCID="0", SLURM_LOCALID="0")
+    assert distributed._cluster_size(srun) == 4
+    assert distributed._cluster_size({"OMPI_COMM_WORLD_SIZE": "3"}) == 1  # no mpirun URI
+    assert distributed._cluster_size({"OMPI_COMM_WORLD_SIZE": "3",
+                                      "OMPI_MCA_orte_hnp_uri": "1.0;tcp://h:1"}) == 3
+    monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="pip install kubernetes"):
+        distributed.initialize({"KUBERNETES_SERVICE_HOST": "h", "JOB_COMPLETION_INDEX": "0"})
+
+
 def _multihost(directory: str):
     """One process of the two-process test: rows filled with (process index + 1)."""
     from im_anim_jax import distributed
