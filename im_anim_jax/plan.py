@@ -321,7 +321,7 @@ def collective_bytes(hlo: str, num_devices: int, depth: int = 2) -> dict:
             sizes = _arrays(result)
             if not sizes:
                 continue
-            r = (max(sizes) if kind == "all-gather" else sizes[0]) if start else sum(sizes)
+            r = _start_bytes(kind, sizes) if start else sum(sizes)
             n = _group_size(line, num_devices)
             moved = {"all-gather": r * (n - 1) / n, "reduce-scatter": r * (n - 1),
                      "all-reduce": 2 * r * (n - 1) / n, "all-to-all": r * (n - 1) / n,
@@ -335,6 +335,17 @@ def collective_bytes(hlo: str, num_devices: int, depth: int = 2) -> dict:
     out["unknown_trip_counts"] = unknown
     out["by_scope"] = dict(by_scope)
     return out
+
+
+def _start_bytes(kind: str, sizes: list[int]) -> int:
+    """Result bytes of an asynchronous `<kind>-start` from its result's array sizes: an
+    all-reduce's outputs (one each for a merged op), an all-gather's second half (operands, then
+    outputs), a collective-permute's operand (the rest are outputs and context scalars)."""
+    if kind == "all-reduce":
+        return sum(sizes)
+    if kind == "all-gather":
+        return sum(sizes[len(sizes) // 2:])
+    return sizes[0]
 
 
 def _topological(calls: dict, root: str) -> list[str]:

@@ -169,3 +169,21 @@ with jax.set_mesh(mesh):
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.split()[-1]) == 4 * (2 * 2 * 16 * 16)  # 4 shards of [2,16]@[16,16]
+
+
+def test_collective_bytes_of_merged_asynchronous_collectives():
+    """GPU/TPU compiles start collectives asynchronously, merged into tuples: every output counts
+    (before, one: 36,864 bytes counted of 61,440 for this all-reduce pair)."""
+    hlo = """HloModule m
+
+ENTRY %main (a: f32[1024], b: f32[4096]) -> f32[1024] {
+  %ars = (f32[1024]{0}, f32[4096]{0}) all-reduce-start(f32[1024]{0} %a, f32[4096]{0} %b), replica_groups=[1,4]<=[4], to_apply=%add
+  %ags = ((f32[256]{0}, f32[1024]{0}), (f32[1024]{0}, f32[4096]{0})) all-gather-start(f32[256]{0} %x, f32[1024]{0} %y), replica_groups=[1,4]<=[4], dimensions={0}
+  %ar = (f32[1024]{0}, f32[4096]{0}) all-reduce(f32[1024]{0} %a, f32[4096]{0} %b), replica_groups=[1,4]<=[4], to_apply=%add
+  ROOT %r = f32[1024]{0} copy(%a)
+}
+"""
+    out = plan.collective_bytes(hlo, 4)
+    outputs = (1024 + 4096) * 4  # bytes of the two outputs of each op
+    assert out["all-reduce"]["bytes"] == pytest.approx(2 * (2 * outputs * 3 / 4))
+    assert out["all-gather"]["bytes"] == pytest.approx(outputs * 3 / 4)
