@@ -1,7 +1,8 @@
 """The legacy data-parallel stage-1 step (training/data_parallel.py: shard_map and pmap over 4
 simulated CPU devices) gives the loss and updated state of stage1.make_train_step on one device
 (float32; reduction order only, tolerances of tests/test_sharding_equivalence.py: losses rtol
-1e-5, optimizer state 1e-5 of its scale + 1e-6, params 1e-4). One subprocess: the device count
+1e-5, optimizer state 1e-5 of its scale + 1e-6, params 1e-4), and skips a non-finite step as it
+does. One subprocess: the device count
 must be set before jax starts."""
 import json
 import os
@@ -18,9 +19,11 @@ def test_shard_map_and_pmap_steps_match_the_stage1_step():
                          text=True, env=env, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
-    for kind, r in report.items():
+    for kind in ("shard_map", "pmap"):
+        r = report[kind]
         assert r["loss_rel_err"] <= 1e-5, (kind, r)
         assert r["state_err_over_tol"] <= 1.0, (kind, r)
+        assert report[f"{kind}_nan_step"] == {"params_kept": True, "nonfinite_in_a_row": 1}
 
 
 def main():
@@ -59,6 +62,18 @@ def main():
             state, metrics = step(state, data_parallel.split_batch(batch, devices, kind))
             losses.append(float(np.asarray(metrics["loss"]).reshape(-1)[0]))
         report[kind] = _compare(ref, (losses, data_parallel.unreplicate(state, kind)))
+        # The trainer's fault handling: an injected NaN step is skipped alike on every device
+        # and counted in the guard's metrics.
+        config.faults.inject_nan_steps = (1,)
+        nan_step = data_parallel.make_step(model, tx, config, devices, kind)
+        config.faults.inject_nan_steps = ()
+        state = data_parallel.replicate(state0, devices, kind)
+        state, metrics = nan_step(state, data_parallel.split_batch(batch, devices, kind))
+        after = data_parallel.unreplicate(state, kind)
+        report[f"{kind}_nan_step"] = {
+            "params_kept": all(bool(np.array_equal(a, b)) for a, b in zip(
+                jax.tree.leaves(after.params), jax.tree.leaves(state0.params))),
+            "nonfinite_in_a_row": int(np.asarray(metrics["nonfinite_in_a_row"]).reshape(-1)[0])}
     print(json.dumps(report))
 
 

@@ -26,6 +26,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from im_anim_jax.training import stage1
+from im_anim_jax.training import state as train_state
 
 KINDS = ("shard_map", "pmap")
 AXIS = "data"
@@ -36,6 +37,8 @@ def _local_step(model, tx, config):
     cfg = config.stage1
     weights = {"heatmap_loss": 1.0, "vq_loss": cfg.vq_loss_weight,
                "heatmap_ce": cfg.heatmap_ce_weight, "patch_heatmap_loss": cfg.patch_heatmap_weight}
+
+    inject = tuple(config.faults.inject_nan_steps)
 
     def step(state, batch):
         w, target = batch["joint_weights"], batch["heatmaps"]
@@ -56,11 +59,17 @@ def _local_step(model, tx, config):
 
         grads, terms = jax.grad(loss_fn, has_aux=True)(state.params)
         grads, terms = jax.lax.psum(grads, AXIS), jax.lax.psum(terms, AXIS)
+        loss = sum(weights[k] * v for k, v in terms.items())
+        if inject:  # faults.inject_nan_steps (1-based), as train_state.apply_gradients
+            loss = jnp.where(jnp.isin(state.step + 1, jnp.asarray(inject)), jnp.nan, loss)
+        # A non-finite loss poisons the gradients, so the optimizer's guard skips the step on
+        # every device alike (as train_state.apply_gradients does on one).
+        grads = jax.tree.map(lambda g: g * jnp.where(jnp.isfinite(loss), 1.0, jnp.nan), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         state = state.replace(step=state.step + 1, opt_state=opt_state,
                               params=optax.apply_updates(state.params, updates))
-        return state, {"loss": sum(weights[k] * v for k, v in terms.items()), **terms,
-                       "grad_norm": optax.global_norm(grads)}
+        return state, {"loss": loss, **terms, "grad_norm": optax.global_norm(grads),
+                       **train_state.guard_metrics(opt_state)}
     return step
 
 
