@@ -163,6 +163,17 @@ def test_resume_drops_the_rows_the_abandoned_run_logged(tmp_path):
     assert _purge_steps(tmp_path) == [6]  # TensorBoard hides the first run's points after 5
 
 
+def test_a_run_killed_before_its_first_checkpoint_leaves_no_rows(tmp_path):
+    """Killed during its first save (no checkpoint completed), the rerun starts from scratch:
+    the killed run's rows go too (they had stayed, each step then logged twice)."""
+    _run(tmp_path, 4)
+    shutil.rmtree(tmp_path / "4")  # the only checkpoint, as if the kill came before it finished
+    _run(tmp_path, 6)
+    assert _steps_in(tmp_path / "data_log.txt") == list(range(1, 7))
+    assert _steps_in(tmp_path / "metrics.jsonl", lambda r: json.loads(r)["step"]) == \
+        list(range(1, 7))
+
+
 def test_a_signal_during_a_save_stops_right_after_it(tmp_path, monkeypatch):
     save = checkpointing.Checkpointer.save
 

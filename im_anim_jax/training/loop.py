@@ -179,7 +179,7 @@ def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callabl
         ckpt.close()
         raise
     primary = jax.process_index() == 0  # writes the logs (Orbax coordinates the checkpoints)
-    if start and primary:
+    if primary:  # also from scratch: a run killed before its first checkpoint logged steps
         drop_rows_after(os.path.join(stage_dir, "data_log.txt"), start,
                         lambda row: int(row.split()[0]))
     if start >= total_steps:

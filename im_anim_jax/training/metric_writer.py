@@ -16,17 +16,19 @@ from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
-    """Writes on process 0 only. `resume_step` > 0: the run resumes from that step's checkpoint,
-    so the rows of later steps (the abandoned run's) leave metrics.jsonl and TensorBoard."""
+    """Writes on process 0 only. The run starts after `resume_step` (0: from scratch), so rows of
+    later steps an earlier run logged (an abandoned run's, or one killed before its first
+    checkpoint) leave metrics.jsonl and TensorBoard."""
 
     def __init__(self, logdir: str, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
         if self.enabled:
             os.makedirs(logdir, exist_ok=True)
             path = os.path.join(logdir, "metrics.jsonl")
-            if resume_step:
+            earlier = os.path.exists(path)
+            if earlier:
                 drop_rows_after(path, resume_step, lambda row: json.loads(row)["step"])
-            self._tb = SummaryWriter(logdir, purge_step=resume_step + 1 if resume_step else None)
+            self._tb = SummaryWriter(logdir, purge_step=resume_step + 1 if earlier else None)
             self._jsonl = open(path, "a")
 
     def write(self, step: int, scalars: dict) -> None:
