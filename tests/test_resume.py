@@ -82,6 +82,25 @@ def test_another_config_is_refused_before_restoring_listing_each_key(tmp_path, t
     assert tree_digest(tmp_path) == before
 
 
+def test_a_complete_checkpoint_is_used_under_another_config_with_the_changes_logged(
+        tmp_path, tree_digest):
+    """`--stages 2 --config.seed=1` on a workdir whose VAE is done: nothing trains on from the
+    finished VAE, so its seed (or any setting) may differ; only logged, nothing written."""
+    _run(tmp_path, 10)
+    before = tree_digest(tmp_path)
+    lines = _run(tmp_path, 10, _config(**{"seed": 1, "model.motion_tokenizer.width": 16}))
+    assert lines == [
+        f"[toy] resuming from the checkpoint at step 10 in {tmp_path}",
+        "[toy] config changed since step 10: model.motion_tokenizer.width: 8 -> 16 (complete at "
+        "step 10: nothing trains under this config)",
+        "[toy] config changed since step 10: seed: 0 -> 1 (complete at step 10: nothing trains "
+        "under this config)",
+        "[toy] already complete (10/10 steps)"]
+    assert tree_digest(tmp_path) == before
+    with pytest.raises(ValueError, match="seed: 0 -> 1"):  # training on from it still refuses
+        _run(tmp_path, 15, _config(seed=1))
+
+
 def test_allowed_config_changes_are_logged_and_recorded(tmp_path):
     _run(tmp_path, 5, _config(**{"stage1.schedule": "constant"}))
     lines = _run(tmp_path, 10, _config(**{"stage1.schedule": "constant", "stage1.steps": 30,

@@ -244,11 +244,13 @@ def _cut(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def check_config(have: dict, want: dict, what: str, hint: str, allow: bool = False) -> dict:
+def check_config(have: dict, want: dict, what: str, hint: str, allow: bool = False,
+                 allowed_as: str | None = None) -> dict:
     """{key: [old, new, why allowed]}: the changes between the config JSON of checkpoint meta
     `have` and that of meta `want` over what determines the stage's trajectory (TRAJECTORY and
-    STAGE_SECTIONS), where each is allowed (_why_allowed) or `allow`; otherwise ValueError
-    listing the others as `key: old -> new`, then `hint`. {} where either holds no config."""
+    STAGE_SECTIONS), where each is allowed (_why_allowed) or `allow` (why: `allowed_as`, or
+    checkpoint.allow_config_change); otherwise ValueError listing the others as
+    `key: old -> new`, then `hint`. {} where either holds no config."""
     if "config" not in have or "config" not in want:
         return {}
     old, new = _flat(json.loads(have["config"])), _flat(json.loads(want["config"]))
@@ -263,7 +265,8 @@ def check_config(have: dict, want: dict, what: str, hint: str, allow: bool = Fal
         raise ValueError(f"{what} was written under another config ({len(refused)} keys differ: "
                          + "; ".join(refused[:MAX_LISTED]) + more + ")" + hint)
     return {k: [old.get(k, ABSENT), new.get(k, ABSENT),
-                why[k] or "accepted by checkpoint.allow_config_change"] for k in keys}
+                why[k] or allowed_as or "accepted by checkpoint.allow_config_change"]
+            for k in keys}
 
 
 def meta_for(config, stage, params, trained=None) -> dict:

@@ -113,15 +113,18 @@ def _read(action: Callable):
 
 
 def _resume(ckpt: Checkpointer, name: str, state, abstract_state, data_iter, meta: dict,
-            allow_config_change: bool, log: Callable[[str], None]):
+            allow_config_change: bool, total_steps: int, log: Callable[[str], None]):
     """(step, state, meta to save) from the newest checkpoint that restores after passing the
     checks against `meta` (architecture, trained groups, config); (0, state, meta) where there is
-    none. Newer ones that could not be read are then set aside; ValueError if none could be."""
+    none. Newer ones that could not be read are then set aside; ValueError if none could be. A
+    checkpoint at or past `total_steps` trains no further, so its config changes are only logged
+    (a later stage may use it under another seed or settings)."""
     failed = {}
     for step in reversed(ckpt.all_steps()):
         try:
             have = _read(lambda: ckpt.meta(step))
-            changes = _check(have, meta, step, ckpt.directory, allow_config_change)
+            changes = _check(have, meta, step, ckpt.directory, allow_config_change,
+                             complete=step >= total_steps)
             state = _read(lambda: ckpt.restore(step, abstract_state, data_iter))
         except _Unreadable as e:
             log(f"[{name}] warning: the checkpoint of step {step} in {ckpt.directory} could not "
@@ -145,8 +148,10 @@ def _resume(ckpt: Checkpointer, name: str, state, abstract_state, data_iter, met
     return 0, state, meta
 
 
-def _check(have: dict, meta: dict, step: int, stage_dir: str, allow_config_change: bool) -> dict:
-    """checkpointing.check_config's changes, after checking architecture and trained groups."""
+def _check(have: dict, meta: dict, step: int, stage_dir: str, allow_config_change: bool,
+           complete: bool) -> dict:
+    """checkpointing.check_config's changes, after checking architecture and trained groups;
+    every change is accepted where the checkpoint is `complete` (nothing trains on from it)."""
     what = f"the checkpoint of step {step} in {stage_dir}"
     move = f"move {stage_dir} away (and the stages trained on it) to train this config from scratch"
     hint = f". Resume it with the config that wrote it, or {move}"
@@ -155,7 +160,8 @@ def _check(have: dict, meta: dict, step: int, stage_dir: str, allow_config_chang
     return checkpointing.check_config(
         have, meta, what, f". Resume it with the config that wrote it, {move}, or set --config."
         f"checkpoint.allow_config_change=True to continue it under this config (the changes are "
-        f"logged and recorded in its meta)", allow_config_change)
+        f"logged and recorded in its meta)", allow_config_change or complete,
+        f"complete at step {step}: nothing trains under this config" if complete else None)
 
 
 def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callable,
@@ -174,7 +180,8 @@ def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callabl
                         async_save=ckpt_cfg.async_save)
     try:
         start, state, meta = _resume(ckpt, name, state, abstract_state, data_iter, meta,
-                                     ckpt_cfg.get("allow_config_change", False), log)
+                                     ckpt_cfg.get("allow_config_change", False), total_steps,
+                                     log)
     except Exception:
         ckpt.close()
         raise
