@@ -13,7 +13,9 @@ frame t of motion m has the same joint angles on every identity.
 
 Every draw comes from np.random.default_rng([seed, driving record]), so a record's pairs do not
 depend on the rest of the split. Clips without a valid partner are left out (`Pairs.unpaired`);
-a split with no valid pair at all is an error.
+a split with no valid pair at all is an error. Training reads each pair's records with a window
+and reference frame drawn per sample (`PairSource.example(i, rng)`), so later epochs see other
+windows; evaluation reads the pair's own (`PairSource[i]`).
 """
 from __future__ import annotations
 
@@ -174,14 +176,29 @@ class PairSource:
             raise BadClip(record, role, f"{type(e).__name__}: {e}") from None
 
     def __getitem__(self, i: int) -> dict:
+        return self.example(i)
+
+    def example(self, i: int, rng: np.random.Generator | None = None) -> dict:
+        """Pair i with its own window and reference frame, or, with `rng` (training), both drawn
+        afresh: the window uniformly over the frames the driving and target clips share, the
+        reference frame uniformly over its clip."""
         p = self.pairs
         drv, tgt, ref = (self._clip(int(x[i]), role) for x, role in (
             (p.driving, "driving"), (p.target, "target"), (p.reference, "reference")))
-        window = slice(int(p.start[i]), int(p.start[i]) + self.clip_frames)
+        start, frame = int(p.start[i]), int(p.reference_frame[i])
+        if rng is not None:
+            for record, role, clip in ((p.driving[i], "driving", drv), (p.target[i], "target",
+                                                                           tgt)):
+                if len(clip["frames"]) < self.clip_frames:
+                    raise BadClip(int(record), role, f"{len(clip['frames'])} frames, fewer than "
+                                  f"the {self.clip_frames} of a window")
+            shared = min(len(drv["frames"]), len(tgt["frames"]))
+            start = int(rng.integers(shared - self.clip_frames + 1))
+            frame = int(rng.integers(len(ref["frames"])))
+        window = slice(start, start + self.clip_frames)
         return {
             "driving": drv["frames"][window], "driving_keypoints": drv["keypoints"][window],
-            "reference": ref["frames"][int(p.reference_frame[i])],
-            "reference_keypoints": ref["keypoints"][int(p.reference_frame[i])],
+            "reference": ref["frames"][frame], "reference_keypoints": ref["keypoints"][frame],
             "target": tgt["frames"][window], "target_keypoints": tgt["keypoints"][window],
             "driving_identity_id": np.int32(drv["identity_id"]),
             "reference_identity_id": np.int32(ref["identity_id"]),
@@ -189,5 +206,5 @@ class PairSource:
             "reference_motion_id": np.int32(ref["motion_id"]),
             "driving_record": np.int32(p.driving[i]), "target_record": np.int32(p.target[i]),
             "reference_record": np.int32(p.reference[i]),
-            "reference_frame": np.int32(p.reference_frame[i]), "start": np.int32(p.start[i]),
+            "reference_frame": np.int32(frame), "start": np.int32(start),
         }

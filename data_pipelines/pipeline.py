@@ -168,14 +168,14 @@ class _SkipBad(grain.IterDataset):
                                 self._batch_size)
 
 
-def _guarded(src, check, sample):
-    """(index, rng) -> sample(record index of src, rng), or a bad-record marker when reading,
+def _guarded(get, check, sample):
+    """(index, rng) -> sample(get(index, rng), rng), or a bad-record marker when reading,
     decoding, `check`ing or sampling that record fails. A pair's marker names the clip that
     failed (pairs.BadClip): `bad_record` is that clip's record, so it counts once."""
     def read(i, rng):
         what = "cannot be read or decoded"
         try:
-            ex = src[i]
+            ex = get(i, rng)
             what = "has the wrong contents"
             check(ex)
             what = "cannot be sampled"
@@ -205,7 +205,7 @@ def train_dataset(path: str, split: str, *, clip_frames: int, batch_size: int, t
 
     src = records.open_split(path, split)
     _check_source(src, path, split, clip_frames, targets)
-    read = _guarded(src, _clip_check(clip_frames, targets), sample)
+    read = _guarded(lambda i, _: src[i], _clip_check(clip_frames, targets), sample)
     return _iterate(len(src), read, seed, batch_size, shard_index, shard_count, read_threads,
                     num_workers, max_bad_records, f"split {split!r} of {path}")
 
@@ -264,12 +264,13 @@ def pair_train_dataset(path: str, split: str, *, clip_frames: int, batch_size: i
                        num_workers: int = 0, max_bad_records: int = 100) -> grain.IterDataset:
     """Infinite, shuffled, process-sharded batches of stage-2 pairs (pairs.PairSource fields plus
     heatmaps [B, T, J, Hh, Wh] / joint_weights [B, T, J] of the target keypoints and `record`,
-    the pair index), the driving clip augmented by `augment` (None: as rendered)."""
+    the pair index), each with a window and reference frame drawn per sample, the driving clip
+    augmented by `augment` (None: as rendered)."""
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     src = _pairs(path, split, clip_frames, targets, seed=seed,
                  partners_per_clip=partners_per_clip, self_pairs=self_pairs)
-    read = _guarded(src, _pair_check(clip_frames, targets),
+    read = _guarded(src.example, _pair_check(clip_frames, targets),
                     lambda ex, rng: _with_pair_targets(ex, targets, augment, rng))
     return _iterate(len(src), read, seed, batch_size, jax.process_index(), jax.process_count(),
                     read_threads, num_workers, max_bad_records, f"the pairs of split {split!r} of "

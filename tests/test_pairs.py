@@ -96,6 +96,33 @@ def test_source_targets_are_partner_keypoints_at_the_same_frames(tiny_dataset):
         4, 3, sk.NUM_JOINTS, 3)
 
 
+def test_training_draws_the_window_and_reference_frame_per_sample(tiny_dataset):
+    """PairSource.example(i, rng): the pair's records with a window and reference frame drawn
+    from rng (a fixed window per pair gave a long run the same few windows every epoch); the
+    drawn window still holds the partner's keypoints at the driving clip's frames."""
+    src = pairs.PairSource(tiny_dataset, "train", clip_frames=3, seed=0)
+    clips = records.open_split(tiny_dataset, "train")
+    i = 0
+    drawn = [src.example(i, np.random.default_rng(k)) for k in range(40)]
+    frames = clips[int(src.pairs.driving[i])]["frames"].shape[0]
+    ref_frames = clips[int(src.pairs.reference[i])]["frames"].shape[0]
+    assert {int(ex["start"]) for ex in drawn} == set(range(frames - 3 + 1))
+    assert {int(ex["reference_frame"]) for ex in drawn} == set(range(ref_frames))
+    for ex in drawn[:5]:
+        s, f = int(ex["start"]), int(ex["reference_frame"])
+        assert int(ex["driving_record"]) == src.pairs.driving[i]  # the pairing stays
+        assert int(ex["target_record"]) == src.pairs.target[i]
+        tgt, drv = (clips[int(ex[k])] for k in ("target_record", "driving_record"))
+        np.testing.assert_array_equal(ex["driving"], drv["frames"][s:s + 3])
+        np.testing.assert_array_equal(ex["target_keypoints"], tgt["keypoints"][s:s + 3])
+        np.testing.assert_array_equal(ex["reference"],
+                                      clips[int(ex["reference_record"])]["frames"][f])
+    same = src.example(i, np.random.default_rng(3)), src.example(i, np.random.default_rng(3))
+    assert same[0]["start"] == same[1]["start"] and same[0]["reference_frame"] == same[1][
+        "reference_frame"]
+    assert src[i]["start"] == src.pairs.start[i]  # evaluation reads the pair's own window
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match="two identities"):
         pairs.make_pairs(_entries([(0, 0), (1, 1), (0, 2)]), clip_frames=3, seed=0)

@@ -140,3 +140,23 @@ def test_pair_eval_dataset_spread_covers_the_driving_clips_in_rounds(tiny_datase
     for k in range(len(ordered) // clips):                       # each round: every clip once
         assert sorted(d for _, d in spread[k * clips:(k + 1) * clips]) == list(range(clips))
     assert len({d for _, d in ordered[:clips]}) < clips          # index order: the first clips'
+
+
+def test_pair_training_batches_draw_each_pairs_window_afresh(tiny_dataset, tiny_config):
+    """Over three epochs a pair comes back with other windows and reference frames (they were
+    fixed per pair, so a long run saw the same few windows every epoch), reproducibly."""
+    kw = dict(clip_frames=3, batch_size=4, targets=_targets(tiny_config), seed=7, read_threads=1)
+    size = len(pipeline.pairs.PairSource(tiny_dataset, "train", clip_frames=3, seed=7,
+                                         self_pairs=True))
+
+    def draws():
+        ds = pipeline.pair_train_dataset(tiny_dataset, "train", **kw)
+        seen = {}
+        for b in itertools.islice(iter(ds), 3 * size // 4):
+            for r, s, f in zip(b["record"], b["start"], b["reference_frame"]):
+                seen.setdefault(int(r), set()).add((int(s), int(f)))
+        return seen
+
+    seen = draws()
+    assert len(seen) == size and sum(len(v) > 1 for v in seen.values()) > size // 2
+    assert draws() == seen

@@ -7,9 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from data_pipelines import records
+from data_pipelines import pipeline, records
+from im_anim_jax import keypoints as kp
 from im_anim_jax.evaluation import stage2 as stage2_eval
-from im_anim_jax.training import stage2, vae
+from im_anim_jax.training import stage1, stage2, vae
 from im_anim_jax.training.metric_writer import read_metrics
 
 STEPS = 60
@@ -101,8 +102,24 @@ def test_evaluation_reports_every_variant_and_baseline(trained, tiny_dataset):
         by = [figures[f"cross_pck@0.1/reference_{f}"] for f in sorted(framings)]
         assert all(0 <= v <= 1 for v in by), name
         assert min(by) - 1e-9 <= figures["cross_pck@0.1"] <= max(by) + 1e-9, name
-    # Ground-truth driving keypoints pasted on another body miss many joints.
+    # Ground-truth driving keypoints pasted on another body miss many joints. Scored on the
+    # joints every row is scored on (visible in the target), also those out of the driving
+    # frame (they were left out for this row alone, which made it easier).
     assert result["baselines"]["no_retarget_gt"]["cross_pck@0.1"] < 0.9
+    targets = stage1.targets(config)
+    pasted, dropped = stage2_eval.Hits((0.1,)), 0.0
+    for batch in pipeline.pair_eval_dataset(tiny_dataset, config.eval.split,
+                                            clip_frames=config.stage2.clip_frames, batch_size=4,
+                                            targets=targets, seed=config.eval.pair_seed):
+        to_hm = lambda xy: kp.image_to_heatmap(xy[..., :2], targets.image_size,  # noqa: E731
+                                               targets.heatmap_size)
+        w = batch["joint_weights"]
+        pasted.add(to_hm(batch["driving_keypoints"]), to_hm(batch["target_keypoints"]), w,
+                   targets.heatmap_size)
+        dropped += float((w * (batch["driving_keypoints"][..., 2] < targets.conf_threshold)).sum())
+    assert dropped > 0  # the tiny split has such joints, so the old weighting would differ
+    assert result["baselines"]["no_retarget_gt"]["cross_pck@0.1"] == pytest.approx(
+        pasted.result("p")["p@0.1"], abs=1e-12)
     for kind in ("tokens_stage1", "tokens_stage2", "conv_features", "pose_indicator_tokens"):
         probe = result["leakage"][kind]
         assert 0 <= probe["id_accuracy"] <= 1 and np.isfinite(probe["shape_r2"]), kind
@@ -138,6 +155,16 @@ def test_follow_measures_how_far_and_how_faithfully_the_output_moves():
     moved[..., 0, :] += pose2[..., 0, :] - pose[..., 0, :]
     masked.add(pred, moved, pose, pose2, w, 16)
     assert masked.result() == {"driving_swap_shift": 0.0, "driving_pose_follow": 0.0}
+
+
+def test_a_driving_swap_counts_where_the_window_differs():
+    """The neighbour's driving window counts as a swap when its clip or its start differs (pairs
+    of one clip sit side by side in the evaluation, each with its own window; comparing the clip
+    alone left out three quarters of the demo's pairs)."""
+    batch = {"driving_record": np.array([3, 3, 3, 5]), "start": np.array([0, 2, 2, 0])}
+    other = np.roll(np.arange(4), 1)  # pair i gets pair i-1's driving window
+    np.testing.assert_array_equal(stage2_eval._real_swaps(batch, other),
+                                  [True, True, False, True])
 
 
 def test_foreign_reference_drop_is_zero_only_for_an_output_that_ignores_the_reference():
