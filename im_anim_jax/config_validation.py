@@ -251,6 +251,16 @@ def _pairs(config, stages, out: list) -> None:
                        f"each) train stage 1 only")
 
 
+def _targets(config, out: list) -> None:
+    """The heatmap targets every stage trains on: a Gaussian needs a width, and a joint counts
+    as visible from a confidence in (0, 1] (0 would count joints off the frame, above 1 none)."""
+    sigma, threshold = config.data.heatmap_sigma, config.data.conf_threshold
+    if not (_is_number(sigma) and sigma > 0):
+        out.append(f"data.heatmap_sigma={sigma!r} must be a number > 0 (heatmap pixels)")
+    if not (_is_number(threshold) and 0 < threshold <= 1):
+        out.append(f"data.conf_threshold={threshold!r} must be a number in (0, 1]")
+
+
 def _faults(config, out: list) -> None:
     f = config.faults
     if not _is_int(f.max_nonfinite_in_a_row, 1):
@@ -333,6 +343,7 @@ def problems(config, stages, workdir: str, num_devices: int | None = None,
     _pairs(config, stages, out)
     _augment(config, stages, out)
     _frozen(config, stages, out)
+    _targets(config, out)
     _faults(config, out)
     _eval(config, out)
     if 3 in stages:

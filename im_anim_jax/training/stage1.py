@@ -155,14 +155,16 @@ def init_from_titok(path: str, params: dict, shardings: dict, model_cfg) -> dict
 
 
 def forward_metrics(model: Stage1Model, params, batch, cfg_model, vq_weight: float,
-                    patch_weight: float = 0.0, ce_weight: float = 0.0, ce_temperature: float = 0.1):
+                    patch_weight: float = 0.0, ce_weight: float = 0.0, ce_temperature: float = 0.1,
+                    subpixel: bool = True):
     """Loss and metrics of one batch (used by training and evaluation); `patch_weight` weighs
     the patch heatmap head's loss (a model built with one), `ce_weight` the decoded heatmaps'
-    cross-entropy (heatmap_cross_entropy at `ce_temperature`)."""
+    cross-entropy (heatmap_cross_entropy at `ce_temperature`); train PCK reads the joints with
+    the quarter-pixel refinement where `subpixel` (as evaluation does: eval.subpixel)."""
     heatmaps, aux = model.apply({"params": params}, batch["frames"])
     hm = heatmap_loss(heatmaps, batch["heatmaps"], batch["joint_weights"])
     size = cfg_model.joint_decoder.heatmap_size
-    pred_xy = kp.argmax_keypoints(jax.lax.stop_gradient(heatmaps))
+    pred_xy = kp.argmax_keypoints(jax.lax.stop_gradient(heatmaps), subpixel)
     gt_xy = kp.image_to_heatmap(batch["keypoints"][..., :2], cfg_model.motion_tokenizer.image_size,
                                 size)
     pck = kp.pck(pred_xy, gt_xy, batch["joint_weights"], size, (0.1,))
@@ -194,7 +196,8 @@ def make_train_step(model, tx, config, mesh, axis_rules, state_sh):
                                               config.stage1.vq_loss_weight,
                                               config.stage1.patch_heatmap_weight,
                                               config.stage1.heatmap_ce_weight,
-                                              config.stage1.heatmap_ce_temperature)
+                                              config.stage1.heatmap_ce_temperature,
+                                              config.eval.subpixel)
             return metrics["loss"], dict(metrics, vq_indices=aux["indices"], vq_z=aux["z"])
 
         state, metrics = train_state.apply_gradients(state, tx, loss_fn, state.params,

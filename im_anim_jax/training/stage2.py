@@ -165,7 +165,7 @@ def forward_metrics(model: Stage2Model, params, batch, ref_tokens, config):
     heatmaps, aux = model.apply({"params": params}, batch["driving"], ref_tokens)
     hm = stage1_training.heatmap_loss(heatmaps, batch["heatmaps"], batch["joint_weights"])
     size = config.model.joint_decoder.heatmap_size
-    pred = kp.argmax_keypoints(jax.lax.stop_gradient(heatmaps))
+    pred = kp.argmax_keypoints(jax.lax.stop_gradient(heatmaps), config.eval.subpixel)
     gt = kp.image_to_heatmap(batch["target_keypoints"][..., :2],
                              config.model.motion_tokenizer.image_size, size)
     pck = kp.pck(pred, gt, batch["joint_weights"], size, (0.1,))
