@@ -91,12 +91,13 @@ def tiny_dataset(tmp_path_factory, tiny_config):
 
 @pytest.fixture(scope="session")
 def tiny_stage1(tmp_path_factory, tiny_config, tiny_dataset):
-    """(config, workdir) of a short stage-1 run on the tiny set (fixed seeds, 120 steps, metrics
-    every 10): the learning test of stage 1 and the starting point of stage 2's tests.
-    Read-only for its users (copy the workdir to train further)."""
+    """(config, workdir) of a short stage-1 run on the tiny set (fixed seeds, 600 steps at a
+    peak rate of 3e-3, metrics every 50): the learning test of stage 1 and the starting point of
+    stage 2's tests. 120 steps at 1e-3 drew one pose for every frame (test_training). Read-only
+    for its users (copy the workdir to train further)."""
     from im_anim_jax.training import stage1
     config = tiny_config.copy_and_resolve_references()
-    config.stage1.update(dict(steps=120, log_every=10, checkpoint_every=120))
+    config.stage1.update(dict(steps=600, lr=3e-3, log_every=50, checkpoint_every=600))
     workdir = str(tmp_path_factory.mktemp("stage1"))
     stage1.train(config, workdir, tiny_dataset, log=lambda _: None)
     return config, workdir

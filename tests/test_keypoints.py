@@ -62,11 +62,13 @@ def test_coordinate_round_trip():
 
 
 def test_pck_counts_only_weighted_joints_within_threshold():
-    gt = np.zeros((4, 2))
-    pred = np.array([[0.5, 0.0], [1.7, 0.0], [0.0, 4.0], [10.0, 10.0]])
-    w = np.array([1.0, 1.0, 1.0, 0.0])  # the far-off joint is invisible
+    """PCK: Euclidean distance over `size` (a diagonal offset tells it from L-inf and L1)."""
+    gt = np.zeros((5, 2))
+    pred = np.array([[0.5, 0.0], [1.7, 0.0], [0.0, 4.0], [1.2, 1.2], [10.0, 10.0]])
+    w = np.array([1.0, 1.0, 1.0, 1.0, 0.0])  # the far-off joint is invisible
     out = kp.pck(pred, gt, w, size=16, thresholds=(0.05, 0.1))
-    # distances / 16: 0.031, 0.106, 0.25 -> 1 of 3 within 0.05 and 1 of 3 within 0.1
-    assert out[0.05] == pytest.approx(1 / 3) and out[0.1] == pytest.approx(1 / 3)
+    # distances / 16: 0.031, 0.106, 0.25, 0.106 (L-inf 0.075, L1 0.15) -> 1 of 4 within 0.05
+    # and 1 of 4 within 0.1
+    assert out[0.05] == pytest.approx(1 / 4) and out[0.1] == pytest.approx(1 / 4)
     out = kp.pck(pred, gt, w, size=16, thresholds=(0.11,))
-    assert out[0.11] == pytest.approx(2 / 3)
+    assert out[0.11] == pytest.approx(3 / 4)

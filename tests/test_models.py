@@ -267,6 +267,20 @@ def test_train_pck_reads_the_joints_as_the_evaluation_does(tiny_config):
     assert float(metrics["train_pck@0.1"]) == pytest.approx(figures[True], abs=1e-6)
 
 
+def test_heatmap_loss_averages_the_summed_squared_error_over_visible_joints():
+    """heatmap_loss: per-joint summed squared error, masked joints out of sum and count."""
+    from im_anim_jax.training.stage1 import heatmap_loss
+    target = np.zeros((1, 2, 2, 2, 2), np.float32)
+    pred = target.copy()
+    pred[0, 0, 0] = 1.0          # visible: error 4
+    pred[0, 1, 0, 0, 0] = 2.0    # visible: error 4
+    pred[0, 1, 1] = 10.0         # masked: error 400
+    weights = np.array([[[1, 1], [1, 0]]], np.float32)  # joint (0, 0, 1) visible with error 0
+    loss = float(heatmap_loss(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(weights)))
+    np.testing.assert_allclose(loss, (4 + 0 + 4) / 3, rtol=1e-6)
+    assert float(heatmap_loss(jnp.asarray(pred), target, np.zeros_like(weights))) == 0.0
+
+
 def test_heatmap_cross_entropy_is_least_at_the_target_and_masks_joints():
     from im_anim_jax.training.stage1 import heatmap_cross_entropy
     rng = np.random.default_rng(0)

@@ -12,10 +12,13 @@ counters) is compared with the one-device run.
 
 Tolerances (float32; the meshes only change reduction order and collectives): losses rtol 1e-5;
 optimizer state and counters |a - b| <= 1e-5 * max|b| + 1e-6 per leaf (relative to the leaf's
-scale; Adam's moments are the gradients and their squares); params |a - b| <= 1e-4, a tenth of
-one step's change at the tiny configs' learning rate 1e-3: Adam's update m / (sqrt(v) + eps)
-turns the rounding noise of gradients that are zero in exact arithmetic (attention key biases:
-softmax ignores a shift of the keys) into changes of ~1% of the learning rate (measured 1.7e-5).
+scale; Adam's moments are the gradients and their squares); params |a - b| <= a fifth of the
+largest change of any param in the one-device run, about its second step's learning rate (Adam's
+first updates are ~lr): 1e-4 where the warmup is 2 steps (lr 5e-4), 2e-5 for tiny stage 1 (10
+warmup steps: lr 1e-4), so a mesh run that skipped the update is 5x over. Adam's update
+m / (sqrt(v) + eps) turns the rounding noise of gradients that are zero in exact arithmetic
+(attention key biases: softmax ignores a shift of the keys) into changes of up to ~10% of the
+learning rate (measured 4.5e-5 at lr 5e-4: stage 2 on 1x2x2x2; 1e-7 at 1e-4 for stage 1).
 """
 import json
 import os
@@ -30,7 +33,7 @@ MESHES = ((8, 1, 1, 1), (2, 4, 1, 1), (2, 2, 1, 2), (1, 2, 2, 2))
 BATCH = 8  # divisible by data x fsdp of every mesh
 LOSS_RTOL = 1e-5
 STATE_RTOL, STATE_ATOL = 1e-5, 1e-6
-PARAM_ATOL = 1e-4
+PARAM_RTOL = 0.2  # of the largest param change of the one-device run
 
 
 @pytest.mark.parametrize("stage", ["stage3", "vae", "stage2", "stage1"])  # longest first
@@ -246,23 +249,27 @@ def _stages(config):
     }
 
 
-def _compare(ref, got) -> dict:
-    """Worst loss and state deviations of `got` from `ref` ((losses, state) on host)."""
+def _compare(ref, got, params0) -> dict:
+    """Worst loss and state deviations of `got` from `ref` ((losses, state) on host), both
+    stepped from `params0`."""
     import jax
     import numpy as np
     loss_err = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(got[0], ref[0]))
+    step = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)),
+                            initial=0.0))
+               for a, b in zip(jax.tree.leaves(ref[1].params), jax.tree.leaves(params0)))
     worst, where = 0.0, ""
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got[1])[0],
                             jax.tree.leaves(ref[1])):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         name = jax.tree_util.keystr(path)
-        scale = PARAM_ATOL if name.startswith(".params") else (
+        scale = max(PARAM_RTOL * step, 1e-12) if name.startswith(".params") else (
             STATE_RTOL * float(np.max(np.abs(b), initial=0.0)) + STATE_ATOL)
         err = float(np.max(np.abs(a - b), initial=0.0)) / scale
         if err > worst:
             worst, where = err, name
     return {"loss_rel_err": loss_err, "state_err_over_tol": worst, "worst_leaf": where,
-            "ok": bool(loss_err <= LOSS_RTOL and worst <= 1.0)}
+            "param_step": step, "ok": bool(step > 0 and loss_err <= LOSS_RTOL and worst <= 1.0)}
 
 
 def main():
@@ -306,7 +313,7 @@ def main():
             print(f"{stage} {name}: loss {losses} {time.perf_counter() - t0:.1f} s",
                   file=sys.stderr, flush=True)
         ref = results.pop("1x1x1x1")
-        report[stage] = {name: _compare(ref, got) for name, got in results.items()}
+        report[stage] = {name: _compare(ref, got, state0.params) for name, got in results.items()}
     print(json.dumps(report))
 
 

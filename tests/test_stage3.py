@@ -193,6 +193,11 @@ def test_flow_matching_inputs_and_loss_on_a_one_step_toy(tiny_config):
     np.testing.assert_allclose(np.asarray(latents[:, 2]), (1 - s[:, None, None, None])
                                * np.asarray(x0[:, 1]) + s[:, None, None, None] * eps[:, 1],
                                atol=1e-5)
+    # s is Wan's shifted timestep of the uniform draw (flow_inputs' first split key).
+    u = jax.random.uniform(jax.random.split(jax.random.key(1), 3)[0], (64,))
+    assert cfg.timestep_shift == 5.0
+    np.testing.assert_allclose(np.asarray(t[:, 2]), 1000 * np.asarray(
+        sampling.shift_timesteps(u, cfg.timestep_shift)), rtol=1e-5)
     # The loss: 0 at the true velocity, mean square of the target otherwise (held frames out).
     v_true = jnp.concatenate([jnp.zeros_like(z_ref), target], 1)
     assert float(stage3.flow_loss(v_true, target, weight)) == 0.0
@@ -219,6 +224,39 @@ def test_flow_matching_inputs_and_loss_on_a_one_step_toy(tiny_config):
     a = 0.0
     step = a - 0.5 * jax.grad(loss)(a)
     assert float(loss(step)) < float(loss(a))
+
+
+def test_per_token_repeats_each_frame_value_over_its_tokens():
+    """Training's t per DiT token: each latent frame's value on its consecutive tokens (f, h, w)."""
+    t = stage3.per_token(jnp.asarray([[0.0, 10.0, 20.0], [1.0, 2.0, 3.0]]), 2)
+    np.testing.assert_array_equal(np.asarray(t), [[0, 0, 10, 10, 20, 20], [1, 1, 2, 2, 3, 3]])
+
+
+def test_sampling_window_gives_each_frame_value_to_its_tokens(tiny_config):
+    """Generation's t and sigma per token: 0 on the held frames' tokens (reference and prefix),
+    the step's value on each generated frame's consecutive tokens (several per frame)."""
+    import types
+    config = tiny_config.copy_and_resolve_references()
+    config.sampling.update(dict(method="euler", steps=2, guidance=1.0))
+    b, f, p = 1, 3, 2                            # latent frames, DiT tokens per frame
+    calls = []
+
+    def velocity(params, x, t, context, control, expression, sigma):
+        calls.append((np.asarray(t), np.asarray(sigma)))
+        return jnp.zeros_like(x)
+    animator = types.SimpleNamespace(
+        config=config, context=jnp.zeros((2, 4)), negative_context=jnp.zeros((2, 4)),
+        _velocity=velocity, _expressions=lambda params, frames, kps: jnp.zeros((b, f, 5)))
+    z_ref = jnp.ones((b, 1, 2, 2, 4))
+    generation.Animator._sample_window(
+        animator, None, jax.random.key(0), z_ref, jnp.zeros((b, f, p, 8)), None, None,
+        jnp.ones((b, 1, 2, 2, 4)), False, "")  # prefix: latent frame 1 held
+    sigmas, timesteps = sampling.schedule("euler", 2, config.sampling.shift)
+    generated = np.array([0.0, 0.0, 1.0, 1.0])  # reference, prefix, then 2 generated frames
+    assert len(calls) == 2
+    for (t, sigma), s, ts in zip(calls, sigmas, timesteps):  # tokens [0 0 0 0 v v v v]
+        np.testing.assert_allclose(t, [np.repeat(generated * ts, p)], rtol=1e-6)
+        np.testing.assert_allclose(sigma, [np.repeat(generated * s, p)], rtol=1e-6)
 
 
 def _frozen_step(config):

@@ -5,15 +5,18 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
-from data_pipelines import records
+from data_pipelines import pipeline, records
+from im_anim_jax import keypoints as kp
 from im_anim_jax.evaluation import stage1 as stage1_eval
+from im_anim_jax.training import stage1
 from im_anim_jax.training.metric_writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LEARN_STEPS = 120  # conftest.tiny_stage1
+LEARN_STEPS = 600  # conftest.tiny_stage1
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +27,42 @@ def trained(tiny_stage1):
 def test_short_training_run_learns(trained):
     _, workdir = trained
     rows = read_metrics(os.path.join(workdir, "stage1"))
-    assert [r["step"] for r in rows] == list(range(10, LEARN_STEPS + 1, 10))
+    assert [r["step"] for r in rows] == list(range(50, LEARN_STEPS + 1, 50))
     first, last = rows[0], rows[-1]
     assert last["heatmap_loss"] < 0.6 * first["heatmap_loss"], (first, last)
     assert last["train_pck@0.1"] > first["train_pck@0.1"] + 0.15, (first, last)
     assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_the_trained_model_reads_each_frames_pose(trained, tiny_dataset):
+    """On the frames it trained on, the model beats the best input-free answer (the split's mean
+    pose, 0.71 `pck@0.1`) and its joints move with the true ones (least-squares slope of the
+    predicted on the true offsets from each joint's mean; 0 for any constant answer). The
+    120-step run this fixture used to be passed the loss and PCK checks above with one pose for
+    every frame (slope 0.0, `pck@0.1` 0.675). The tiny set's 2 held-out identities x 2 motions
+    are not learnt in a test's budget (held-out `pck@0.1` about the mean pose's)."""
+    config, workdir = trained
+    model, params, _ = stage1.load_params(config, workdir)
+    targets = stage1.targets(config)
+    forward = jax.jit(lambda f: model.apply({"params": params}, f)[0])
+    pred, true, weights = [], [], []
+    for batch in pipeline.eval_dataset(tiny_dataset, "train", clip_frames=None, batch_size=8,
+                                       targets=targets):
+        pred.append(kp.argmax_keypoints(np.asarray(forward(batch["frames"])), subpixel=True))
+        true.append(batch["keypoints"])
+        weights.append(batch["joint_weights"])
+    pred, true, w = (np.concatenate(x) for x in (pred, true, weights))
+    gt = kp.image_to_heatmap(true[..., :2], targets.image_size, targets.heatmap_size)
+    mean = (gt * w[..., None]).sum((0, 1)) / np.maximum(w.sum((0, 1)), 1)[:, None]  # [J, 2]
+
+    def pck(p):
+        return stage1_eval.clip_hits(p, true, w, targets, (0.1,))[0.1].sum() / w.sum()
+    model_pck, mean_pck = pck(pred), pck(np.broadcast_to(mean, pred.shape))
+    assert model_pck > mean_pck + 0.1, (model_pck, mean_pck)
+    dp = (pred - (pred * w[..., None]).sum((0, 1)) / np.maximum(w.sum((0, 1)), 1)[:, None])
+    dg = gt - mean
+    slope = float((w[..., None] * dp * dg).sum() / (w[..., None] * dg * dg).sum())
+    assert slope > 0.3, slope
 
 
 def test_evaluation_writes_report_and_png(trained, tiny_dataset):
@@ -48,7 +82,7 @@ def test_evaluation_writes_report_and_png(trained, tiny_dataset):
     assert sum(result[f"clips/framing_{f}"] for f in framings) == len(index)
     by_framing = [result[f"pck@0.1/framing_{f}"] for f in framings]
     assert min(by_framing) - 1e-9 <= result["pck@0.1"] <= max(by_framing) + 1e-9
-    assert result["pck@0.1"] > 0.2  # far above chance (~0.03) after a short run
+    assert result["pck@0.1"] > 0.2  # above uniform chance (~0.03); see the test above
     assert result["step"] == LEARN_STEPS and result["split"] == "test"
     assert result["num_identities"] == config.data.synthetic.num_heldout_identities
     assert os.path.getsize(os.path.join(workdir, "eval", "stage1.png")) > 1000
