@@ -61,7 +61,8 @@ def main():
         for _ in range(2):
             state, metrics = step(state, data_parallel.split_batch(batch, devices, kind))
             losses.append(float(np.asarray(metrics["loss"]).reshape(-1)[0]))
-        report[kind] = _compare(ref, (losses, data_parallel.unreplicate(state, kind)))
+        report[kind] = _compare(ref, (losses, data_parallel.unreplicate(state, kind)),
+                                state0.params)
         # The trainer's fault handling: an injected NaN step is skipped alike on every device
         # and counted in the guard's metrics.
         config.faults.inject_nan_steps = (1,)
