@@ -1,3 +1,4 @@
+"""Stage-1 evaluation's PCK (clip_hits) on hand-computed offsets."""
 import jax.numpy as jnp
 import numpy as np
 import pytest

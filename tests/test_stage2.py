@@ -107,12 +107,12 @@ def test_evaluation_reports_every_variant_and_baseline(trained, tiny_dataset):
     # frame (they were left out for this row alone, which made it easier).
     assert result["baselines"]["no_retarget_gt"]["cross_pck@0.1"] < 0.9
     targets = stage1.targets(config)
+    to_hm = lambda xy: kp.image_to_heatmap(xy[..., :2], targets.image_size,  # noqa: E731
+                                           targets.heatmap_size)
     pasted, dropped = stage2_eval.Hits((0.1,)), 0.0
     for batch in pipeline.pair_eval_dataset(tiny_dataset, config.eval.split,
                                             clip_frames=config.stage2.clip_frames, batch_size=4,
                                             targets=targets, seed=config.eval.pair_seed):
-        to_hm = lambda xy: kp.image_to_heatmap(xy[..., :2], targets.image_size,  # noqa: E731
-                                               targets.heatmap_size)
         w = batch["joint_weights"]
         pasted.add(to_hm(batch["driving_keypoints"]), to_hm(batch["target_keypoints"]), w,
                    targets.heatmap_size)

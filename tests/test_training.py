@@ -38,8 +38,8 @@ def test_the_trained_model_reads_each_frames_pose(trained, tiny_dataset):
     """On the frames it trained on, the model beats the best input-free answer (the split's mean
     pose, 0.71 `pck@0.1`) and its joints move with the true ones (least-squares slope of the
     predicted on the true offsets from each joint's mean; 0 for any constant answer). The
-    120-step run this fixture used to be passed the loss and PCK checks above with one pose for
-    every frame (slope 0.0, `pck@0.1` 0.675). The tiny set's 2 held-out identities x 2 motions
+    fixture's former 120-step run passed the loss and PCK checks above with one pose for every
+    frame (slope 0.0, `pck@0.1` 0.675). The tiny set's 2 held-out identities x 2 motions
     are not learnt in a test's budget (held-out `pck@0.1` about the mean pose's)."""
     config, workdir = trained
     model, params, _ = stage1.load_params(config, workdir)
@@ -53,14 +53,16 @@ def test_the_trained_model_reads_each_frames_pose(trained, tiny_dataset):
         weights.append(batch["joint_weights"])
     pred, true, w = (np.concatenate(x) for x in (pred, true, weights))
     gt = kp.image_to_heatmap(true[..., :2], targets.image_size, targets.heatmap_size)
-    mean = (gt * w[..., None]).sum((0, 1)) / np.maximum(w.sum((0, 1)), 1)[:, None]  # [J, 2]
+
+    def joint_mean(xy):  # [N, T, J, 2] -> [J, 2] over the visible frames
+        return (xy * w[..., None]).sum((0, 1)) / np.maximum(w.sum((0, 1)), 1)[:, None]
 
     def pck(p):
         return stage1_eval.clip_hits(p, true, w, targets, (0.1,))[0.1].sum() / w.sum()
+    mean = joint_mean(gt)
     model_pck, mean_pck = pck(pred), pck(np.broadcast_to(mean, pred.shape))
     assert model_pck > mean_pck + 0.1, (model_pck, mean_pck)
-    dp = (pred - (pred * w[..., None]).sum((0, 1)) / np.maximum(w.sum((0, 1)), 1)[:, None])
-    dg = gt - mean
+    dp, dg = pred - joint_mean(pred), gt - mean
     slope = float((w[..., None] * dp * dg).sum() / (w[..., None] * dg * dg).sum())
     assert slope > 0.3, slope
 
