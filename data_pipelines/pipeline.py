@@ -261,15 +261,23 @@ def _with_pair_targets(ex: dict, targets: Targets, augment=None, rng=None) -> di
 def pair_train_dataset(path: str, split: str, *, clip_frames: int, batch_size: int,
                        targets: Targets, seed: int, partners_per_clip: int | None = 1,
                        self_pairs: bool = True, augment=None, read_threads: int = 2,
-                       num_workers: int = 0, max_bad_records: int = 100) -> grain.IterDataset:
+                       num_workers: int = 0, max_bad_records: int = 100,
+                       log=None) -> grain.IterDataset:
     """Infinite, shuffled, process-sharded batches of stage-2 pairs (pairs.PairSource fields plus
     heatmaps [B, T, J, Hh, Wh] / joint_weights [B, T, J] of the target keypoints and `record`,
     the pair index), each with a window and reference frame drawn per sample, the driving clip
-    augmented by `augment` (None: as rendered)."""
+    augmented by `augment` (None: as rendered). `log` (a print-like callable) is told how many
+    driving clips have no pair and are left out."""
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     src = _pairs(path, split, clip_frames, targets, seed=seed,
                  partners_per_clip=partners_per_clip, self_pairs=self_pairs)
+    unpaired = src.pairs.unpaired.tolist()
+    if unpaired and log is not None:
+        log(f"[pairs] split {split!r}: {len(unpaired)} clips drive no pair and are left out "
+            f"(records {unpaired[:10]}{' ...' if len(unpaired) > 10 else ''}): shorter than "
+            f"{clip_frames} frames, or no other identity performs their motion and has a clip "
+            f"of another motion for the reference image")
     read = _guarded(src.example, _pair_check(clip_frames, targets),
                     lambda ex, rng: _with_pair_targets(ex, targets, augment, rng))
     return _iterate(len(src), read, seed, batch_size, jax.process_index(), jax.process_count(),

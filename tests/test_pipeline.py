@@ -160,3 +160,26 @@ def test_pair_training_batches_draw_each_pairs_window_afresh(tiny_dataset, tiny_
     seen = draws()
     assert len(seen) == size and sum(len(v) > 1 for v in seen.values()) > size // 2
     assert draws() == seen
+
+
+def test_pair_training_says_which_clips_drive_no_pair(tiny_dataset, tiny_config, tmp_path):
+    """A clip too short for the window has no pair; training leaves it out and says so (before,
+    silently)."""
+    import json
+    import shutil
+    path = str(tmp_path / "data")
+    shutil.copytree(tiny_dataset, path)
+    index = records.read_index(path)
+    last = len(index["splits"]["train"]) - 1
+    index["splits"]["train"][last]["num_frames"] = 2      # the index now calls it 2 frames long
+    with open(f"{path}/{records.INDEX_FILE}", "w") as f:
+        json.dump(index, f)
+    lines = []
+    pipeline.pair_train_dataset(path, "train", clip_frames=3, batch_size=2,
+                                targets=_targets(tiny_config), seed=0, log=lines.append)
+    assert len(lines) == 1 and "1 clips drive no pair" in lines[0], lines
+    assert f"records [{last}]" in lines[0] and "shorter than 3 frames" in lines[0]
+    lines.clear()
+    pipeline.pair_train_dataset(tiny_dataset, "train", clip_frames=3, batch_size=2,
+                                targets=_targets(tiny_config), seed=0, log=lines.append)
+    assert lines == []

@@ -222,7 +222,8 @@ def train_dataset(config, data_path: str, log=print):
         batch_size=cfg.batch_size // jax.process_count(), targets=stage1_training.targets(config),
         seed=config.seed, partners_per_clip=cfg.partners_per_clip, self_pairs=cfg.self_pairs,
         augment=clip_aug, read_threads=config.data.read_threads,
-        num_workers=config.data.num_workers, max_bad_records=config.faults.max_bad_records)
+        num_workers=config.data.num_workers, max_bad_records=config.faults.max_bad_records,
+        log=log)
     if pose_indicator:
         ds = ds.map(lambda b: dict(b, driving=driving_input(config, b["driving"],
                                                             b["driving_keypoints"])))

@@ -346,7 +346,7 @@ def train(config, workdir: str, data_path: str, log=print) -> dict:
         seed=config.seed, partners_per_clip=cfg.partners_per_clip, self_pairs=cfg.self_pairs,
         augment=augment.clip_augment(cfg.augment, supervise_original=True),
         read_threads=config.data.read_threads, num_workers=config.data.num_workers,
-        max_bad_records=config.faults.max_bad_records))
+        max_bad_records=config.faults.max_bad_records, log=log))
     n = {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v))
          for k, v in state.params.items()}
     log(f"[stage3] {sum(n.values()) / 1e6:.2f}M params (DiT {n['dit'] / 1e6:.2f}M, expression "
