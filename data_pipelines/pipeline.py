@@ -231,9 +231,12 @@ def _iterate(size: int, read, seed: int, batch_size: int, shard_index: int, shar
 
 def eval_dataset(path: str, split: str, *, clip_frames: int | None, batch_size: int,
                  targets: Targets) -> grain.MapDataset:
-    """Every clip of the split once, in order; the first `clip_frames` frames (None: all)."""
+    """Every clip of the split once, in order; the first `clip_frames` frames (None: all, or
+    where clips differ in length, as many as the shortest has, so that they batch together)."""
     src = records.open_split(path, split)
-    frames = src[0]["frames"].shape[0] if clip_frames is None else clip_frames
+    frames = clip_frames
+    if frames is None:
+        frames = min(e["num_frames"] for e in records.read_index(path)["splits"][split])
     _check_source(src, path, split, frames, targets)
     return (grain.MapDataset.source(src).map_with_index(lambda i, ex: dict(ex, record=i))
             .map(lambda ex: _with_targets(ex, 0, frames, targets))

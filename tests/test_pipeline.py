@@ -183,3 +183,23 @@ def test_pair_training_says_which_clips_drive_no_pair(tiny_dataset, tiny_config,
     pipeline.pair_train_dataset(tiny_dataset, "train", clip_frames=3, batch_size=2,
                                 targets=_targets(tiny_config), seed=0, log=lines.append)
     assert lines == []
+
+
+def test_eval_dataset_of_clips_of_several_lengths(tmp_path):
+    """All frames of clips of one length; clips of several lengths cut to the shortest (before,
+    a batching error from deep inside Grain)."""
+    rng = np.random.default_rng(0)
+    path = str(tmp_path / "mixed")
+    with records.DatasetWriter(path, "mixed") as w:
+        for i, t in enumerate([5, 3, 4]):
+            xy = rng.uniform(0, 32, (t, skeleton.NUM_JOINTS, 2))
+            w.add("test", {"frames": rng.integers(0, 255, (t, 32, 32, 3), dtype=np.uint8),
+                           "keypoints": np.concatenate([xy, np.ones_like(xy[..., :1])], -1)
+                           .astype(np.float32),
+                           "identity_id": i, "motion_id": 0,
+                           "shape_params": np.zeros(16, np.float32)})
+    ds = pipeline.eval_dataset(path, "test", clip_frames=None, batch_size=3,
+                               targets=pipeline.Targets(image_size=32, heatmap_size=8, sigma=1.0))
+    (batch,) = list(ds)
+    assert batch["frames"].shape == (3, 3, 32, 32, 3)
+    np.testing.assert_array_equal(batch["record"], [0, 1, 2])
