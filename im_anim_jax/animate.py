@@ -24,7 +24,7 @@ flags.DEFINE_string("image", None, "Reference image of the identity to animate."
 flags.DEFINE_string("driving", None, "Driving video (or directory of frames) giving the motion.")
 flags.DEFINE_string("out", None, "Output video (.mp4 or .gif).")
 flags.DEFINE_string("preview", None, "Side-by-side preview video (default: OUT_preview.EXT).")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.", lower_bound=0, upper_bound=2**32 - 1)
 flags.DEFINE_integer("max_frames", None, "Animate at most this many driving frames (default: all).",
                      lower_bound=1)
 flags.DEFINE_bool("overwrite", False, "Replace existing --out / --preview files.")
@@ -74,13 +74,11 @@ def _main(argv):
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"--workdir {workdir} does not exist; train first with train.py")
     out, preview = _outputs()
-    media.read_image(FLAGS.image, media.MIN_SIDE)  # decodes: fail before the model loads
-    media.read_video(FLAGS.driving, media.MIN_SIDE, max_frames=1)
-
     from im_anim_jax import generation
+    size = generation.resolution(config)  # both inputs decoded whole: fail before the model loads
+    reference = media.read_image(FLAGS.image, size)
+    driving, fps = media.read_video(FLAGS.driving, size, FLAGS.max_frames)
     animator = generation.Animator.from_workdir(config, workdir)
-    reference = media.read_image(FLAGS.image, animator.resolution)
-    driving, fps = media.read_video(FLAGS.driving, animator.resolution, FLAGS.max_frames)
     video = animator(reference, driving, seed=FLAGS.seed, progress=True)
     try:
         media.write_videos({out: video, preview: media.side_by_side(driving, reference, video)},

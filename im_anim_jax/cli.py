@@ -37,13 +37,33 @@ def user_errors(main):
     return wrapped
 
 
+def _one_line(text: str) -> str:
+    """ml_collections' messages come as nested reprs ('\\'step\\'\\nDid you mean ...'): unescaped
+    and squashed to one line."""
+    text = " ".join(text.replace("\\n", " ").replace("\\'", "'").replace('\\"', '"').split())
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # the outer repr quotes
+        text = text[1:-1]
+    return text
+
+
 def parse_flags(argv):
-    """absl flags parser for app.run: a bad flag, config file or override -> one line, exit 2."""
+    """absl flags parser for app.run: a bad flag, config file or override -> one line, exit 2.
+
+    Besides absl's own errors, ml_collections raises AttributeError / KeyError for an override
+    of a field the config lacks, and the config file's own exception (SyntaxError, ...) when it
+    cannot be imported."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        message = str(e)
+    except (AttributeError, KeyError) as e:
+        overrides = [a for a in argv[1:] if a.startswith("--config.")]
+        message = (f"a --config override names a field the config does not have "
+                   f"({_one_line(str(e))}); overrides given: {' '.join(overrides)}")
+    except Exception as e:  # noqa: BLE001  the config file's own import error
+        message = f"the config file could not be loaded: {type(e).__name__}: {e}"
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 def load_config(flag_values):

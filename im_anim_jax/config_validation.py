@@ -118,15 +118,6 @@ def _frames_and_sizes(config, stages, out: list) -> None:
         if 2 in stages and not m.vae.init_from and not (_is_number(lv) and -30 <= lv <= 20):
             out.append(f"model.vae.initial_logvar={lv!r} must be a number in [-30, 20] (the "
                        f"range the VAE loss clips log-variances to; -8: a narrow posterior)")
-        if time and 3 in stages:
-            t = config.stage3.clip_frames
-            if not _is_int(t, 1) or (t - 1) % time:
-                out.append(f"stage3.clip_frames={t}: the VAE compresses time {time}x, so clips "
-                           f"need 1 + {time}k frames (e.g. {1 + time * max(1, round((t - 1) / time))})")
-            k = config.sampling.overlap_frames
-            if not _is_int(k, 1) or (k - 1) % time or (_is_int(t, 1) and k >= t):
-                out.append(f"sampling.overlap_frames={k} must be 1 + {time}j and below "
-                           f"stage3.clip_frames={t}")
     if 2 in stages and m.retargeter.output_frames == "latent":
         t = config.stage2.clip_frames
         if not _is_int(t, 1) or (t - 1) % TEMPORAL_STRIDE:
@@ -303,9 +294,29 @@ def _eval(config, out: list) -> None:
                    f"include 0.1, the figure every report leads with")
 
 
+def _windows(config, out: list) -> None:
+    """Generation's windows: stage3.clip_frames video frames (1 + 4k for a VAE that compresses
+    time 4x), consecutive windows sharing sampling.overlap_frames (1 + 4j, fewer)."""
+    from im_anim_jax.models.wan import vae
+    try:
+        time = vae.build_vae(config.model.vae).time_factor
+    except ValueError:
+        return  # model.vae itself is named by _frames_and_sizes (training) or the checkpoint
+    t = config.stage3.clip_frames
+    if not _is_int(t, 1) or (t - 1) % time:
+        out.append(f"stage3.clip_frames={t}: the VAE compresses time {time}x, so clips "
+                   f"need 1 + {time}k frames (e.g. {1 + time * max(1, round((t - 1) / time))})")
+    k = config.sampling.overlap_frames
+    if not _is_int(k, 1) or (k - 1) % time or (_is_int(t, 1) and k >= t):
+        out.append(f"sampling.overlap_frames={k} must be 1 + {time}j and below "
+                   f"stage3.clip_frames={t}")
+
+
 def sampling_problems(config) -> list[str]:
-    """Problems of config.sampling, the generator's settings (stage 3's evaluation, `animate`)."""
+    """Problems of config.sampling and of the clip windows the generator samples (stage 3's
+    training and evaluation, `animate`)."""
     c, out = config.sampling, []
+    _windows(config, out)
     if c.method not in sampling.METHODS:
         out.append(f"sampling.method must be one of {', '.join(map(repr, sampling.METHODS))}, "
                    f"got {c.method!r}")

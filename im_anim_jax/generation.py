@@ -39,6 +39,12 @@ def windows(num_frames: int, clip: int, overlap: int) -> tuple[int, list[int]]:
     return clip + (n - 1) * stride, [w * stride for w in range(n)]
 
 
+def resolution(config) -> tuple[int, int]:
+    """(H, W) of the reference image and driving frames the generator takes."""
+    size = int(config.model.motion_tokenizer.image_size)
+    return size, size
+
+
 class Animator:
     """A trained run's generator: `Animator.from_workdir(config, workdir)(reference, driving)`."""
 
@@ -56,8 +62,7 @@ class Animator:
         self.negative_context = jnp.asarray(text.negative_context(config))
         self.overlap = config.sampling.overlap_frames
         self.held = stage3_training.overlap_latents(config)
-        size = config.model.motion_tokenizer.image_size
-        self.resolution = (size, size)
+        self.resolution = resolution(config)
 
     @classmethod
     def from_workdir(cls, config, workdir: str, step: int | None = None) -> "Animator":

@@ -27,6 +27,10 @@ import os
 import numpy as np
 
 
+def resolution(config):
+    return {RESOLUTION}
+
+
 class Animator:
     resolution = {RESOLUTION}
 
@@ -176,3 +180,28 @@ def test_disk_full_while_writing(env):
 def test_bad_sampler_setting(env):
     bad_input(animate(no_checkpoint(env), "--config.sampling.method=ddim"),
               "sampling.method must be one of 'euler', 'unipc', got 'ddim'")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.sampling.overlap_frames=3", "sampling.overlap_frames=3 must be 1 + 4j and below "
+                                           "stage3.clip_frames=5"),
+    ("--config.stage3.clip_frames=16", "stage3.clip_frames=16: the VAE compresses time 4x"),
+])
+def test_bad_window_settings_refused_before_the_model_loads(env, override, message):
+    """Before, checked only once the VAE and stage-1/3 checkpoints had been restored."""
+    bad_input(animate(no_checkpoint(env), override), message)
+
+
+def test_a_corrupt_later_frame_is_refused_before_the_model_loads(env):
+    """Before, only the first driving frame was decoded ahead of the model load."""
+    frames = env / "frames"
+    frames.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 40, 3), 60, np.uint8)).save(frames / f"f{i}.png")
+    (frames / "f2.png").write_bytes(b"not a png")
+    bad_input(animate(no_checkpoint(env), driving=frames), "f2.png")
+
+
+def test_seed_out_of_range(env):
+    """Seeds of 2^32 and above used to wrap silently (or overflow after the model loaded)."""
+    bad_input(animate(no_checkpoint(env), "--seed=4294967296"), "--seed")

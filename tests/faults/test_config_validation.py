@@ -185,3 +185,36 @@ def test_a_stage_may_not_train_on_under_later_stages(tiny_config, tmp_path):
     assert [p.split(" would")[0] for p in problems] == ["vae", "stage2"]
     assert "but stage3 in" in problems[1]
     assert found((3,), stage1=20, vae_training=8, stage2=7) == []  # stage 3 trains nothing else
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config.sampling.step=10"], "a --config override names a field the config does not have "
+     "('step' Did you mean \"steps\" instead of \"step\"?); overrides given: "
+     "--config.sampling.step=10"),
+    (["--config.foo.bar=1"], "names a field the config does not have ('foo')"),
+    (["--config.stage1.steps=abc"], "--config.stage1.steps=abc: invalid literal for int()"),
+])
+def test_a_mistyped_override_is_one_line_and_exit_2(args, expected):
+    """Before, a field the config lacks ended in ml_collections' AttributeError / KeyError
+    traceback (exit 1): the commonest typo broke the one-line, exit-2 contract."""
+    res = _parse([f"--config={os.path.join(faultrun.ROOT, 'configs', 'demo.py')}", *args])
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith("error: ") and expected in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_a_config_file_that_does_not_import_is_one_line_and_exit_2(tmp_path):
+    bad = tmp_path / "broken.py"
+    bad.write_text("def get_config(:\n")
+    res = _parse([f"--config={bad}"])
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip() == ("error: the config file could not be loaded: SyntaxError: "
+                                  "invalid syntax (broken.py, line 1)")
+
+
+def _parse(args):
+    """cli.parse_flags over `args` in a fresh process (absl flags are process-global)."""
+    code = ("import sys; from ml_collections import config_flags; from im_anim_jax import cli; "
+            "config_flags.DEFINE_config_file('config', None, 'c', lock_config=True); "
+            "cli.parse_flags(['prog'] + sys.argv[1:]); print('parsed')")
+    return faultrun.run([sys.executable, "-c", code, *args])
