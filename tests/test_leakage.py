@@ -163,3 +163,43 @@ def test_unseen_test_identity_counts_as_error_and_shapes_checked():
     assert out["id_accuracy"] <= 1 - 12 / ids.size + 1e-12
     with pytest.raises(ValueError, match="samples"):
         leakage.probe(fit["x"], fit["shape"][:-1], fit["ids"], test["x"], test["shape"], ids)
+
+
+def test_float32_rounding_residue_is_not_a_feature():
+    """A collapsed token position holds one code for every frame, but the straight-through
+    output z + sg(z_q - z) keeps float32 rounding that depends on z (hence on the identity).
+    Standardised, that residue read as a perfect identity feature (accuracy 1.0); columns
+    constant to within their own precision are now dropped, and the probe sits at chance."""
+    fit, test = _dataset(dim=8, signal=0.0)
+    ulps = np.random.default_rng(3).integers(-2, 3, (NUM_IDS, 8))  # per identity and column
+    for d in (fit, test):
+        d["x"] = np.float32(0.3) + (ulps[d["ids"]] * 3e-8).astype(np.float32)
+        assert d["x"].dtype == np.float32 and len(np.unique(d["x"], axis=0)) == NUM_IDS
+    out = _probe(fit, test)
+    assert out["id_accuracy"] == pytest.approx(out["id_chance"]) and out["shape_r2"] <= 0.0
+    assert out["id_accuracy"] < 0.5
+    # the same spread in float64 inputs is (far) above their precision: a feature there
+    x64 = {k: dict(d, x=d["x"].astype(np.float64)) for k, d in (("fit", fit), ("test", test))}
+    assert _probe(x64["fit"], x64["test"])["id_accuracy"] == 1.0
+
+
+def test_token_features_are_the_codes_exactly(tiny_config):
+    """The stage-2 evaluation probes the codebook rows the indices name, not the straight-through
+    output: equal codes give bit-equal features."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from im_anim_jax.evaluation import stage2 as stage2_eval
+    from im_anim_jax.models.quantizer import code_vectors
+    from im_anim_jax.models.stage1 import build_stage1
+    model = build_stage1(tiny_config.model)
+    size = tiny_config.model.motion_tokenizer.image_size
+    frames = jnp.asarray(np.random.default_rng(0).integers(0, 255, (2, 3, size, size, 3)),
+                         jnp.uint8)
+    params = nn.unbox(model.init(jax.random.key(0), frames)["params"])
+    feats = np.asarray(stage2_eval._features(model, params, frames))
+    z_st, aux = model.apply({"params": params}, frames, method=type(model).encode)
+    codes = np.asarray(code_vectors(params["quantize"]["embedding"], aux["indices"]))
+    np.testing.assert_array_equal(feats, codes)
+    np.testing.assert_allclose(feats, np.asarray(z_st), atol=1e-6)   # the same codes, up to rounding

@@ -66,10 +66,18 @@ def _as_2d(x: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
+def rounding_tolerance(x) -> float:
+    """Relative spread under which a column of `x` counts as constant: 1e-12 for float64 inputs,
+    8 ulps of their own precision for narrower ones (float32: 9.5e-7)."""
+    dtype = np.asarray(x).dtype
+    eps = np.finfo(dtype).eps if np.issubdtype(dtype, np.floating) else 0.0
+    return max(1e-12, 8 * float(eps))
+
+
 class _Design:
     """A standardised design matrix and the eigendecomposition of its smaller Gram matrix."""
 
-    def __init__(self, x: np.ndarray, solver: str = "auto"):
+    def __init__(self, x: np.ndarray, solver: str = "auto", rel_tol: float = 1e-12):
         if solver not in SOLVERS:
             raise ValueError(f"solver {solver!r} not in {SOLVERS}")
         x = _as_2d(x, "features")
@@ -78,8 +86,9 @@ class _Design:
             raise ValueError(f"ridge needs at least 2 fit samples, got {n}")
         self.mean = x.mean(0)
         std = x.std(0)
-        # Constant columns (up to rounding relative to the column's magnitude) carry no signal.
-        keep = std > 1e-12 * np.maximum(np.abs(x).max(0), np.finfo(np.float64).tiny)
+        # Constant columns (up to the inputs' rounding, relative to the column's magnitude) carry
+        # no signal: standardised, rounding residue would read as a feature.
+        keep = std > rel_tol * np.maximum(np.abs(x).max(0), np.finfo(np.float64).tiny)
         self.inv_std = np.where(keep, 1.0 / np.where(keep, std, 1.0), 0.0)
         self.keep = keep
         self.z = (x[:, keep] - self.mean[keep]) * self.inv_std[keep]  # [N, D_kept]
@@ -123,12 +132,12 @@ def ridge_fit(x, y, lam: float, solver: str = "auto") -> RidgeModel:
     `solver`: "auto" (dual when N < D, else primal), or force "primal" / "dual" (same solution).
     lam = 0 gives the minimum-norm least-squares solution in standardised units.
     """
-    x2 = _as_2d(x, "features")
+    x2, tol = _as_2d(x, "features"), rounding_tolerance(x)
     y_arr = np.asarray(y, dtype=np.float64)
     if y_arr.shape[:1] != x2.shape[:1]:
         raise ValueError(f"features have {x2.shape[0]} samples but targets {y_arr.shape[:1]}")
     y2 = _as_2d(y_arr, "targets")
-    return _Design(x2, solver).model(y2, lam, squeeze=y_arr.ndim == 1)
+    return _Design(x2, solver, tol).model(y2, lam, squeeze=y_arr.ndim == 1)
 
 
 def ridge_predict(model: RidgeModel, x) -> np.ndarray:
@@ -213,6 +222,7 @@ def probe(features_fit, shape_fit, id_fit, features_test, shape_test, id_test,
     if not lams or min(lams) < 0:
         raise ValueError(f"lams must be a non-empty sequence of penalties >= 0, got {lams}")
     x_fit, x_test = _as_2d(features_fit, "features_fit"), _as_2d(features_test, "features_test")
+    tol = rounding_tolerance(features_fit)
     s_fit, s_test = _as_2d(shape_fit, "shape_fit"), _as_2d(shape_test, "shape_test")
     id_fit, id_test = np.asarray(id_fit).reshape(-1), np.asarray(id_test).reshape(-1)
     n_fit, n_test = x_fit.shape[0], x_test.shape[0]
@@ -229,7 +239,7 @@ def probe(features_fit, shape_fit, id_fit, features_test, shape_test, id_test,
 
     # Choose each penalty on a validation split of the fit set (the test set is not read here).
     tr, va = validation_split(n_fit, groups_fit)
-    design = _Design(x_fit[tr])
+    design = _Design(x_fit[tr], rel_tol=tol)
     y_tr = np.concatenate([s_fit[tr], _one_hot(id_fit[tr], classes)], axis=1)
     z_va = (x_fit[va] - design.mean) * design.inv_std
     best_shape, best_id = None, None
@@ -245,7 +255,7 @@ def probe(features_fit, shape_fit, id_fit, features_test, shape_test, id_test,
     lam_shape, lam_id = best_shape[1], best_id[2]
 
     # Refit on the whole fit set with the chosen penalties; score on the test set once.
-    design = _Design(x_fit)
+    design = _Design(x_fit, rel_tol=tol)
     shape_model = design.model(s_fit, lam_shape)
     id_model = design.model(_one_hot(id_fit, classes), lam_id)
     shape_r2 = r2_score(s_test, ridge_predict(shape_model, x_test))

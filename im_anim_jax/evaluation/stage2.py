@@ -41,6 +41,7 @@ retargeted pose | predicted heatmaps | with the pose_indicator baseline trained:
 """
 from __future__ import annotations
 
+import functools
 
 import jax
 import numpy as np
@@ -49,6 +50,7 @@ from data_pipelines import augment, pipeline, records
 from im_anim_jax import keypoints as kp
 from im_anim_jax import evaluation, visualize
 from im_anim_jax.evaluation import leakage
+from im_anim_jax.models.quantizer import code_vectors
 from im_anim_jax.training import checkpointing
 from im_anim_jax.training import stage1 as stage1_training
 from im_anim_jax.training import stage2 as stage2_training
@@ -286,22 +288,32 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
         num_pairs=pairs, num_reference_identities=len(ids))
 
 
+def _features(model, params, driving):
+    """The frozen motion features the leakage probe reads: the codes themselves for a quantized
+    encoder (its straight-through output differs from them by the float32 rounding of the
+    continuous encoding, which a probe on a collapsed token position would read as signal),
+    else the encoder's output."""
+    z, aux = model.apply({"params": params}, driving, method=type(model).encode)
+    if "indices" not in aux:
+        return z
+    return code_vectors(params["quantize"]["embedding"], aux["indices"],
+                        model.quantize.use_l2_norm)
+
+
 def leakage_figures(config, data_path, loaded: dict, s1) -> dict:
     """Identity-leakage probe on the motion features of each encoder (frozen)."""
     targets = stage1_training.targets(config)
     ds = pipeline.eval_dataset(data_path, config.eval.split, clip_frames=None,
                                batch_size=config.eval.batch_size, targets=targets)
     s1_model, s1_params, _ = s1
-    encoders = {"tokens_stage1": jax.jit(lambda f: s1_model.apply(
-        {"params": s1_params}, f, method=type(s1_model).encode)[0])}
+    encoders = {"tokens_stage1": jax.jit(functools.partial(_features, s1_model, s1_params))}
     names = {stage2_training.MAIN: "tokens_stage2", "conv": "conv_features",
              "pose_indicator": "pose_indicator_tokens"}
     inputs = {"tokens_stage1": lambda batch: batch["frames"]}
     for n, label in names.items():
         if n in loaded:
             cfg, m, p, _ = loaded[n]
-            encoders[label] = jax.jit(lambda d, m=m, p=p: m.apply({"params": p}, d,
-                                                                  method=type(m).encode)[0])
+            encoders[label] = jax.jit(functools.partial(_features, m, p))
             inputs[label] = lambda batch, cfg=cfg: stage2_training.driving_input(
                 cfg, batch["frames"], batch["keypoints"])
     feats = {k: [] for k in encoders}

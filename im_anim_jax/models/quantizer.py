@@ -50,6 +50,14 @@ class VectorQuantizer(nn.Module):
                       "codebook_loss": codebook_loss, "loss": commitment + codebook_loss}
 
 
+def code_vectors(embedding, indices, use_l2_norm: bool = True):
+    """The codes `indices` [...] name, exactly: [..., C] rows of the codebook `embedding` [K, C]
+    (l2-normalised as the quantizer compares them). The quantizer's straight-through output
+    z + sg(z_q - z) equals them only up to float32 rounding of the continuous z."""
+    codebook = _l2_normalize(embedding) if use_l2_norm else embedding
+    return codebook[indices]
+
+
 def codebook_stats(indices, codebook_size: int):
     """Usage (fraction of codes hit) and perplexity (exp entropy of code frequencies)."""
     counts = jnp.bincount(indices.reshape(-1), length=codebook_size).astype(jnp.float32)
