@@ -93,7 +93,9 @@ class Animator:
 
     def generate(self, reference, driving, *, seed: int = 0, progress: bool = False,
                  keypoints=None, params=None):
-        """Batched __call__: reference [B, H, W, 3], driving [B, T, H, W, 3] -> [B, T, H, W, 3]."""
+        """Batched __call__: reference [B, H, W, 3], driving [B, T, H, W, 3] -> [B, T, H, W, 3].
+        Element i samples with seed + i, so a clip's video does not depend on the batch it is in
+        (callers pass seed + the index of the batch's first clip)."""
         params = self.params if params is None else params
         reference, driving = _unit(reference), _unit(driving)
         self._check(reference, driving)
@@ -107,7 +109,7 @@ class Animator:
         z_ref = vae_training.encode_video(self.encoder, jnp.asarray(reference)[:, None])
         ref_tokens = vae_training.reference_tokens(z_ref, self.encoder.patch)
         m_ret = self._m_ret(params, jnp.asarray(driving), ref_tokens)  # [B, F_all, P, D]
-        key = jax.random.key(seed)
+        keys = [jax.random.key(seed + i) for i in range(reference.shape[0])]
         video = []
         for w, s in enumerate(starts):
             clip = min(self.clip_frames, padded)
@@ -115,7 +117,7 @@ class Animator:
             prefix = None if w == 0 else vae_training.encode_video(
                 self.encoder, jnp.asarray(np.concatenate(video, 1)[:, -self.overlap:]))
             latents = self._sample_window(
-                params, jax.random.fold_in(key, w), z_ref,
+                params, [jax.random.fold_in(k, w) for k in keys], z_ref,
                 m_ret[:, s // 4:s // 4 + num_latent_frames(clip)],
                 jnp.asarray(driving[:, frames]), jnp.asarray(keypoints[:, frames]), prefix,
                 progress, f"window {w + 1}/{len(starts)}")
@@ -132,8 +134,9 @@ class Animator:
         out = vae_lib.decode(self.vae_model, self.vae_params, latents, chunked=True)
         return (np.asarray(out) + 1.0) / 2.0
 
-    def _sample_window(self, params, key, z_ref, m_ret, frames, kps, prefix, progress, desc):
-        """Latents [B, 1 + F, h, w, z] of one window (frame 0 = z_ref, then `prefix` held)."""
+    def _sample_window(self, params, keys, z_ref, m_ret, frames, kps, prefix, progress, desc):
+        """Latents [B, 1 + F, h, w, z] of one window (frame 0 = z_ref, then `prefix` held);
+        keys: one per batch element, for its noise."""
         b, f = m_ret.shape[:2]
         shape = (b, 1 + f) + z_ref.shape[2:]
         held = np.zeros(1 + f, bool)
@@ -164,7 +167,8 @@ class Animator:
             return self._velocity(params, x, t, context if cond else negative,
                                   control, expression, per_token(sigma))
 
-        noise = jax.random.normal(key, shape, jnp.float32)
+        noise = jnp.concatenate([jax.random.normal(k, (1,) + shape[1:], jnp.float32)
+                                 for k in keys])
         return sampling.sample(
             sampling.guided(velocity, cfg.guidance), noise, sigmas, method=cfg.method,
             clamp=lambda x: jnp.where(mask, clean, x), progress=progress, desc=desc)

@@ -412,6 +412,12 @@ def test_generation_in_windows_and_the_ema(trained):
     np.testing.assert_array_equal(video, again)  # seeded
     other = animator(reference, driving, progress=False, seed=1)
     assert not np.array_equal(video, other)
+    # Element i of a batch samples with seed + i: a clip's video does not depend on its batch
+    # (before, the batch's noise was one draw, so eval.batch_size changed the evaluated videos).
+    refs, drvs = np.stack([reference, reference[::-1]]), np.stack([driving[:5], driving[5:10]])
+    batched = animator.generate(refs, drvs, seed=3)
+    alone = [animator.generate(refs[i:i + 1], drvs[i:i + 1], seed=3 + i)[0] for i in range(2)]
+    np.testing.assert_allclose(batched, np.stack(alone), atol=1e-4)
     # The EMA (ema_decay 0.9) is what generation uses, and it differs from the raw params.
     raw = stage3.load_params(config.copy_and_resolve_references(), workdir,
                              animator.encoder)[1]
