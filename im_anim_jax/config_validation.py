@@ -292,6 +292,10 @@ def _eval(config, out: list) -> None:
     if 0.1 not in thresholds or not all(_is_number(a) and 0 < a <= 1 for a in thresholds):
         out.append(f"eval.pck_thresholds={tuple(thresholds)} must be numbers in (0, 1] and "
                    f"include 0.1, the figure every report leads with")
+    for field in ("batch_size", "stage3_pairs", "num_vis_frames", "fvd_frames", "metric_batch"):
+        value = config.eval[field]
+        if not _is_int(value, 1):
+            out.append(f"eval.{field}={value!r} must be an integer >= 1")
 
 
 def _windows(config, out: list) -> None:

@@ -192,13 +192,14 @@ def _unit(x) -> np.ndarray:
 
 def keypoint_reader(model, params, config):
     """frames [B, T, H, W, 3] in [0, 1] -> keypoints [B, T, J, 3] (pixels; confidence = the
-    heatmap peak) read by the stage-1 model."""
+    heatmap peak) read by the stage-1 model, decoded as stages 1-2 evaluate (eval.subpixel)."""
     size = config.model.motion_tokenizer.image_size
     hm_size = config.model.joint_decoder.heatmap_size
 
     @jax.jit
     def read(frames):
         heatmaps, _ = model.apply({"params": params}, frames)
-        xy = kp.heatmap_to_image(kp.argmax_keypoints(heatmaps, subpixel=True), size, hm_size)
+        xy = kp.heatmap_to_image(kp.argmax_keypoints(heatmaps, config.eval.subpixel), size,
+                                 hm_size)
         return jnp.concatenate([xy, jnp.max(heatmaps, axis=(-2, -1))[..., None]], -1)
     return lambda frames: np.asarray(read(jnp.asarray(frames)))

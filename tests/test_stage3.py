@@ -579,3 +579,23 @@ def test_ema_is_read_alone_from_either_optimizer_state_layout(tmp_path, layout):
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     got = stage3._restore_ema(str(tmp_path), 1, abstract, abstract, tx)
     jax.tree.map(np.testing.assert_array_equal, got, stage3.ema_params(opt))
+
+
+def test_keypoint_reader_decodes_as_configured(tiny_config):
+    """Stage 3's motion PCK reads keypoints as stages 1-2 do (eval.subpixel); it was always
+    subpixel, so with eval.subpixel=False its PCK was not comparable with theirs."""
+    hm_size = tiny_config.model.joint_decoder.heatmap_size
+    heatmaps = np.zeros((1, 1, 1, hm_size, hm_size), np.float32)
+    heatmaps[..., 3, 3], heatmaps[..., 3, 4] = 1.0, 0.5   # the peak's right neighbour is higher
+
+    class Model:
+        def apply(self, variables, frames):
+            return jnp.asarray(heatmaps), None
+    scale = tiny_config.model.motion_tokenizer.image_size / hm_size
+    xs = {}
+    for subpixel in (False, True):
+        config = tiny_config.copy_and_resolve_references()
+        config.eval.subpixel = subpixel
+        read = generation.keypoint_reader(Model(), {}, config)
+        xs[subpixel] = read(np.zeros((1, 1, 4, 4, 3), np.float32))[0, 0, 0, 0]
+    np.testing.assert_allclose(xs[True] - xs[False], 0.25 * scale, rtol=1e-6)
