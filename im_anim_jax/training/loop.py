@@ -234,10 +234,13 @@ def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callabl
                 pending.append(metrics)
                 stopping = stop["signal"] is not None
                 saving = step % checkpoint_every == 0 or step == total_steps or stopping
-                # Read one step late on accelerators, but this step's streak before a checkpoint.
-                probe, watched = ((metrics, None) if sync_each_step or saving
-                                  else (watched, metrics))
-                if probe is not None and "nonfinite_in_a_row" in probe:
+                # Read one step late on accelerators; before a checkpoint, the step still
+                # unread and this one.
+                probes, watched = (([watched, metrics], None) if sync_each_step or saving
+                                   else ([watched], metrics))
+                for probe in probes:
+                    if probe is None or "nonfinite_in_a_row" not in probe:
+                        continue
                     streak = int(probe["nonfinite_in_a_row"])
                     if streak:
                         log(f"[{name}] non-finite loss or gradients: update skipped ({streak} in "
@@ -245,10 +248,10 @@ def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callabl
                     if streak >= max_nonfinite_in_a_row:
                         checkpointed(step, ckpt.wait)  # an earlier save may still be in flight
                         message = (f"[{name}] stopped at step {step}: {streak} steps in a row "
-                                   f"had a non-finite loss or gradients (faults.max_nonfinite_in_"
-                                   f"a_row={max_nonfinite_in_a_row}); the last checkpoint (step "
-                                   f"{intact()}) is intact. Lower the learning rate or check the "
-                                   f"data, then rerun to resume from it")
+                                   f"had a non-finite loss or gradients (faults.max_nonfinite_"
+                                   f"in_a_row={max_nonfinite_in_a_row}); the last checkpoint "
+                                   f"(step {intact()}) is intact. Lower the learning rate or "
+                                   f"check the data, then rerun to resume from it")
                         log(message)
                         raise Diverged(step, message)
                 if step % log_every == 0 or step == total_steps:

@@ -148,3 +148,22 @@ def test_a_signal_during_the_last_step_still_stops_with_exit_3(tmp_path):
         _loop(tmp_path, 5, step)
     assert stopped.value.step == 5 and stopped.value.code == 3
     assert [n for n in os.listdir(tmp_path) if n.isdigit()] == ["5"]
+
+
+def test_a_streak_reaching_the_limit_just_before_a_checkpoint_stops_on_accelerators(
+        tmp_path, monkeypatch):
+    """Accelerators read each step's streak one step late. A checkpoint step read its own streak
+    and dropped the one still unread, so a limit reached on the step before a save went
+    unnoticed and the run checkpointed on (CPU, syncing every step, stopped)."""
+    import pytest
+    from im_anim_jax.training import loop
+    monkeypatch.setattr(loop.jax, "default_backend", lambda: "gpu")
+
+    def step(state, batch):
+        streak = {3: 1, 4: 2}.get(int(batch["x"][0]), 0)  # steps 4 and 5 skipped, 6 fine
+        return state, {"loss": np.float32(np.nan if streak else 1.0),
+                       "nonfinite_in_a_row": np.int32(streak), "nonfinite_total": np.int32(streak)}
+    with pytest.raises(loop.Diverged) as stopped:
+        _loop(tmp_path, 6, step)   # the last step saves
+    assert stopped.value.step == 6
+    assert not [n for n in os.listdir(tmp_path) if n.isdigit()]
