@@ -216,6 +216,15 @@ def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callabl
             raise CheckpointFailed(step, message) from None
 
     t0, s0 = time.perf_counter(), start
+
+    def write_log(step: int) -> dict:
+        """One metrics row (and console line): the means over the steps since the last one."""
+        row = dict(_means(jax.device_get(pending)), bad_records=bad_records)
+        rate = (step - s0) / (time.perf_counter() - t0)
+        writer.write(step, dict(row, steps_per_s=rate))
+        log(console(name, step, total_steps, row, rate, console_keys))
+        return row
+
     try:
         with open(os.path.join(stage_dir, "data_log.txt") if primary else os.devnull,
                   "a") as data_log:
@@ -255,10 +264,7 @@ def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callabl
                         log(message)
                         raise Diverged(step, message)
                 if step % log_every == 0 or step == total_steps:
-                    last = dict(_means(jax.device_get(pending)), bad_records=bad_records)
-                    rate = (step - s0) / (time.perf_counter() - t0)
-                    writer.write(step, dict(last, steps_per_s=rate))
-                    log(console(name, step, total_steps, last, rate, console_keys))
+                    last = write_log(step)
                     data_log.flush()
                     pending, t0, s0 = [], time.perf_counter(), step
                 if saving:
@@ -266,6 +272,8 @@ def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callabl
                     checkpointed(step, lambda: ckpt.save(step, state, data_iter, meta))
                     stopping = stop["signal"] is not None  # also a signal during the save
                 if stopping:
+                    if pending:  # the steps since the last row: a partial window, not lost
+                        last = write_log(step)
                     checkpointed(step, ckpt.wait)
                     log(f"[{name}] stopped by signal {stop['signal']} after saving step {step}")
                     raise Preempted(step)

@@ -94,7 +94,7 @@ def test_checkpoints_from_before_the_guard_restore_with_zero_counts(tmp_path):
     np.testing.assert_array_equal(restored.params["w"], params["w"])
 
 
-def _loop(tmp_path, steps, train_step):
+def _loop(tmp_path, steps, train_step, log_every=1):
     """training.loop.run on a toy state and a Grain iterator, a checkpoint every 100 steps."""
     import grain
     import jax.numpy as jnp
@@ -107,7 +107,7 @@ def _loop(tmp_path, steps, train_step):
         name="toy", stage_dir=str(tmp_path), state={"w": jnp.zeros(2)}, abstract_state=None,
         train_step=train_step, data_iter=data, mesh=sharding.make_mesh(
             ml_collections.ConfigDict(dict(shape=dict(data=-1, fsdp=1, context=1, tensor=1)))),
-        total_steps=steps, log_every=1, checkpoint_every=100,
+        total_steps=steps, log_every=log_every, checkpoint_every=100,
         ckpt_cfg=ml_collections.ConfigDict(dict(max_to_keep=2, async_save=False)),
         meta={}, max_nonfinite_in_a_row=2, log=lambda s: None)
 
@@ -167,3 +167,23 @@ def test_a_streak_reaching_the_limit_just_before_a_checkpoint_stops_on_accelerat
         _loop(tmp_path, 6, step)   # the last step saves
     assert stopped.value.step == 6
     assert not [n for n in os.listdir(tmp_path) if n.isdigit()]
+
+
+def test_a_stop_between_log_rows_writes_the_partial_window(tmp_path):
+    """SIGTERM at step 6 with a row every 4 steps: the means over steps 5-6 are written before
+    Preempted (they were dropped, so a resumed run's metrics missed those steps)."""
+    import json
+    import signal
+
+    import pytest
+    from im_anim_jax.training import loop
+
+    def step(state, batch):
+        if int(batch["x"][0]) == 5:  # step 6
+            os.kill(os.getpid(), signal.SIGTERM)
+        return state, {"loss": np.float32(batch["x"][0] + 1)}   # step k: loss k
+    with pytest.raises(loop.Preempted):
+        _loop(tmp_path, 10, step, log_every=4)
+    with open(tmp_path / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [(r["step"], r["loss"]) for r in rows] == [(4, 2.5), (6, 5.5)]
