@@ -109,6 +109,8 @@ def main():
     peak = matmul_peak()
     out = {
         "preset": args.preset, "tokens": n * args.batch, "threads": os.cpu_count(),
+        # PyTorch takes every core: other work on the machine slows it far more than XLA
+        "load_average_1min": os.getloadavg()[0],
         "fwd_bwd_gflop": flops / 1e9, "jax_compile_s": jax_compile_s,
         "jax_step_s": jax_s, "torch_eager_step_s": eager_s, "torch_compile_step_s": compiled_s,
         "torch_compile": compile_note, "eager_over_jax": eager_s / jax_s,

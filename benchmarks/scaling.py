@@ -37,9 +37,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "configs")]
 
 # Dense bf16 per device, by device kind (the first name the kind contains: PCIe and NVL before
-# the SXM H100).
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0,
-               "A100": 312.0}
+# the SXM H100 and H200).
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200 NVL": 835.0,
+               "H200": 989.0, "A100": 312.0}
 FIELDS = ("sweep", "devices", "mesh", "global_batch", "step_s", "flops_per_step",
           "achieved_tflops", "mfu", "collective_gib", "all_gather_gib", "reduce_scatter_gib",
           "all_reduce_gib", "all_to_all_gib", "collective_permute_gib", "peak_gib", "params_gib",
@@ -48,12 +48,16 @@ FIELDS = ("sweep", "devices", "mesh", "global_batch", "step_s", "flops_per_step"
 
 def synthetic_args(args):
     """Arrays of the ShapeDtypeStructs in `args`, made by one jitted program on their shardings:
-    floats 0.02 sin(a hash of the element index and the leaf; params, moments, inputs), integers
-    in [0, 255] from the hash's top byte (pixels), step counters 0. No RNG: with a real model's
-    leaf count it compiled for minutes (threefry) or 36 s for the tiny config (RBG)."""
+    floats 0.02 sin(a hash of the element index and the leaf; params, moments, inputs), its
+    absolute value for Adam's second moments (`nu`: a negative one made the first update NaN, so
+    every timed step was a skipped one), integers in [0, 255] from the hash's top byte (pixels),
+    step counters 0. No RNG: with a real model's leaf count it compiled for minutes (threefry)
+    or 36 s for the tiny config (RBG)."""
     import jax
     import jax.numpy as jnp
-    leaves, tree = jax.tree.flatten(args)
+    paths, tree = jax.tree_util.tree_flatten_with_path(args)
+    leaves = [x for _, x in paths]
+    second_moment = [any(getattr(k, "name", None) == "nu" for k in path) for path, _ in paths]
 
     def fill(i, x):
         if x.shape == ():
@@ -64,7 +68,8 @@ def synthetic_args(args):
         h = (n ^ jnp.uint32(i * 0x9E3779B9 % 2 ** 32)) * jnp.uint32(2654435761)  # Knuth's hash
         h = h ^ (h >> 15)
         if jnp.issubdtype(x.dtype, jnp.floating):
-            return (0.02 * jnp.sin(h.astype(jnp.float32))).astype(x.dtype)
+            v = 0.02 * jnp.sin(h.astype(jnp.float32))
+            return (jnp.abs(v) if second_moment[i] else v).astype(x.dtype)
         return (h >> 24).astype(x.dtype)
 
     made = jax.jit(lambda: [fill(i, x) for i, x in enumerate(leaves)],

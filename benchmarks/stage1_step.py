@@ -6,8 +6,10 @@ FLOPs are the matmul and convolution FLOPs of the loss's forward + backward, cou
 jaxpr (plan.step_flops: scanned layers times their number; XLA's cost analysis counts a scanned
 stack once, which read 5.49 GFLOP for the demo step against 13.2 counted this way). The
 optimizer update, the dead-code restart and elementwise work are not counted, so the figure
-slightly understates the work. The peak is a measured float32 2048x2048 matmul on the same
-devices. Compiled memory is XLA's memory analysis. Prints one line per figure and a JSON line.
+slightly understates the work. The peak is a measured full-precision float32 matmul
+(benchmarks/common.py) on one device, times the devices the step runs on. Compiled memory is
+XLA's memory analysis of the training step itself (params, optimizer state and batch as
+arguments). Prints one line per figure and a JSON line.
 """
 import argparse
 import json
@@ -60,7 +62,7 @@ def main():
                                              c.stage1.heatmap_ce_weight,
                                              c.stage1.heatmap_ce_temperature)[0]["loss"])(st.params)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        mem = jax.jit(fwd_bwd).lower(state, batch).compile().memory_analysis()
+        mem = plan.jitted_step(step_fn).lower(state, batch).compile().memory_analysis()
         flops, _ = plan.step_flops(fwd_bwd, state, batch)
 
     t0 = time.perf_counter()
@@ -72,7 +74,7 @@ def main():
         state, m = step_fn(state, batch)
         jax.block_until_ready(state)
     step_s = (time.perf_counter() - t0) / args.steps
-    peak = matmul_peak()
+    peak = matmul_peak() * jax.device_count()  # the step runs on every device (data=-1)
     out = {
         "variant": args.variant, "backend": jax.default_backend(), "devices": jax.device_count(),
         "frames_per_step": b * t, "step_s": step_s, "frames_per_s": b * t / step_s,

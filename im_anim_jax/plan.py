@@ -339,11 +339,12 @@ def collective_bytes(hlo: str, num_devices: int, depth: int = 2) -> dict:
 
 def _start_bytes(kind: str, sizes: list[int]) -> int:
     """Result bytes of an asynchronous `<kind>-start` from its result's array sizes: an
-    all-reduce's outputs (one each for a merged op), an all-gather's second half (operands, then
-    outputs), a collective-permute's operand (the rest are outputs and context scalars)."""
+    all-reduce's outputs (one each for a merged op), an all-gather's or reduce-scatter's second
+    half (operands, then outputs), a collective-permute's operand (the rest are outputs and
+    context scalars)."""
     if kind == "all-reduce":
         return sum(sizes)
-    if kind == "all-gather":
+    if kind in ("all-gather", "reduce-scatter"):
         return sum(sizes[len(sizes) // 2:])
     return sizes[0]
 

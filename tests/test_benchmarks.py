@@ -79,6 +79,22 @@ def test_synthetic_args_fill_every_leaf_on_its_sharding():
     assert int(made[3]) == 0
 
 
+def test_synthetic_optimizer_state_gives_a_finite_step():
+    """Adam's second moments are filled non-negative: a negative one made sqrt(nu) NaN, so the
+    scaling sweep timed steps that the NaN guard skipped on parameters already NaN."""
+    import optax
+    params = {"w": jnp.zeros((16, 8)), "b": jnp.zeros((8,))}
+    tx = optax.adam(1e-3)
+    state = jax.eval_shape(tx.init, params)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params_s, state_s = scaling.synthetic_args(jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), (params, state)))
+    assert float(state_s[0].nu["w"].min()) >= 0 and float(state_s[0].mu["w"].min()) < 0
+    grads = jax.tree.map(jnp.ones_like, params_s)
+    updates, _ = tx.update(grads, state_s, params_s)
+    assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))
+
+
 def test_stage1_ceiling_learns_the_pose_given_on_the_tiny_set(tmp_path, tiny_config,
                                                               tiny_dataset):
     """benchmarks/stage1_ceiling.py: with the pose given, the decode path's held-out PCK rises

@@ -180,6 +180,7 @@ ENTRY %main (a: f32[1024], b: f32[4096]) -> f32[1024] {
   %ars = (f32[1024]{0}, f32[4096]{0}) all-reduce-start(f32[1024]{0} %a, f32[4096]{0} %b), replica_groups=[1,4]<=[4], to_apply=%add
   %ags = ((f32[256]{0}, f32[1024]{0}), (f32[1024]{0}, f32[4096]{0})) all-gather-start(f32[256]{0} %x, f32[1024]{0} %y), replica_groups=[1,4]<=[4], dimensions={0}
   %ar = (f32[1024]{0}, f32[4096]{0}) all-reduce(f32[1024]{0} %a, f32[4096]{0} %b), replica_groups=[1,4]<=[4], to_apply=%add
+  %rss = ((f32[1024]{0}), f32[256]{0}) reduce-scatter-start(f32[1024]{0} %a), replica_groups=[1,4]<=[4], dimensions={0}, to_apply=%add
   ROOT %r = f32[1024]{0} copy(%a)
 }
 """
@@ -187,3 +188,5 @@ ENTRY %main (a: f32[1024], b: f32[4096]) -> f32[1024] {
     outputs = (1024 + 4096) * 4  # bytes of the two outputs of each op
     assert out["all-reduce"]["bytes"] == pytest.approx(2 * (2 * outputs * 3 / 4))
     assert out["all-gather"]["bytes"] == pytest.approx(outputs * 3 / 4)
+    # a reduce-scatter's result is its scattered output (before: its input, n times too much)
+    assert out["reduce-scatter"]["bytes"] == pytest.approx(256 * 4 * 3)
