@@ -315,3 +315,18 @@ def test_heatmap_cross_entropy_is_weighted_into_the_stage1_loss(tiny_config):
     a, b = metrics(params, 0.0), metrics(params, 2.0)
     assert "heatmap_ce" not in a and float(b["heatmap_ce"]) > 0
     np.testing.assert_allclose(b["loss"] - a["loss"], 2.0 * b["heatmap_ce"], rtol=1e-5)
+
+
+def test_transformer_keeps_a_float32_residual_stream_under_bfloat16():
+    """bf16 compute, float32 residual: the stream added every layer's output in bf16 before,
+    losing precision with depth (here, 6 layers: max / mean abs error against the float32 stack
+    0.066 / 0.0143 with a bf16 stream, 0.041 / 0.0097 now)."""
+    from im_anim_jax.models import layers
+    x = jax.random.normal(jax.random.key(0), (2, 16, 32), jnp.float32)
+    ref_model = layers.Transformer(depth=6, num_heads=2)
+    params = ref_model.init(jax.random.key(1), x)
+    ref = ref_model.apply(params, x)
+    out = layers.Transformer(depth=6, num_heads=2, dtype=jnp.bfloat16).apply(
+        params, x.astype(jnp.bfloat16))
+    assert out.dtype == jnp.float32 and ref.dtype == jnp.float32
+    assert float(jnp.mean(jnp.abs(out - ref))) < 0.012

@@ -192,7 +192,9 @@ class ResidualAttentionBlock(nn.Module):
 
 class Transformer(nn.Module):
     """`depth` ResidualAttentionBlocks stacked with nn.scan (params get a leading `layers` axis),
-    each rematerialised by `remat_policy` (a key of REMAT_POLICIES)."""
+    each rematerialised by `remat_policy` (a key of REMAT_POLICIES). The residual stream is
+    float32 whatever `dtype` computes in (as the DiT's, and PyTorch autocast's): its output is
+    float32."""
     depth: int
     num_heads: int
     mlp_ratio: float = 4.0
@@ -212,7 +214,7 @@ class Transformer(nn.Module):
         stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                         length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = stack(self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl,
-                     name="blocks")(x, None)
+                     name="blocks")(x.astype(jnp.float32), None)
         return x
 
 
