@@ -171,12 +171,13 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
         # Animate-X's Explicit Pose Indicator on the driving keypoints of the `pose_indicator`
         # baseline (data_pipelines/epi.py): with probability `prob` (the paper: over 98%) the pose
         # is realigned to an anchor clip of the pose pool (`pool_size` training clips, every
-        # `pool_stride`-th frame), then each rescale group is rescaled with probability
+        # `pool_stride`-th frame; added parts play the anchor frame by frame, so a stride k plays
+        # them k times fast), then each rescale group is rescaled with probability
         # `rescale_prob` (factor log-uniform in [1/m, m], m = max_factor), each removable part
         # the driving pose lacks added from the anchor with probability `add_prob`, and each
         # other one dropped with probability `drop_prob`.
         epi=ml_collections.ConfigDict(dict(
-            prob=0.99, pool_size=256, pool_stride=4, rescale_prob=0.5, max_factor=1.3,
+            prob=0.99, pool_size=256, pool_stride=1, rescale_prob=0.5, max_factor=1.3,
             drop_prob=0.1, add_prob=0.1)),
         log_every=50, checkpoint_every=1000))
     # Stage 3: everything end to end (DiT 1e-5, the rest 5e-5), flow matching + 10 x the

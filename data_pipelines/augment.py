@@ -238,8 +238,10 @@ def random_bone_factors(rng: np.random.Generator, max_factors: dict | None = Non
 def realign_bones(keypoints, anchor) -> np.ndarray:
     """Moves a driving pose sequence [T, 62, 3] onto another body, the anchor [Ta, 62, 3] (one pose
     or a clip): every bone is scaled by median anchor length / median driving length (over the
-    frames where both its joints are visible, confidence > 0; 1 where either side never shows it
-    or the driving bone has zero length; a zero-length anchor bone collapses it) and the neck
+    frames where both its joints are visible, confidence > 0; where either side never shows it
+    or the driving bone has zero length, by the median factor of the bones both show, so that a
+    full-body pose on a half-body anchor keeps one scale, or 1 without any; a zero-length anchor
+    bone collapses it) and the neck
     trajectory is shifted by the difference of the median neck positions (over the frames where
     the neck is visible; no shift where either never shows it). Directions and confidences are
     the driving ones."""
@@ -252,7 +254,9 @@ def realign_bones(keypoints, anchor) -> np.ndarray:
 
     drv, anc = lengths(kpts), lengths(anchor)
     known = np.isfinite(drv) & np.isfinite(anc) & (np.nan_to_num(drv) > 0)
-    factors = np.where(known, np.nan_to_num(anc) / np.where(known, drv, 1.0), 1.0)
+    factors = np.nan_to_num(anc) / np.where(known, drv, 1.0)
+    overall = float(np.median(factors[known])) if known.any() else 1.0
+    factors = np.where(known, factors, overall)
     out = rescale_bones(kpts, np.maximum(factors, 1e-6))
 
     def neck(k):  # [2], NaN where the neck is never visible

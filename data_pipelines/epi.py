@@ -116,7 +116,8 @@ def add_parts(keypoints, anchor, parts) -> np.ndarray:
     """keypoints [T, 62, 3] with the REMOVABLE_PARTS `parts` added from `anchor` [Ta, 62, 3]:
     in each frame t, every joint of the part that is invisible (confidence 0) while visible in
     anchor frame t mod Ta, with a visible parent, is placed at that parent plus the anchor's bone
-    and takes the anchor's confidence. Visible joints never move."""
+    and takes the anchor's confidence. Visible joints never move. The anchor should run at the
+    driving clip's frame rate (a pool kept every k-th frame plays added parts k times fast)."""
     unknown = set(parts) - set(REMOVABLE_PARTS)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {sorted(REMOVABLE_PARTS)}")
@@ -189,6 +190,12 @@ class ExplicitPoseIndicator:
         moved, applied = transform(out["keypoints"], rng, self.pool, self.prob,
                                    self.rescale_prob, self.max_factor, self.drop_prob,
                                    self.add_prob)
+        if applied:  # a joint the new body puts outside the frame is not visible there
+            h, w = np.shape(out["frames"])[1:3]
+            x, y = moved[..., 0], moved[..., 1]
+            outside = (x < -0.5) | (x >= w - 0.5) | (y < -0.5) | (y >= h - 0.5)
+            moved = moved.copy()
+            moved[..., 2] = np.where(outside, 0.0, moved[..., 2])
         return dict(out, keypoints=moved, epi_applied=applied)
 
 

@@ -130,3 +130,37 @@ def test_added_parts_come_from_the_anchor_attached_to_the_driving_body():
     np.testing.assert_array_equal(epi.add_parts(driving, anchor, ["arms"]), driving)
     with pytest.raises(ValueError, match="unknown parts"):
         epi.add_parts(driving, anchor, ["tail"])
+
+
+def test_realign_to_a_body_that_hides_some_bones_keeps_one_scale():
+    """A full-body pose realigned onto a half-body anchor (its legs never visible): the legs
+    take the scale of the bones both show. Before they kept factor 1, so the realigned figure had
+    a body at the anchor's scale on legs at the driver's."""
+    rng = np.random.default_rng(5)
+    drv = pose_clip(rng)
+    neck = drv[:, skeleton.JOINT_INDEX["neck"], :2][:, None]
+    anchor = drv.copy()
+    anchor[..., :2] = neck + 2.0 * (drv[..., :2] - neck)          # the same body, twice the size
+    legs = [j for j, name in enumerate(skeleton.JOINT_NAMES)
+            if any(k in name for k in ("knee", "ankle", "toe", "heel"))]
+    anchor[:, legs, 2] = 0.0
+    out = epi.realign(drv, anchor)
+    ratio = np.linalg.norm(bones(out), axis=-1) / np.linalg.norm(bones(drv), axis=-1)
+    np.testing.assert_allclose(ratio, 2.0, rtol=1e-4)   # every bone, the hidden legs included
+
+
+def test_joints_the_new_body_puts_outside_the_frame_are_not_visible():
+    """The EPI moves the pose after the clip augment marked the visible joints; a realignment to
+    a larger body placed elsewhere carries joints out of the frame, and those were still marked
+    visible (a fifth of the demo's EPI samples had some), which evaluation never shows."""
+    rng = np.random.default_rng(6)
+    drv = pose_clip(rng, scale=0.5)                  # neck at 20-40 px in a 64 px frame
+    big = pose_clip(rng, scale=3.0, shift=(15.0, 15.0))
+    frames = np.zeros((len(drv), 64, 64, 3), np.uint8)
+    out = epi.ExplicitPoseIndicator(pool=(big,), prob=1.0, rescale_prob=0.0, drop_prob=0.0,
+                                    add_prob=0.0)(frames, drv, np.random.default_rng(0))
+    k = out["keypoints"]
+    inside = (k[..., 0] >= -0.5) & (k[..., 0] < 63.5) & (k[..., 1] >= -0.5) & (k[..., 1] < 63.5)
+    assert (~inside).any() and (k[..., 2] > 0).any()
+    assert not np.any((k[..., 2] > 0) & ~inside)
+    np.testing.assert_array_equal(k[..., 2] > 0, inside)
