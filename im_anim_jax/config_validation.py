@@ -275,9 +275,15 @@ def _augment(config, stages, out: list) -> None:
 
 
 def _frozen(config, stages, out: list) -> None:
-    """stage3.frozen's groups, model.dit_prediction and stage3.loss_weighting (stage 3)."""
+    """stage3.frozen's groups, model.expression.every, model.dit_prediction and
+    stage3.loss_weighting (stage 3)."""
     if 3 in stages:
         from im_anim_jax.training import stage3
+        every, layers = config.model.expression.every, config.model.dit.num_layers
+        if not _is_int(every, 1) or (_is_int(layers, 1) and layers % every):
+            out.append(f"model.expression.every={every!r} must be an integer >= 1 that divides "
+                       f"model.dit.num_layers={layers} (an expression block after every k DiT "
+                       f"blocks; stage 3 always drives the DiT with expression tokens)")
         for check in (lambda: stage3.frozen(config),
                       lambda: stage3.stage3_model.check_prediction(config.model),
                       lambda: stage3.check_loss_weighting(config.stage3.loss_weighting)):

@@ -159,3 +159,19 @@ def test_expression_block_is_frame_local(block_setup):
     frame = np.arange(x.shape[1]) // hw
     assert np.all(per_token[:, frame == 1] > 1e-5)
     assert np.all(per_token[:, frame != 1] == 0)
+
+
+def test_a_frame_without_expression_is_left_unchanged_by_a_trained_block(block_setup):
+    """The reference latent frame gets all-zero expression tokens. With `o` (and the biases)
+    trained, attending to keys and values that are only biases added the same learned offset to
+    every token of that frame (max change 2.07 in a review); now it passes through untouched."""
+    apply, variables, x, expr, hw = block_setup
+    params = nn.unbox(variables)
+    for name in ("o", "v"):
+        params["params"][name] = jax.tree.map(
+            lambda a, n=name: 0.1 * jax.random.normal(jax.random.key(len(n)), a.shape),
+            params["params"][name])
+    y = apply(params, x, expr.at[:, 0].set(0.0))
+    frame = np.arange(x.shape[1]) // hw
+    np.testing.assert_array_equal(np.asarray(y)[:, frame == 0], np.asarray(x)[:, frame == 0])
+    assert np.all(np.abs(np.asarray(y - x))[:, frame != 0].max(-1) > 1e-5)

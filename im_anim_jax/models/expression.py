@@ -190,6 +190,9 @@ class ExpressionBlock(nn.Module):
     expr [B, F, M, dim_e]) -> [B, L, dim]: the tokens of latent frame f attend only to expr[:, f].
     q from LN_affine(x), k and v from expr, q and k RMS-normed over the full width (as Wan's
     attention), no RoPE, no mask; computed in `dtype`, LayerNorm and residual in float32.
+    A frame whose tokens are all zero has no expression (the reference latent frame) and is left
+    unchanged: attending to keys and values that are only projection biases would add the same
+    learned offset to all its tokens once `o` has trained.
     """
     num_heads: int
     eps: float = 1e-6
@@ -225,5 +228,6 @@ class ExpressionBlock(nn.Module):
         k, v = (nn.with_logical_constraint(a, ("act_batch", None, "act_heads", None))
                 for a in (k, v))
         out = layers.attention(q, k, v, self.attention_impl)
-        out = ZeroOutProjection(dim, self.dtype, name="o")(out).reshape(b, length, dim)
-        return x + out.astype(x.dtype)
+        out = ZeroOutProjection(dim, self.dtype, name="o")(out).reshape(b, f, length // f, dim)
+        present = jnp.any(expr != 0, axis=(-2, -1))[:, :, None, None]       # [B, F, 1, 1]
+        return x + jnp.where(present, out, 0).reshape(b, length, dim).astype(x.dtype)

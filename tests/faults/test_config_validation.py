@@ -50,6 +50,8 @@ from im_anim_jax import config_validation
     ({"eval.pck_thresholds": (0.05, 0.2)}, (1,),
      "eval.pck_thresholds=(0.05, 0.2) must be numbers in (0, 1] and include 0.1"),
     ({"eval.stage3_pairs": 0}, (1,), "eval.stage3_pairs=0 must be an integer >= 1"),
+    ({"model.expression.every": 0}, (1, 2, 3), "model.expression.every=0 must be an integer >= 1 "
+                                               "that divides model.dit.num_layers=2"),
     ({"eval.fvd_frames": 0}, (1,), "eval.fvd_frames=0 must be an integer >= 1"),
     ({"eval.metric_batch": 0}, (1,), "eval.metric_batch=0 must be an integer >= 1"),
     ({"eval.batch_size": 0}, (1,), "eval.batch_size=0 must be an integer >= 1"),
