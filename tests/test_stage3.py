@@ -249,7 +249,7 @@ def test_sampling_window_gives_each_frame_value_to_its_tokens(tiny_config):
         _velocity=velocity, _expressions=lambda params, frames, kps: jnp.zeros((b, f, 5)))
     z_ref = jnp.ones((b, 1, 2, 2, 4))
     generation.Animator._sample_window(
-        animator, None, jax.random.key(0), z_ref, jnp.zeros((b, f, p, 8)), None, None,
+        animator, None, [jax.random.key(0)], z_ref, jnp.zeros((b, f, p, 8)), None, None,
         jnp.ones((b, 1, 2, 2, 4)), False, "")  # prefix: latent frame 1 held
     sigmas, timesteps = sampling.schedule("euler", 2, config.sampling.shift)
     generated = np.array([0.0, 0.0, 1.0, 1.0])  # reference, prefix, then 2 generated frames
