@@ -111,7 +111,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     # True: the reference latent z_ref also joins the control channels of every generated latent
     # frame (zero-initialised like M_ret's). Not in the paper, whose pretrained TI2V DiT already
     # carries the first latent frame's appearance forward; a DiT trained from scratch learns that
-    # slowly through attention (the demo; README, stage 3).
+    # slowly through attention (the demo; docs/experiments.md, stage 3).
     c.model.reference_control = False
     # What the DiT's output means: "velocity" (Wan2.2's, eps - x0), "x0" (the clean latent,
     # turned into the velocity (x_t - x0) / max(sigma, 0.05) for the loss and the sampler) or
@@ -269,7 +269,7 @@ def wan_vae(preset: str) -> ml_collections.ConfigDict:
     `tiny`: its structure (levels, causal convs, resampling) at CPU widths; `demo`: the same blocks
     with one spatial level fewer (8x): at 64x64 the 16x VAE left 4x4 latents (a 2x2 DiT grid) and
     reconstructed held-out frames at 21.5 dB, clip frames at 19.7; at 8x (1.04M params, not 3.92M),
-    24.7 and 21.7 after the same steps (README, stage 3)."""
+    24.7 and 21.7 after the same steps (docs/experiments.md, stage 3)."""
     wan = dict(dim_mult=(1, 2, 4, 4), temporal_downsample=(False, True, True))
     presets = {
         "wan2_2": dict(dim=160, dec_dim=256, **wan),
@@ -281,7 +281,7 @@ def wan_vae(preset: str) -> ml_collections.ConfigDict:
     # initial_logvar: the posterior's log-variance at init, for training from scratch (a converted
     # VAE brings its own). With upstream's 0 (unit noise on the latents at first) the demo VAE
     # trained to 22.6 dB in its 1400 frame steps; from -8, where the tiny KL weight lets it end
-    # anyway, to 23.7 (README, stage 3).
+    # anyway, to 23.7 (docs/experiments.md, stage 3).
     return ml_collections.ConfigDict(dict(
         preset=preset, z_dim=48, num_res_blocks=2, patch_size=2, init_from="",
         initial_logvar=-8.0, **presets[preset]))
@@ -296,11 +296,13 @@ def _small(c, variant):
         depth=4 if demo else 1, num_heads=4 if demo else 2,
         num_latent_tokens=32 if demo else 8, is_legacy=False,
         # From scratch, the plain ViT does not learn to localise joints within the demo's budget
-        # (README, stage 1): the demo adds a conv stem and the patch heatmap head. One residual
-        # block per stem stage (not 2): 0.815 vs 0.813 held out at 1100 steps, 12% less time.
+        # (docs/experiments.md, stage 1): the demo adds a conv stem and the patch heatmap head.
+        # One residual block per stem stage (not 2): 0.815 vs 0.813 held out at 1100 steps, 12%
+        # less time.
         stem_channels=(32, 64) if demo else (), stem_blocks=1, patch_heatmap_head=demo))
     # The demo's 4096 codes are the paper's: with 1024 (perplexity ~665 held out, ~9.4 bits per
-    # token) the 32 tokens lose what the encoder's patch tokens still hold (README, stage 1).
+    # token) the 32 tokens lose what the encoder's patch tokens still hold (docs/experiments.md,
+    # stage 1).
     c.model.quantizer.update(dict(codebook_size=4096 if demo else 64, restart_decay=0.9,
                                   restart_threshold=0.03))
     c.model.motion_decoder.update(dict(width=128 if demo else 32, depth=2 if demo else 1,
@@ -338,7 +340,8 @@ def _small(c, variant):
     # The demo's 2560 train clips: 256 identities x 10 of 160 motions, not x the same 10. With
     # 10 motions stage 2 saw 170 distinct poses and fitted them (train PCK 0.63, held-out
     # cross_pck@0.1 0.515 without augmentation); with 160, 0.540 at 400 steps, 0.05 under
-    # explicit_realign where it was 0.12 under (README, stage 2). Stage 1: 0.800 held out.
+    # explicit_realign where it was 0.12 under (docs/experiments.md, stage 2). Stage 1: 0.800
+    # held out.
     c.data.synthetic.update(dict(
         image_size=c.model.motion_tokenizer.image_size, shards_per_split=2 if demo else 1,
         num_train_identities=256 if demo else 6, num_heldout_identities=8 if demo else 2,
@@ -347,14 +350,14 @@ def _small(c, variant):
     # Trained from scratch (the paper fine-tunes pretrained TiTok at 1e-4): a higher peak rate
     # with cosine decay reaches the best pose accuracy within the CPU budget.
     # The heatmap cross-entropy beside the MSE: held-out pck@0.1 0.803 after 900 steps, against
-    # 0.800 after 1100 without it (README, stage 1).
+    # 0.800 after 1100 without it (docs/experiments.md, stage 1).
     c.stage1.update(dict(steps=900 if demo else 120, lr=2e-3 if demo else 1e-3, schedule="cosine",
                          heatmap_ce_weight=1.0 if demo else 0.0,
                          warmup_steps=50 if demo else 10, patch_heatmap_weight=1.0 if demo else 0.0,
                          batch_size=16 if demo else 4, log_every=50 if demo else 5,
                          checkpoint_every=300 if demo else 10))
     # The demo's stage 1 mirrors half of its clips (no zoom, shift or colour jitter): held-out
-    # pck@0.1 0.778 vs 0.712 without at 900 steps (README, stage 1).
+    # pck@0.1 0.778 vs 0.712 without at 900 steps (docs/experiments.md, stage 1).
     if demo:
         c.stage1.augment.update(dict(enabled=True, flip=0.5, scale=(1.0, 1.0), shift=0.0,
                                      brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0))
@@ -364,8 +367,9 @@ def _small(c, variant):
                          checkpoint_every=200 if demo else 3))
     # The demo keeps the stage-1 motion encoder: trained here (the paper's setting) its tokens
     # collapse (codebook perplexity 57 of 4096 at step 400) and the output ignores the motion
-    # (cross_pck@0.1 0.488, driving_pose_follow 0.000); kept, 0.514 and 0.20 (README, stage 2;
-    # measured on the former 10-motion data, not re-run on the 160-motion set).
+    # (cross_pck@0.1 0.488, driving_pose_follow 0.000); kept, 0.514 and 0.20
+    # (docs/experiments.md, stage 2; measured on the former 10-motion data, not re-run on the
+    # 160-motion set).
     c.stage2.train_motion_encoder = not demo
     # The demo trains the one ablation the stage-2 bar compares against (10 minutes each on 2
     # cores); --config.stage2.baselines="('self_attention','conv','no_middle_supervision')" runs all.
@@ -385,13 +389,13 @@ def _small(c, variant):
     # with z_ref on its control channels and, in the demo, predicting x0 as z_ref plus its
     # output: held-out PSNR* 21.68 with x0 against 20.38 after 1000 steps (21.22 with the
     # channels alone); on the VAE started inflated with a narrow posterior, 22.58 with
-    # x0_residual against 22.34 with x0 (README, stage 3).
+    # x0_residual against 22.34 with x0 (docs/experiments.md, stage 3).
     c.model.reference_control = True
     c.model.dit_prediction = "x0_residual" if demo else "velocity"
     # The x0-prediction demo weighs every noise level alike (stage3.loss_weighting): Wan's flow
     # loss counts an x0 error 1/sigma^2 times, so nearly clean samples, which only need the
     # noise wiped, outweigh the noisy ones, where the motion has to come from the control:
-    # held-out PSNR* 22.66 against 22.56 (README, stage 3).
+    # held-out PSNR* 22.66 against 22.56 (docs/experiments.md, stage 3).
     c.stage3.loss_weighting = "x0" if demo else "velocity"
     c.stage3.update(dict(steps=1000 if demo else 6, clip_frames=17 if demo else 5, lr_dit=1e-3,
                          lr_other=1e-3, schedule="cosine", warmup_steps=20 if demo else 2,
@@ -403,5 +407,5 @@ def _small(c, variant):
                            else 1))
     c.eval.batch_size = 8 if demo else 2
     # One pair per held-out driving clip (8 identities x 4 motions): on 8 pairs the model's motion
-    # PCK moved by 0.018 between two VAEs that tie on 32 (README, stage 3).
+    # PCK moved by 0.018 between two VAEs that tie on 32 (docs/experiments.md, stage 3).
     c.eval.stage3_pairs = 32 if demo else 2

@@ -163,9 +163,10 @@ def test_joint_head_reads_each_video_frame_from_its_latent_frame():
 
 
 def test_positions_do_not_drown_the_content():
-    """The regression behind stage 2 ignoring the motion (README, stage 2): at the demo's width,
-    fixed sinusoids of norm ~8 against ~3 for a motion token's content made every token at a
-    position look alike, and every mask query alike across the 2x2 grid. After ln_pre, at init:
+    """The regression behind stage 2 ignoring the motion (docs/experiments.md, stage 2): at the
+    demo's width, fixed sinusoids of norm ~8 against ~3 for a motion token's content made every
+    token at a position look alike, and every mask query alike across the 2x2 grid. After
+    ln_pre, at init:
     two different motion-token sets at the same positions have mean cosine 0.55 (0.94 with the
     old positions) and mask queries of different patches 0.47 (0.98 before); both must stay
     below 0.75."""

@@ -9,8 +9,8 @@ state dict (`latent_tokens`, `encoder.*`) so pretrained TiTok weights convert on
 ViT paper's hybrids: per entry a stride-2 3x3 conv and `stem_blocks` pre-LN residual blocks, so
 the patch embedding covers patch_size / 2**len(stem_channels) stem cells. Trained from scratch
 on the demo's budget, the plain ViT did not learn to localise joints; the stem, with stage 1's
-patch heatmap head and more identities, does (README, stage 1). Pretrained TiTok weights need
-the plain patch embedding."""
+patch heatmap head and more identities, does (docs/experiments.md, stage 1). Pretrained TiTok
+weights need the plain patch embedding."""
 from __future__ import annotations
 
 from typing import Sequence

@@ -8,9 +8,10 @@ type embedding (the mask kind's is the mask token itself: its content is a learn
 Positions: a learned embedding per patch of the grid (reference and mask tokens; so a model is
 tied to its patch grid, as a ViT is), a learned per-token-index embedding (motion tokens), and
 time as a fixed sinusoid (any clip length) scaled to the learned embeddings' width^-0.5: motion
-tokens at their frame's time, mask tokens at their output frame's. Both scales matter (README,
-stage 2): with unscaled sinusoids (norm ~sqrt(width/2), nearly the same vector for every position
-of a short clip or a small grid) every query looked alike and the model never read the motion.
+tokens at their frame's time, mask tokens at their output frame's. Both scales matter
+(docs/experiments.md, stage 2): with unscaled sinusoids (norm ~sqrt(width/2), nearly the same
+vector for every position of a short clip or a small grid) every query looked alike and the model
+never read the motion.
 Attention spans all tokens.
 The outputs at the mask positions are M_ret, one token per reference patch per output frame, so
 M_ret lies on the reference patch grid. Reference content reaches M_ret only through attention:
