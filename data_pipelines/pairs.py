@@ -71,14 +71,15 @@ def make_pairs(entries: list, *, clip_frames: int, seed: int,
                partners_per_clip: int | None = 1, self_pairs: bool = False) -> Pairs:
     """Pairs over one split's index entries ({"identity_id", "motion_id", "num_frames"}, in
     data-source order). partners_per_clip: partner identities per driving clip (drawn without
-    replacement, fewer when fewer exist); None: every valid partner. self_pairs: also one row per
-    driving clip whose partner is its own identity (target = the driving record itself, reference =
-    a frame of another of its motions): the crop/scale/pad examples, supervised by the original
-    clip. Self rows are drawn after the cross rows, so adding them leaves the cross rows as
+    replacement, fewer when fewer exist); None: every valid partner; 0 (with self_pairs): none,
+    the self rows alone. self_pairs: also one row per driving clip whose partner is its own
+    identity (target = the driving record itself, reference = a frame of another of its
+    motions): the crop/scale/pad examples, supervised by the original clip. Self rows are drawn after the cross rows, so adding them leaves the cross rows as
     they were."""
     _check_entries(entries, clip_frames)
-    if partners_per_clip is not None and partners_per_clip < 1:
-        raise ValueError(f"partners_per_clip must be >= 1 or None, got {partners_per_clip}")
+    if partners_per_clip is not None and partners_per_clip < (0 if self_pairs else 1):
+        raise ValueError(f"partners_per_clip must be >= 1 or None (or 0 with self_pairs: self "
+                         f"pairs alone), got {partners_per_clip}")
     clips = collections.defaultdict(list)       # (identity, motion) -> records long enough
     performers = collections.defaultdict(set)   # motion -> identities with such a record
     by_identity = collections.defaultdict(list)  # identity -> all its records
@@ -96,7 +97,7 @@ def make_pairs(entries: list, *, clip_frames: int, seed: int,
         chosen = []
         if e["num_frames"] >= clip_frames:
             rng = np.random.default_rng([seed, r])
-            if partners:
+            if partners and partners_per_clip != 0:
                 k = len(partners) if partners_per_clip is None else min(partners_per_clip,
                                                                         len(partners))
                 chosen = rng.choice(partners, size=k, replace=False).tolist()

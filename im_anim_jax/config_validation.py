@@ -118,6 +118,10 @@ def _frames_and_sizes(config, stages, out: list) -> None:
         if 2 in stages and not m.vae.init_from and not (_is_number(lv) and -30 <= lv <= 20):
             out.append(f"model.vae.initial_logvar={lv!r} must be a number in [-30, 20] (the "
                        f"range the VAE loss clips log-variances to; -8: a narrow posterior)")
+    k, steps2 = config.stage2.self_pair_steps, config.stage2.steps
+    if 2 in stages and not (_is_int(k, 0) and (not _is_int(steps2, 1) or k < steps2)):
+        out.append(f"stage2.self_pair_steps={k!r} must be an integer in [0, stage2.steps="
+                   f"{steps2}) (0: every step on every pair, augmented)")
     if 2 in stages and m.retargeter.output_frames == "latent":
         t = config.stage2.clip_frames
         if not _is_int(t, 1) or (t - 1) % TEMPORAL_STRIDE:

@@ -123,6 +123,20 @@ def test_training_draws_the_window_and_reference_frame_per_sample(tiny_dataset):
     assert src[i]["start"] == src.pairs.start[i]  # evaluation reads the pair's own window
 
 
+def test_zero_partners_leave_the_self_rows_alone():
+    """stage2.self_pair_steps trains on partners_per_clip=0: the self rows, nothing else."""
+    entries = _entries([(i, m) for i in range(3) for m in range(2)] + [(7, 0)])
+    alone = pairs.make_pairs(entries, clip_frames=3, seed=3, partners_per_clip=0, self_pairs=True)
+    assert np.array_equal(alone.driving, alone.target)
+    assert sorted(alone.driving.tolist()) == [r for r, e in enumerate(entries)
+                                              if e["identity_id"] != 7]
+    assert alone.unpaired.tolist() == [6]                    # identity 7 has no other motion
+    ref_id = [entries[r]["identity_id"] for r in alone.reference]
+    assert ref_id == [entries[r]["identity_id"] for r in alone.driving]
+    with pytest.raises(ValueError, match="or 0 with self_pairs"):
+        pairs.make_pairs(entries, clip_frames=3, seed=3, partners_per_clip=0)
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match="two identities"):
         pairs.make_pairs(_entries([(0, 0), (1, 1), (0, 2)]), clip_frames=3, seed=0)

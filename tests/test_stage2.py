@@ -79,6 +79,48 @@ def test_missing_or_different_stage1_is_refused(trained, tmp_path, tiny_dataset)
         stage2.variants(_config(config, baselines=("typo",)))
 
 
+def test_phases_put_the_self_pairs_first(tiny_config):
+    cfg = lambda k: _config(tiny_config, self_pair_steps=k, steps=10).stage2  # noqa: E731
+    assert stage2.phases(cfg(0)) == [(10, False)]
+    assert stage2.phases(cfg(4)) == [(4, True), (10, False)]
+
+
+def test_the_self_pair_phase_trains_on_the_driving_pose(trained, tiny_dataset):
+    """Its batches are self pairs, un-augmented: the target clip is the driving clip, frame for
+    frame; the later phase's are not (cross pairs, crop/scale/pad)."""
+    config, _, _ = trained
+    first = next(iter(stage2.train_dataset(config, tiny_dataset, self_only=True)))
+    assert np.array_equal(first["driving"], first["target"])
+    assert np.array_equal(first["driving_keypoints"], first["target_keypoints"])
+    assert np.all(first["driving_identity_id"] == first["reference_identity_id"])
+    later = next(iter(stage2.train_dataset(config, tiny_dataset)))
+    assert not np.array_equal(later["driving"], later["target"])
+
+
+def test_resuming_at_the_phase_boundary_repeats_the_run(trained, tiny_dataset, tmp_path):
+    """A run that stops at the last self-pair step and resumes takes the batches and losses of
+    one that did not stop."""
+    config, workdir, _ = trained
+    config = _config(config, steps=6, self_pair_steps=3, log_every=1, checkpoint_every=3)
+    for d in ("stage1", "vae"):
+        shutil.copytree(os.path.join(workdir, d), tmp_path / d)
+    ref = vae.load_reference_encoder(config, str(tmp_path))
+    run = lambda: stage2.train_variant(config, str(tmp_path), tiny_dataset,  # noqa: E731
+                                       "main", ref, log=lambda _: None)
+    run()
+    out = stage2.stage_dir(str(tmp_path))
+    with open(os.path.join(out, "data_log.txt")) as f:
+        straight_log = f.read()
+    straight = read_metrics(out)
+    assert [r["step"] for r in straight] == [1, 2, 3, 4, 5, 6]
+    shutil.rmtree(os.path.join(out, "6"))          # as if stopped right after the phase's end
+    run()
+    with open(os.path.join(out, "data_log.txt")) as f:
+        assert f.read() == straight_log
+    assert [(r["step"], r["loss"]) for r in read_metrics(out)] == [
+        (r["step"], r["loss"]) for r in straight]
+
+
 def test_evaluation_reports_every_variant_and_baseline(trained, tiny_dataset):
     config, workdir, _ = trained
     # A batch of 4 holds pairs of both held-out references (6 -> 7 and 7 -> 6), so every swap

@@ -203,15 +203,16 @@ def make_train_step(model, tx, config, mesh, axis_rules, state_sh, ref_encoder):
     return run_step
 
 
-def train_dataset(config, data_path: str, log=print):
+def train_dataset(config, data_path: str, log=print, self_only: bool = False):
     """The variant's training batches: stage-2 pairs, the driving clip colour-jittered and
     cropped / scaled / padded; for the pose indicator its keypoints also transformed by the
     Explicit Pose Indicator (pose pool from the train split) and the driving input packed as
-    {"frames", "keypoints"} (`driving_input`)."""
+    {"frames", "keypoints"} (`driving_input`). `self_only`: the self pairs alone, un-augmented,
+    so the target is the driving pose itself (the first stage2.self_pair_steps steps)."""
     cfg = config.stage2
-    clip_aug = augment.clip_augment(cfg.augment, supervise_original=True)
+    clip_aug = None if self_only else augment.clip_augment(cfg.augment, supervise_original=True)
     pose_indicator = config.model.motion_encoder == "pose_indicator"
-    if pose_indicator:
+    if pose_indicator and not self_only:
         pool = epi.pose_pool(data_path, "train", cfg.epi.pool_size, cfg.epi.pool_stride,
                              seed=config.seed)
         log(f"[stage2:pose_indicator] EPI: pose pool of {len(pool)} anchor clips, "
@@ -220,8 +221,9 @@ def train_dataset(config, data_path: str, log=print):
     ds = pipeline.pair_train_dataset(
         data_path, "train", clip_frames=cfg.clip_frames,
         batch_size=cfg.batch_size // jax.process_count(), targets=stage1_training.targets(config),
-        seed=config.seed, partners_per_clip=cfg.partners_per_clip, self_pairs=cfg.self_pairs,
-        augment=clip_aug, read_threads=config.data.read_threads,
+        seed=config.seed, partners_per_clip=0 if self_only else cfg.partners_per_clip,
+        self_pairs=self_only or cfg.self_pairs, augment=clip_aug,
+        read_threads=config.data.read_threads,
         num_workers=config.data.num_workers, max_bad_records=config.faults.max_bad_records,
         log=log)
     if pose_indicator:
@@ -246,7 +248,6 @@ def train_variant(config, workdir: str, data_path: str, name: str, ref_encoder,
     if checkpointing.latest_step(directory) is None:
         state = from_stage1(state, stage1_training.load_params(config, workdir)[1], state_sh, tx,
                            config)
-    data_iter = iter(train_dataset(config, data_path, log=log))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     n_train = sum(int(np.prod(x.shape)) for k in trainable(config)
                   for x in jax.tree.leaves(state.params[k]))
@@ -255,14 +256,34 @@ def train_variant(config, workdir: str, data_path: str, name: str, ref_encoder,
         f"{cfg.batch_size} pairs x {cfg.clip_frames} frames")
     meta = dict(checkpointing.meta_for(config, STAGE, state.params, trainable(config)),
                 variant=name)
-    _, last = loop.run(
-        name=tag, stage_dir=directory, state=state, abstract_state=abstract_state,
-        train_step=make_train_step(model, tx, config, mesh, axis_rules, state_sh, ref_encoder),
-        data_iter=data_iter, mesh=mesh, total_steps=cfg.steps, log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every, ckpt_cfg=config.checkpoint,
-        max_nonfinite_in_a_row=config.faults.max_nonfinite_in_a_row, meta=meta, log=log,
-        console_keys=("loss", "heatmap_loss", "vq_loss", "train_pck@0.1", "codebook_perplexity"))
+    train_step = make_train_step(model, tx, config, mesh, axis_rules, state_sh, ref_encoder)
+    done, last = checkpointing.latest_step(directory) or 0, {}
+    for end, self_only in phases(cfg):
+        if done >= end and end < cfg.steps:
+            continue  # a finished phase of a resumed run
+        if self_only:
+            log(f"[{tag}] steps 1-{end}: self pairs alone, un-augmented (the target is the "
+                f"driving pose; stage2.self_pair_steps)")
+        # One shuffled order throughout: a phase resumes the previous phase's data position.
+        state, last = loop.run(
+            name=tag, stage_dir=directory, state=state, abstract_state=abstract_state,
+            train_step=train_step,
+            data_iter=iter(train_dataset(config, data_path, log=log, self_only=self_only)),
+            mesh=mesh, total_steps=end, log_every=cfg.log_every,
+            checkpoint_every=cfg.checkpoint_every, ckpt_cfg=config.checkpoint,
+            max_nonfinite_in_a_row=config.faults.max_nonfinite_in_a_row, meta=meta, log=log,
+            console_keys=("loss", "heatmap_loss", "vq_loss", "train_pck@0.1",
+                          "codebook_perplexity"))
     return last
+
+
+def phases(cfg) -> list[tuple[int, bool]]:
+    """(last step, self pairs alone) of each training phase: the self pairs alone, un-augmented,
+    up to step `self_pair_steps` (the retargeter first learns to read the motion, a task it
+    learns within the demo's steps), then every pair with the augmentation (the motion moved
+    into the reference's framing)."""
+    first = min(cfg.self_pair_steps, cfg.steps)
+    return ([(first, True)] if first else []) + ([(cfg.steps, False)] if cfg.steps > first else [])
 
 
 def train(config, workdir: str, data_path: str, log=print) -> dict:
