@@ -74,8 +74,8 @@ def make_pairs(entries: list, *, clip_frames: int, seed: int,
     replacement, fewer when fewer exist); None: every valid partner; 0 (with self_pairs): none,
     the self rows alone. self_pairs: also one row per driving clip whose partner is its own
     identity (target = the driving record itself, reference = a frame of another of its
-    motions): the crop/scale/pad examples, supervised by the original clip. Self rows are drawn after the cross rows, so adding them leaves the cross rows as
-    they were."""
+    motions): the crop/scale/pad examples, supervised by the original clip. Self rows are drawn
+    after the cross rows, so adding them leaves the cross rows as they were."""
     _check_entries(entries, clip_frames)
     if partners_per_clip is not None and partners_per_clip < (0 if self_pairs else 1):
         raise ValueError(f"partners_per_clip must be >= 1 or None (or 0 with self_pairs: self "

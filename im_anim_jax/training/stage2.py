@@ -7,7 +7,8 @@ quantizer's codebook and the joint decoder stay frozen (they define the token an
 stage 1 learned; the optimizer state covers only the trained params); the rest trains with AdamW.
 Reference tokens come from the frozen VAE encoder (training/vae.py). Data: pairs.PairSource pairs
 (cross-identity, plus self pairs), the driving clip colour-jittered and cropped / scaled / padded,
-the target never moved.
+the target never moved; the first stage2.self_pair_steps steps take the self pairs alone,
+un-augmented (`phases`).
 
 The ablations (`config.stage2.baselines`) train the same way on the same data order, each into
 WORKDIR/stage2_<name>:
