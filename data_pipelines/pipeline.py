@@ -279,8 +279,11 @@ def pair_train_dataset(path: str, split: str, *, clip_frames: int, batch_size: i
     if unpaired and log is not None:
         log(f"[pairs] split {split!r}: {len(unpaired)} clips drive no pair and are left out "
             f"(records {unpaired[:10]}{' ...' if len(unpaired) > 10 else ''}): shorter than "
-            f"{clip_frames} frames, or no other identity performs their motion and has a clip "
-            f"of another motion for the reference image")
+            f"{clip_frames} frames, or " + (
+                "their identity has no clip of another motion for the reference image"
+                if partners_per_clip == 0 else
+                "no other identity performs their motion and has a clip of another motion for "
+                "the reference image"))
     read = _guarded(src.example, _pair_check(clip_frames, targets),
                     lambda ex, rng: _with_pair_targets(ex, targets, augment, rng))
     return _iterate(len(src), read, seed, batch_size, jax.process_index(), jax.process_count(),

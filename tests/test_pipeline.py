@@ -179,6 +179,12 @@ def test_pair_training_says_which_clips_drive_no_pair(tiny_dataset, tiny_config,
                                 targets=_targets(tiny_config), seed=0, log=lines.append)
     assert len(lines) == 1 and "1 clips drive no pair" in lines[0], lines
     assert f"records [{last}]" in lines[0] and "shorter than 3 frames" in lines[0]
+    assert "no other identity performs their motion" in lines[0]
+    lines.clear()                                       # the reading phase's self pairs alone:
+    pipeline.pair_train_dataset(path, "train", clip_frames=3, batch_size=2, self_pairs=True,
+                                partners_per_clip=0, targets=_targets(tiny_config), seed=0,
+                                log=lines.append)
+    assert len(lines) == 1 and "their identity has no clip of another motion" in lines[0], lines
     lines.clear()
     pipeline.pair_train_dataset(tiny_dataset, "train", clip_frames=3, batch_size=2,
                                 targets=_targets(tiny_config), seed=0, log=lines.append)
