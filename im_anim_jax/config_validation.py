@@ -118,6 +118,11 @@ def _frames_and_sizes(config, stages, out: list) -> None:
         if 2 in stages and not m.vae.init_from and not (_is_number(lv) and -30 <= lv <= 20):
             out.append(f"model.vae.initial_logvar={lv!r} must be a number in [-30, 20] (the "
                        f"range the VAE loss clips log-variances to; -8: a narrow posterior)")
+    for s in (2, 3):
+        n = config[f"stage{s}"].partners_per_clip
+        if s in stages and n is not None and not _is_int(n, 1):
+            out.append(f"stage{s}.partners_per_clip={n!r} must be an integer >= 1 or None "
+                       f"(every partner): stage {s} trains on cross-identity pairs")
     k, steps2 = config.stage2.self_pair_steps, config.stage2.steps
     if 2 in stages and not (_is_int(k, 0) and (not _is_int(steps2, 1) or k < steps2)):
         out.append(f"stage2.self_pair_steps={k!r} must be an integer in [0, stage2.steps="

@@ -97,6 +97,18 @@ def test_the_self_pair_phase_trains_on_the_driving_pose(trained, tiny_dataset):
     assert not np.array_equal(later["driving"], later["target"])
 
 
+def test_the_pose_indicator_keeps_its_explicit_pose_indicator_in_the_self_pair_phase(
+        trained, tiny_dataset):
+    """It reads the driving keypoints: un-transformed in a self pair they would be the answer."""
+    config, _, _ = trained
+    config = config.copy_and_resolve_references()
+    config.model.motion_encoder = "pose_indicator"
+    config.stage2.epi.prob = 1.0
+    batch = next(iter(stage2.train_dataset(config, tiny_dataset, self_only=True)))
+    assert np.array_equal(batch["driving"]["frames"], batch["target"])     # frames un-augmented
+    assert not np.allclose(batch["driving"]["keypoints"], batch["target_keypoints"])
+
+
 def test_resuming_at_the_phase_boundary_repeats_the_run(trained, tiny_dataset, tmp_path):
     """A run that stops at the last self-pair step and resumes takes the batches and losses of
     one that did not stop."""

@@ -209,11 +209,13 @@ def train_dataset(config, data_path: str, log=print, self_only: bool = False):
     cropped / scaled / padded; for the pose indicator its keypoints also transformed by the
     Explicit Pose Indicator (pose pool from the train split) and the driving input packed as
     {"frames", "keypoints"} (`driving_input`). `self_only`: the self pairs alone, un-augmented,
-    so the target is the driving pose itself (the first stage2.self_pair_steps steps)."""
+    so the target is the driving pose itself (the first stage2.self_pair_steps steps); the pose
+    indicator keeps its Explicit Pose Indicator there, since it reads the driving keypoints,
+    which would otherwise be the answer."""
     cfg = config.stage2
     clip_aug = None if self_only else augment.clip_augment(cfg.augment, supervise_original=True)
     pose_indicator = config.model.motion_encoder == "pose_indicator"
-    if pose_indicator and not self_only:
+    if pose_indicator:
         pool = epi.pose_pool(data_path, "train", cfg.epi.pool_size, cfg.epi.pool_stride,
                              seed=config.seed)
         log(f"[stage2:pose_indicator] EPI: pose pool of {len(pool)} anchor clips, "
@@ -265,7 +267,7 @@ def train_variant(config, workdir: str, data_path: str, name: str, ref_encoder,
         if self_only:
             log(f"[{tag}] steps 1-{end}: self pairs alone, un-augmented (the target is the "
                 f"driving pose; stage2.self_pair_steps)")
-        # One shuffled order throughout: a phase resumes the previous phase's data position.
+        # Each phase shuffles its own pairs; phase 2 restores phase 1's iterator position.
         state, last = loop.run(
             name=tag, stage_dir=directory, state=state, abstract_state=abstract_state,
             train_step=train_step,

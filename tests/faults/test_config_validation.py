@@ -59,6 +59,8 @@ from im_anim_jax import config_validation
     ({"stage2.self_pair_steps": 6}, (1, 2), "stage2.self_pair_steps=6 must be an integer in [0, "
                                             "stage2.steps=6)"),
     ({"stage2.self_pair_steps": -1}, (1, 2), "stage2.self_pair_steps=-1 must be an integer"),
+    ({"stage3.partners_per_clip": 0}, (1, 2, 3), "stage3.partners_per_clip=0 must be an integer "
+                                                 ">= 1 or None"),
     ({"vae_training.warmup_steps": 50}, (1, 2), "vae_training.warmup_steps=50 exceeds"),
     ({"model.vae.initial_logvar": float("nan")}, (1, 2),
      "model.vae.initial_logvar=nan must be a number in [-30, 20]"),
