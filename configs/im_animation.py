@@ -163,7 +163,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
         partners_per_clip=1, self_pairs=True,
         # The first self_pair_steps steps train on the self pairs alone, un-augmented (target =
         # the driving pose), then on every pair with `augment` (a demo-budget aid; README,
-        # stage 2: Data).
+        # stage 2, "A reading phase").
         self_pair_steps=0,
         augment=augmentation(True),
         # False: the `no_middle_supervision` ablation (M_ret gets no heatmap signal; see README).
