@@ -164,6 +164,14 @@ def _check(have: dict, meta: dict, step: int, stage_dir: str, allow_config_chang
         f"complete at step {step}: nothing trains under this config" if complete else None)
 
 
+def unfinished(stage_dir: str, phases: list, total_steps: int) -> list:
+    """The training phases (tuples whose first item is the phase's last step) a run in
+    `stage_dir` still has to run: a phase before the last is done once the newest checkpoint
+    reaches its end; the last always runs (a finished stage is restored and reported)."""
+    done = checkpointing.latest_step(stage_dir) or 0
+    return [p for p in phases if p[0] >= total_steps or done < p[0]]
+
+
 def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callable,
         data_iter, mesh, total_steps: int, log_every: int, checkpoint_every: int, ckpt_cfg,
         meta: dict, max_nonfinite_in_a_row: int, console_keys=None,

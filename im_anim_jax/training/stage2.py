@@ -260,10 +260,8 @@ def train_variant(config, workdir: str, data_path: str, name: str, ref_encoder,
     meta = dict(checkpointing.meta_for(config, STAGE, state.params, trainable(config)),
                 variant=name)
     train_step = make_train_step(model, tx, config, mesh, axis_rules, state_sh, ref_encoder)
-    done, last = checkpointing.latest_step(directory) or 0, {}
-    for end, self_only in phases(cfg):
-        if done >= end and end < cfg.steps:
-            continue  # a finished phase of a resumed run
+    last = {}
+    for end, self_only in loop.unfinished(directory, phases(cfg), cfg.steps):
         if self_only:
             log(f"[{tag}] steps 1-{end}: self pairs alone, un-augmented (the target is the "
                 f"driving pose; stage2.self_pair_steps)")

@@ -255,10 +255,8 @@ def train(config, workdir: str, data_path: str, log=print) -> dict:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     size = config.model.motion_tokenizer.image_size
     stage_dir = os.path.join(workdir, "vae")
-    done, last = checkpointing.latest_step(stage_dir) or 0, {}
-    for end, frames, batch_size in phases(cfg):
-        if done >= end and end < cfg.steps:
-            continue  # a finished phase of a resumed run
+    last = {}
+    for end, frames, batch_size in loop.unfinished(stage_dir, phases(cfg), cfg.steps):
         # One shuffled order throughout: a phase resumes the previous phase's data position.
         data_iter = iter(pipeline.train_dataset(
             data_path, "train", clip_frames=frames,
