@@ -147,7 +147,7 @@ def test_evaluation_reports_every_variant_and_baseline(trained, tiny_dataset):
     assert 0 <= result["cross_pck@0.05"] <= result["cross_pck@0.1"] <= 1
     assert result["step"] == STEPS and result["num_pairs"] > 0
     names = set(stage2.BASELINES) | {"no_retarget", "no_retarget_gt", "explicit_realign",
-                                     "stage1_on_target"}
+                                     "explicit_similarity", "stage1_on_target"}
     assert set(result["baselines"]) == names
     framings = {r["framing"] for r in records.read_index(tiny_dataset)["splits"]["test"]}
     for name, figures in [("main", result)] + list(result["baselines"].items()):

@@ -20,11 +20,13 @@ target = B performing A's motion at the same frames; pairs.PairSource, seed conf
                             identity), scored against the pair's own target, and how much lower
                             that is than with its own reference on the same pairs: 0 means the
                             output ignores the reference (its body, framing and placement)
-for the main model and every trained baseline, plus three explicit, training-free baselines:
+for the main model and every trained baseline, plus four explicit, training-free baselines:
   no_retarget       the stage-1 pose of the driving frames pasted onto the reference
   no_retarget_gt    the same with the driving identity's ground-truth keypoints
   explicit_realign  the stage-1 driving pose moved onto the stage-1 pose of the reference image
                     (augment.realign_bones: Animate-X-style bone-length and position alignment)
+  explicit_similarity  the same by one scale and shift per clip (augment.align_similarity: the
+                    head/torso joints' centre and spread), bone ratios kept
 and one oracle, `stage1_on_target`: the stage-1 model reading the target video itself (B really
 performing the motion). Stage 2 decodes through the same frozen joint decoder, so this is what
 that decoder draws when its encoder sees the answer: a reference level for cross_pck, per framing
@@ -163,13 +165,14 @@ def _add_by_framing(hits: dict, ref_framing, pred, gt, weights, size: int) -> No
         h.add(pred, gt, np.asarray(weights) * (ref_framing == f)[:, None, None], size)
 
 
-def _realigned(drv_xy, ref_xy, image_size: int, size: int) -> np.ndarray:
-    """Heatmap-pixel poses [B, T, J, 2] realigned onto the reference poses [B, J, 2]."""
+def _realigned(drv_xy, ref_xy, image_size: int, size: int, align=augment.realign_bones):
+    """Heatmap-pixel poses [B, T, J, 2] moved onto the reference poses [B, J, 2] by `align`
+    (augment.realign_bones or augment.align_similarity)."""
     to_img = lambda xy: kp.heatmap_to_image(np.asarray(xy), image_size, size)  # noqa: E731
     out = []
     for d, r in zip(to_img(drv_xy), to_img(ref_xy)):
         one = lambda xy: np.concatenate([xy, np.ones(xy.shape[:-1] + (1,))], -1)  # noqa: E731
-        out.append(augment.realign_bones(one(d), one(r)[None])[..., :2])
+        out.append(align(one(d), one(r)[None])[..., :2])
     return kp.image_to_heatmap(np.stack(out), image_size, size)
 
 
@@ -206,7 +209,7 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
     s1_forward = jax.jit(lambda f: s1_model.apply({"params": s1_params}, f)[0])
     read = lambda h: kp.argmax_keypoints(np.asarray(h), subpixel=config.eval.subpixel)  # noqa
     names = list(loaded) + ["no_retarget", "no_retarget_gt", "explicit_realign",
-                            "stage1_on_target"]
+                            "explicit_similarity", "stage1_on_target"]
     cross = {n: Hits(thresholds) for n in names}
     ref_pose = {n: Hits((0.1,)) for n in list(loaded) + ["ground_truth"]}
     follow = {n: Follow("reference") for n in loaded}
@@ -265,11 +268,13 @@ def pair_figures(config, workdir, data_path, ref_encoder, loaded: dict, s1):
         drv = read(jax.device_get(s1_forward(batch["driving"])))
         ref = read(jax.device_get(s1_forward(batch["reference"][:, None])))[:, 0]
         realigned = _realigned(drv, ref, image_size, size)
+        similar = _realigned(drv, ref, image_size, size, augment.align_similarity)
         oracle = read(jax.device_get(s1_forward(batch["target"])))
         # Every row is scored on the same joints (those visible in the target), the pasted
         # driving ground truth too: out of frame in the driving clip, its joints still miss.
         for n, pred in (("no_retarget", drv), ("no_retarget_gt", drv_gt),
-                        ("explicit_realign", realigned), ("stage1_on_target", oracle)):
+                        ("explicit_realign", realigned), ("explicit_similarity", similar),
+                        ("stage1_on_target", oracle)):
             cross[n].add(pred, gt, w, size)
             _add_by_framing(by_framing[n], ref_framing, pred, gt, w, size)
         ids.update(int(i) for i in batch["reference_identity_id"])
