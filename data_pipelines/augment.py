@@ -279,8 +279,9 @@ def align_similarity(keypoints, anchor) -> np.ndarray:
     3] (one pose or a clip), by one scale and shift for the whole clip (no rotation, bone ratios
     kept): each head/torso joint's median position (over the frames where it is visible) on
     either side; over the joints both show, the driving centre goes to the anchor's and the RMS
-    distance from it is scaled to the anchor's. Fewer than two such joints (or a zero driving
-    spread): returned unchanged. Confidences are the driving ones.
+    distance from it is scaled to the anchor's. Fewer than two such joints, or a zero spread on
+    either side (a degenerate read, e.g. every joint at one argmax): returned unchanged.
+    Confidences are the driving ones.
 
     On the synthetic set a cross-identity target is such a transform of the driving pose to
     within PCK tolerance (one fitted per clip to the true poses: cross_pck@0.1 0.99 on the demo's
@@ -299,7 +300,7 @@ def align_similarity(keypoints, anchor) -> np.ndarray:
         return kpts.copy()
     drv, anc = drv[both], anc[both]
     spread = lambda x: np.sqrt(np.mean(np.sum((x - x.mean(0)) ** 2, -1)))  # noqa: E731
-    if spread(drv) <= 0:
+    if spread(drv) <= 0 or spread(anc) <= 0:
         return kpts.copy()
     scale = spread(anc) / spread(drv)
     out = kpts.copy()

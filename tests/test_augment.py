@@ -1,11 +1,10 @@
 """Clip augmentation: colour jitter range, crop/scale/pad affine on pixels and keypoints, the
-left-right mirror, explicit pose augmentation (bone rescale, realignment)."""
+left-right mirror, explicit pose augmentation (bone rescale, realignment), similarity alignment."""
 import numpy as np
 import pytest
 
-from data_pipelines import synthetic
 from data_pipelines import augment as aug
-from data_pipelines import records
+from data_pipelines import records, synthetic
 from im_anim_jax import skeleton as sk
 
 PARENT = np.array([p for p, _ in sk.BONES])
@@ -224,6 +223,22 @@ def test_align_similarity_reads_only_visible_joints(tiny_dataset):
                                aug.align_similarity(drv[:3], anchor), atol=1e-5)
     nobody = np.zeros_like(drv)
     np.testing.assert_array_equal(aug.align_similarity(drv, nobody), drv)
+    # An anchor whose head and torso sit on one point (a degenerate read) moves nothing.
+    point = anchor.copy()
+    point[..., :2] = 5.0
+    np.testing.assert_array_equal(aug.align_similarity(drv, point), drv)
+
+
+def test_align_similarity_reads_medians_over_frames(tiny_dataset):
+    """Each joint's position is its median over the frames: in an anchor holding one pose for 5
+    frames, one frame thrown 40 px moves nothing (a mean would move the result 8 px)."""
+    src = records.open_split(tiny_dataset, "train")
+    drv = np.asarray(src[0]["keypoints"])
+    still = np.repeat(np.asarray(src[1]["keypoints"])[:1], 5, axis=0)
+    thrown = still.copy()
+    thrown[0, :, :2] += 40.0
+    np.testing.assert_array_equal(aug.align_similarity(drv, thrown),
+                                  aug.align_similarity(drv, still))
 
 
 def test_realign_reads_only_visible_joints(tiny_dataset):

@@ -25,8 +25,8 @@ for the main model and every trained baseline, plus four explicit, training-free
   no_retarget_gt    the same with the driving identity's ground-truth keypoints
   explicit_realign  the stage-1 driving pose moved onto the stage-1 pose of the reference image
                     (augment.realign_bones: Animate-X-style bone-length and position alignment)
-  explicit_similarity  the same by one scale and shift per clip (augment.align_similarity: the
-                    head/torso joints' centre and spread), bone ratios kept
+  explicit_similarity  the same by one scale and shift per clip (augment.align_similarity:
+                       the head/torso joints' centre and spread), bone ratios kept
 and one oracle, `stage1_on_target`: the stage-1 model reading the target video itself (B really
 performing the motion). Stage 2 decodes through the same frozen joint decoder, so this is what
 that decoder draws when its encoder sees the answer: a reference level for cross_pck, per framing
