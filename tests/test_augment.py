@@ -212,18 +212,12 @@ def test_align_similarity_retargets_a_synthetic_motion():
     assert mean[1, "aligned"] >= max(0.55, mean[1, "paste"] + 0.3), mean
 
 
-def test_align_similarity_reads_only_visible_joints(tiny_dataset):
-    """Frames with nobody detected do not move the medians; with fewer than two head/torso joints
-    seen on both sides the clip is returned unchanged."""
+def test_align_similarity_leaves_an_unreadable_anchor_alone(tiny_dataset):
+    """With fewer than two head/torso joints seen on both sides, or an anchor whose head and
+    torso sit on one point (a degenerate read), the clip is returned unchanged."""
     src = records.open_split(tiny_dataset, "train")
     drv, anchor = np.asarray(src[0]["keypoints"]), np.asarray(src[1]["keypoints"])
-    blank = drv.copy()
-    blank[3:] = 0.0
-    np.testing.assert_allclose(aug.align_similarity(blank, anchor)[:3],
-                               aug.align_similarity(drv[:3], anchor), atol=1e-5)
-    nobody = np.zeros_like(drv)
-    np.testing.assert_array_equal(aug.align_similarity(drv, nobody), drv)
-    # An anchor whose head and torso sit on one point (a degenerate read) moves nothing.
+    np.testing.assert_array_equal(aug.align_similarity(drv, np.zeros_like(anchor)), drv)
     point = anchor.copy()
     point[..., :2] = 5.0
     np.testing.assert_array_equal(aug.align_similarity(drv, point), drv)
@@ -241,16 +235,17 @@ def test_align_similarity_reads_medians_over_frames(tiny_dataset):
                                   aug.align_similarity(drv, still))
 
 
-def test_realign_reads_only_visible_joints(tiny_dataset):
+@pytest.mark.parametrize("align", [aug.realign_bones, aug.align_similarity])
+def test_realign_reads_only_visible_joints(tiny_dataset, align):
     """Frames with nobody detected (ingest writes every joint at (0, 0) with confidence 0) do not
     count: the other frames are moved as if those were not there. Before, their zero-length bones
-    and (0, 0) neck pulled the medians and shifted the pose by 17 px on a 32 px frame."""
+    and (0, 0) neck pulled realign_bones' medians and shifted the pose by 17 px on a 32 px
+    frame."""
     src = records.open_split(tiny_dataset, "train")
     drv, anchor = np.asarray(src[0]["keypoints"]), np.asarray(src[1]["keypoints"])
     blank = drv.copy()
     blank[3:] = 0.0
-    np.testing.assert_allclose(aug.realign_bones(blank, anchor)[:3],
-                               aug.realign_bones(drv[:3], anchor), atol=1e-5)
+    np.testing.assert_allclose(align(blank, anchor)[:3], align(drv[:3], anchor), atol=1e-5)
     # A driving clip that never shows a bone keeps it (factor 1); nothing visible: no shift.
     nobody = np.zeros_like(drv)
-    np.testing.assert_array_equal(aug.realign_bones(nobody, anchor), nobody)
+    np.testing.assert_array_equal(align(nobody, anchor), nobody)
