@@ -64,9 +64,9 @@ class Stage3Model(Stage2Model):
         """The DiT alone: latents [B, 1 + F, h, w, z], t [B, L], control [B, L, D] -> velocity
         like latents (with reference_control, z_ref = latents[:, 0] joins the control).
 
-        x0 predictions become velocities with the noise level per token: `sigma` [B, L] (a
-        sampler's exact levels, whose t is rounded to an integer; 0 marks held tokens) or, by
-        default, t / 1000 at least MIN_SIGMA (training)."""
+        x0 predictions become velocities by `x0_velocity` with the noise level per token:
+        `sigma` [B, L] (a sampler's exact levels, whose t is rounded to an integer; 0 marks held
+        tokens) or, by default, t / 1000 (training)."""
         if self.reference_control:
             control = with_reference(control, latents[:, :1], self.dit.patch_size)
         out = self.dit(latents, t, context, control, expression)
@@ -75,10 +75,10 @@ class Stage3Model(Stage2Model):
         if self.prediction == "x0_residual":  # x0 = z_ref + out on every latent frame
             out = out + latents[:, :1]
         if sigma is None:
-            sigma = jnp.maximum(t.astype(jnp.float32) / 1000.0, MIN_SIGMA)
-        else:  # exact where generated, so the sampler's x - sigma v is the DiT's x0
+            sigma = t.astype(jnp.float32) / 1000.0
+        else:  # exact where generated, not t's integer rounding
             sigma = jnp.where(sigma > 0, sigma, 1.0).astype(jnp.float32)
-        return (latents - out) / token_sigma(sigma, latents.shape, self.dit.patch_size)
+        return x0_velocity(latents, out, token_sigma(sigma, latents.shape, self.dit.patch_size))
 
     def __call__(self, frames, keypoints, reference, latents, t, context):
         """Driving frames/keypoints [B, T, ...], T_ref [B, P, C_ref], latents [B, 1 + F, h, w, z],
@@ -103,7 +103,15 @@ def with_reference(control, z_ref, patch: tuple):
     return jnp.concatenate([control, ref], -1).reshape(b, n, -1)
 
 
-MIN_SIGMA = 0.05  # x0 prediction: v = (x_t - x0) / max(sigma, MIN_SIGMA)
+MIN_SIGMA = 0.05  # the floor of x0_velocity's noise level
+
+
+def x0_velocity(x, x0, sigma):
+    """The velocity (x - x0) / max(sigma, MIN_SIGMA) of an x0 prediction at noise level sigma
+    (broadcast against x), in training and sampling alike. Under the floor the loss-optimal
+    output is x - MIN_SIGMA v, not x0, so a sampler that divided by the exact sigma there would
+    scale the velocity by MIN_SIGMA / sigma (tests/test_sampling.py)."""
+    return (x - x0) / jnp.maximum(sigma, MIN_SIGMA)
 
 
 def token_sigma(sigma, shape: tuple, patch: tuple):
