@@ -49,13 +49,26 @@ def _check_output(flag: str, path: str, overwrite: bool) -> None:
         raise FileExistsError(f"--{flag} {path} exists; pass --overwrite to replace it")
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file: the same real path (symlinks resolved), or, both
+    existing, one inode (hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
 def _outputs() -> tuple[str, str]:
-    """(out, preview) absolute paths, checked."""
+    """(out, preview) absolute paths, checked: two different files, neither an input (not even
+    with --overwrite)."""
     out = os.path.abspath(FLAGS.out)
     stem, ext = os.path.splitext(out)
     preview = os.path.abspath(FLAGS.preview) if FLAGS.preview else f"{stem}_preview{ext}"
-    if preview == out:
-        raise ValueError(f"--preview and --out are the same file {out}")
+    if _same_file(preview, out):
+        raise ValueError(f"--preview {preview} and --out {out} are the same file")
+    for flag, path in (("out", out), ("preview", preview)):
+        for source in ("image", "driving"):
+            if _same_file(path, getattr(FLAGS, source)):
+                raise ValueError(f"--{flag} {path} is the --{source} input; write elsewhere")
     _check_output("out", out, FLAGS.overwrite)
     _check_output("preview", preview, FLAGS.overwrite)
     return out, preview

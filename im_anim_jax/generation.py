@@ -97,9 +97,15 @@ class Animator:
         Element i samples with seed + i, so a clip's video does not depend on the batch it is in
         (callers pass seed + the index of the batch's first clip)."""
         params = self.params if params is None else params
-        reference, driving = _unit(reference), _unit(driving)
+        reference, driving = _unit(reference, "reference image"), _unit(driving, "driving video")
         self._check(reference, driving)
         t = driving.shape[1]
+        if keypoints is not None:
+            keypoints = np.asarray(keypoints, np.float32)
+            want = driving.shape[:2] + (self.config.model.joint_decoder.num_joints, 3)
+            if keypoints.shape != want:
+                raise ValueError(f"driving keypoints have shape {keypoints.shape}; expected "
+                                 f"{want}: (x, y, confidence) in pixels per joint and frame")
         padded, starts = windows(t, self.clip_frames, self.overlap)
         driving = np.concatenate([driving, np.repeat(driving[:, -1:], padded - t, 1)], 1)
         if keypoints is None:
@@ -130,7 +136,7 @@ class Animator:
         """video [B, 1 + 4k, H, W, 3] (uint8 or [0, 1]) -> its VAE reconstruction, float32 in
         [0, 1]: encoded (posterior mean) and decoded as generation decodes, the best any sample
         of the latent generator can be."""
-        latents = vae_training.encode_video(self.encoder, jnp.asarray(_unit(video)))
+        latents = vae_training.encode_video(self.encoder, jnp.asarray(_unit(video, "video")))
         out = vae_lib.decode(self.vae_model, self.vae_params, latents, chunked=True)
         return (np.asarray(out) + 1.0) / 2.0
 
@@ -176,18 +182,27 @@ class Animator:
     def _check(self, reference, driving):
         h, w = self.resolution
         if reference.ndim != 4 or reference.shape[1:] != (h, w, 3):
-            raise ValueError(f"reference image has shape {reference.shape[1:]}; expected "
-                             f"({h}, {w}, 3) (the model's resolution)")
+            raise ValueError(f"reference images have shape {reference.shape}; expected "
+                             f"(B, {h}, {w}, 3) (the model's resolution)")
         if driving.ndim != 5 or driving.shape[2:] != (h, w, 3) or driving.shape[1] < 1:
-            raise ValueError(f"driving video has shape {driving.shape[1:]}; expected "
-                             f"(T >= 1, {h}, {w}, 3)")
+            raise ValueError(f"driving videos have shape {driving.shape}; expected "
+                             f"(B, T >= 1, {h}, {w}, 3)")
         if reference.shape[0] != driving.shape[0]:
             raise ValueError(f"{reference.shape[0]} references for {driving.shape[0]} videos")
 
 
-def _unit(x) -> np.ndarray:
+def _unit(x, what: str) -> np.ndarray:
+    """uint8 (0-255) or float frames in [0, 1] -> float32 in [0, 1] (ValueError otherwise)."""
     x = np.asarray(x)
-    return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 255.0
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{what} has dtype {x.dtype}; expected uint8 (0-255) or float in [0, 1]")
+    x = x.astype(np.float32)
+    if x.size and not (np.min(x) >= -1e-3 and np.max(x) <= 1.0 + 1e-3):  # NaN fails too
+        raise ValueError(f"{what} has values in [{np.min(x):.4g}, {np.max(x):.4g}]; float frames "
+                         f"must lie in [0, 1] (uint8 frames: 0-255)")
+    return np.clip(x, 0.0, 1.0)
 
 
 def keypoint_reader(model, params, config):

@@ -7,6 +7,7 @@ the file, what was wrong and what was expected.
 from __future__ import annotations
 
 import fractions
+import math
 import os
 import re
 import struct
@@ -21,6 +22,7 @@ VIDEO_EXTS = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".gif")
 WRITE_EXTS = (".mp4", ".gif")
 MIN_SIDE = 16  # inputs smaller than this on a side are rejected
 DEFAULT_FPS = 25.0
+GIF_MAX_FPS = 50  # GIF delays are whole centiseconds; players slow those under 2 cs to 10 cs
 
 
 class MediaError(ValueError):
@@ -43,14 +45,26 @@ def _require_exists(path: str, what: str) -> None:
         raise MediaError(f"{what} {path} does not exist")
 
 
+def _grey8(img: Image.Image) -> Image.Image:
+    """16-bit greyscale ("I;16*", or "I" as Pillow 10 opens 16-bit PNGs) -> its top 8 bits ("L",
+    or "LA" with its transparent value's pixels at alpha 0), not Pillow's clip at 255."""
+    value = np.asarray(img).astype(np.int64)
+    grey = Image.fromarray((np.clip(value, 0, 65535) >> 8).astype(np.uint8))
+    key = img.info.get("transparency")
+    if not isinstance(key, int):
+        return grey
+    return Image.merge("LA", (grey, Image.fromarray(np.where(value == key, 0, 255).astype(
+        np.uint8))))
+
+
 def _rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB; transparency is composited on white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        img = _grey8(img)
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    if img.mode.startswith("I;16"):  # 16-bit greyscale: keep the top 8 bits, not Pillow's clip
-        img = Image.fromarray((np.asarray(img, np.uint16) >> 8).astype(np.uint8))
     return img.convert("RGB")
 
 
@@ -108,8 +122,9 @@ def _natural_key(name: str):
 
 
 def _frame_dir(path: str, hw, max_frames):
-    names = sorted((n for n in os.listdir(path)
-                    if _ext(n) in IMAGE_EXTS and not n.startswith(".")), key=_natural_key)
+    names = sorted((n for n in os.listdir(path) if _ext(n) in IMAGE_EXTS
+                    and not n.startswith(".") and os.path.isfile(os.path.join(path, n))),
+                   key=_natural_key)
     if not names:
         raise MediaError(f"directory {path} contains no image frames "
                          f"({', '.join(IMAGE_EXTS)})")
@@ -241,11 +256,18 @@ def _write_mp4(path: str, frames: np.ndarray, fps: float) -> None:
 
 
 def _write_gif(path: str, frames: np.ndarray, fps: float) -> None:
-    """Looping GIF; frame durations are whole milliseconds (players round them to 10 ms). Pillow
-    merges identical consecutive frames into one longer frame."""
+    """Looping GIF. Its delays are whole centiseconds, and players slow delays under 2 cs to
+    10 cs, so over 50 fps only every k-th frame is kept (k = ceil(fps / 50)). Each delay is the
+    frame's span on the clip's own clock rounded to centiseconds (30 fps: 3, 3, 4, ...), so the
+    GIF plays as long as the clip. Pillow merges identical consecutive frames into one longer
+    frame."""
+    step = max(1, math.ceil(fps / GIF_MAX_FPS - 1e-9))
+    frames = frames[::step]
+    ticks = np.round(np.arange(len(frames) + 1) * (100.0 * step / fps))
+    delays = [10 * max(2, int(d)) for d in np.diff(ticks)]  # ms, as Pillow takes them
     images = [Image.fromarray(f) for f in frames]
     images[0].save(path, format="GIF", save_all=True, append_images=images[1:],
-                   duration=max(1, round(1000.0 / fps)), loop=0)
+                   duration=delays, loop=0)
 
 
 def _temp_sibling(path: str) -> str:

@@ -155,6 +155,18 @@ def test_out_exists_without_overwrite(env):
     assert (env / "out.mp4").read_bytes() == b"keep me"
 
 
+def test_outputs_are_never_an_input_or_each_other(env):
+    """Not with --overwrite, nor through a symlinked directory: the driving video and the
+    video written would be the same file (the input was replaced)."""
+    driving, env = (env / "drv.mp4").read_bytes(), no_checkpoint(env)
+    bad_input(animate(env, "--overwrite", out=env / "drv.mp4"),
+              f"--out {env / 'drv.mp4'} is the --driving input")
+    bad_input(animate(env, "--overwrite", preview=env / "drv.mp4"), "is the --driving input")
+    os.symlink(env, env / "link")
+    bad_input(animate(env, "--overwrite", preview=env / "link" / "out.mp4"), "are the same file")
+    assert (env / "drv.mp4").read_bytes() == driving and not (env / "out.mp4").exists()
+
+
 def test_model_error(env):
     bad_input(animate(no_checkpoint(env)), "no stage-3 checkpoint in")
     assert not (env / "out.mp4").exists() and not (env / "out_preview.mp4").exists()

@@ -4,7 +4,7 @@ import os
 import av
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageSequence
 
 from im_anim_jax import media
 from im_anim_jax.media import MediaError
@@ -75,6 +75,19 @@ def test_read_image_alpha_grey_and_16_bit(tmp_path):
                                atol=1e-6)
 
 
+def test_read_16_bit_grey_with_a_transparent_value_and_as_mode_i(tmp_path):
+    """16-bit greyscale keeps its top 8 bits (Pillow's RGB/RGBA conversions clip it to white)
+    when a tRNS value is set, and in mode "I" (how Pillow 10 opens 16-bit PNGs)."""
+    grey = np.full((20, 20), 30000, np.uint16)
+    grey[:, 10:] = 5  # the transparent value -> white
+    Image.fromarray(grey).save(tmp_path / "t.png", transparency=5)
+    img = media.read_image(str(tmp_path / "t.png"), 20)
+    np.testing.assert_allclose(img[:, :8], (30000 >> 8) / 255, atol=1e-6)
+    np.testing.assert_allclose(img[:, 12:], 1.0, atol=1e-6)
+    as_i = Image.fromarray(np.full((20, 20), 30000, np.int32), mode="I")
+    np.testing.assert_allclose(np.asarray(media._rgb(as_i)), 30000 >> 8)
+
+
 def test_mp4_round_trip(tmp_path):
     path = str(tmp_path / "v.mp4")
     media.write_video(path, ramp(6, 32, 48), fps=12)
@@ -104,6 +117,18 @@ def test_gif_round_trip(tmp_path):
     np.testing.assert_allclose(brightness(video), 20 * np.arange(5) + 30, atol=3)
 
 
+@pytest.mark.parametrize("fps, delays", [(30, [3, 4, 3, 3, 4, 3, 3]), (60, [3, 4, 3, 3]),
+                                          (120, [2, 3, 3]), (50, [2] * 7)])
+def test_gif_delays_keep_the_clip_s_duration(tmp_path, fps, delays):
+    """GIF delays are whole centiseconds and players slow those under 2 cs to 10 cs: over
+    50 fps only every k-th frame is kept (60 fps: 2nd, 120: 3rd), and the delays (cs) follow
+    the clip's clock (30 fps: 23 cs for 7 frames; before, 3 cs each, 10% fast)."""
+    path = str(tmp_path / "v.gif")
+    media.write_video(path, ramp(7, 20, 20), fps=fps)
+    with Image.open(path) as img:
+        assert [f.info["duration"] // 10 for f in ImageSequence.Iterator(img)] == delays
+
+
 def test_gif_without_durations_is_25_fps(tmp_path):
     frames = [Image.fromarray(f) for f in ramp(3, 20, 20)]
     frames[0].save(tmp_path / "v.gif", save_all=True, append_images=frames[1:])
@@ -116,6 +141,7 @@ def test_frame_directory_natural_order(tmp_path):
     for i in range(12):  # frame2 must come before frame10
         Image.fromarray(frames[i]).save(tmp_path / f"frame{i}.png")
     (tmp_path / "notes.txt").write_text("not a frame")
+    (tmp_path / "frame99.png").mkdir()  # a directory named like a frame is not one
     video, fps = media.read_video(str(tmp_path), 20)
     assert video.shape == (12, 20, 20, 3) and fps == 25
     np.testing.assert_allclose(brightness(video), 20 * np.arange(12) + 30, atol=1e-3)

@@ -409,6 +409,17 @@ def test_generation_in_windows_and_the_ema(trained):
     animator(reference, driving[:5], progress=False)
     assert len(calls) == 2 * sampling_cfg.steps
     assert not np.any(calls[1][1]) and np.array_equal(calls[0][1][0], animator.context)
+    # Inputs it cannot read are refused before any DiT call, naming what was wrong.
+    calls.clear()
+    for bad, message in ((driving.astype(np.uint16), "driving video has dtype uint16"),
+                         (driving.astype(np.float32), r"float frames must lie in \[0, 1\]"),
+                         (driving[None], r"driving videos have shape \(1, 1, 11,")):
+        with pytest.raises(ValueError, match=message):
+            animator(reference, bad, progress=False)
+    with pytest.raises(ValueError, match=r"driving keypoints have shape \(1, 10, 62, 3\); "
+                                         r"expected \(1, 11, 62, 3\)"):
+        animator(reference, driving, progress=False, keypoints=np.zeros((10, 62, 3)))
+    assert not calls
     animator.config, animator._velocity = config, dit
     again = animator(reference, driving, progress=False)
     np.testing.assert_array_equal(video, again)  # seeded
@@ -444,7 +455,7 @@ def test_generation_in_windows_and_the_ema(trained):
     ckpt.close()
     jax.tree.map(np.testing.assert_array_equal, {k: raw[k] for k in trained},
                  stage3.ema_params(restored.opt_state))
-    with pytest.raises(ValueError, match="driving video has shape"):
+    with pytest.raises(ValueError, match="driving videos have shape"):
         animator(reference, driving[:, :4])
 
 
