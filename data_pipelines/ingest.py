@@ -51,8 +51,10 @@ their minimum confidence, so it is 0 when any source is absent).
 Each video is cut into non-overlapping clips of `clip_frames` frames (a shorter tail is dropped;
 a video shorter than one clip is skipped). identity_id = motion_id = the video's index in the
 sorted list of all video names found; shape_params is empty. The index entry of each clip carries
-{"video": NAME, "start_frame": k}. All clips go to split "train"; with `test_fraction` > 0 whole
-videos go to "test", chosen by a hash of the name (deterministic, independent of other videos).
+{"video": NAME, "start_frame": k, "fps": the source's frame rate, as media.declared_fps reads it
+(None for a folder of frames); clips are not resampled}. All clips go to split "train"; with
+`test_fraction` > 0 whole videos go to "test", chosen by a hash of the name (deterministic,
+independent of other videos).
 
 Bad input (undecodable or truncated video, missing/broken/mismatched keypoints) skips that video
 with a reason and never stops the run or leaves a half-written video in the dataset. The dataset
@@ -444,13 +446,14 @@ def _video_clips(vid: int, name: str, path: str, keypoints_dir: str, size: int,
                  clip_frames: int, min_score: float) -> list[tuple[dict, dict]]:
     """One video -> [(example, extra index entry)] for each of its whole clips, all validated."""
     frames, kpts = _prepare_video(name, path, keypoints_dir, size, clip_frames, min_score)
+    fps = media.declared_fps(path)  # clips keep the source's rate: recorded, not resampled
     examples = []
     for k in range(0, frames.shape[0] - clip_frames + 1, clip_frames):
         ex = {"frames": frames[k:k + clip_frames], "keypoints": kpts[k:k + clip_frames],
               "identity_id": np.int32(vid), "motion_id": np.int32(vid),
               "shape_params": np.zeros((0,), np.float32)}
         records.validate_example(ex)  # every clip is valid before any is written
-        examples.append((ex, {"video": name, "start_frame": k}))
+        examples.append((ex, {"video": name, "start_frame": k, "fps": fps}))
     return examples
 
 

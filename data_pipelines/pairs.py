@@ -187,6 +187,8 @@ class PairSource:
         drv, tgt, ref = (self._clip(int(x[i]), role) for x, role in (
             (p.driving, "driving"), (p.target, "target"), (p.reference, "reference")))
         start, frame = int(p.start[i]), int(p.reference_frame[i])
+        if not len(ref["frames"]):
+            raise BadClip(int(p.reference[i]), "reference", "0 frames")
         if rng is not None:
             for record, role, clip in ((p.driving[i], "driving", drv), (p.target[i], "target",
                                                                            tgt)):

@@ -129,12 +129,12 @@ class _SkipBadIterator(grain.DatasetIterator):
             if ex["bad_record"] in self._bad:
                 continue  # skipped and counted in an earlier epoch
             self._bad.add(ex["bad_record"])
-            logging.warning("skipped bad record %d of %s (%d skipped so far): %s",
+            logging.warning("skipped bad %s of %s (%d skipped so far): %s",
                             ex["bad_record"], self._where, self._skipped, ex["error"])
             if self._skipped > self._limit:
                 raise BadRecords(
                     f"{self._skipped} bad records in {self._where}, more than "
-                    f"faults.max_bad_records={self._limit}; the last: record "
+                    f"faults.max_bad_records={self._limit}; the last: "
                     f"{ex['bad_record']}: {ex['error']}. Repair or re-ingest the data, or raise "
                     f"the limit")
         return dict(ex, bad_records=np.int32(self._skipped))
@@ -150,8 +150,9 @@ class _SkipBadIterator(grain.DatasetIterator):
                      "skipped": 0}
         self._parent.set_state(state["parent"])
         # States written before the distinct count hold the count alone; a record counted then
-        # may be counted once more.
-        self._bad = set(state.get("bad", ()))
+        # may be counted once more. Ids written as plain ints, before they named their kind,
+        # were records (or, in a pair pipeline, pairs whose failure named no clip).
+        self._bad = {b if isinstance(b, str) else f"record {b}" for b in state.get("bad", ())}
         self._earlier = state["skipped"] - len(self._bad)
 
 
@@ -168,10 +169,11 @@ class _SkipBad(grain.IterDataset):
                                 self._batch_size)
 
 
-def _guarded(get, check, sample):
+def _guarded(get, check, sample, kind: str = "record"):
     """(index, rng) -> sample(get(index, rng), rng), or a bad-record marker when reading,
-    decoding, `check`ing or sampling that record fails. A pair's marker names the clip that
-    failed (pairs.BadClip): `bad_record` is that clip's record, so it counts once."""
+    decoding, `check`ing or sampling that element (a `kind`: "record" or "pair") fails.
+    `bad_record` names what failed, "record 3" or "pair 3": a pair's failing clip
+    (pairs.BadClip) by its record, so it counts once however many pairs read it."""
     def read(i, rng):
         what = "cannot be read or decoded"
         try:
@@ -181,9 +183,9 @@ def _guarded(get, check, sample):
             what = "cannot be sampled"
             return sample(dict(ex, record=np.int32(i)), rng)
         except pairs.BadClip as e:
-            return {"bad_record": e.record, "error": f"{what}: pair {i}'s {e}"}
+            return {"bad_record": f"record {e.record}", "error": f"{what}: pair {i}'s {e}"}
         except Exception as e:  # noqa: BLE001  the one place a bad record becomes a skip
-            return {"bad_record": int(i), "error": f"{what} ({type(e).__name__}: {e})"}
+            return {"bad_record": f"{kind} {int(i)}", "error": f"{what} ({type(e).__name__}: {e})"}
     return read
 
 
@@ -285,7 +287,7 @@ def pair_train_dataset(path: str, split: str, *, clip_frames: int, batch_size: i
                 "no other identity performs their motion and has a clip of another motion for "
                 "the reference image"))
     read = _guarded(src.example, _pair_check(clip_frames, targets),
-                    lambda ex, rng: _with_pair_targets(ex, targets, augment, rng))
+                    lambda ex, rng: _with_pair_targets(ex, targets, augment, rng), kind="pair")
     return _iterate(len(src), read, seed, batch_size, jax.process_index(), jax.process_count(),
                     read_threads, num_workers, max_bad_records, f"the pairs of split {split!r} of "
                     f"{path}")

@@ -44,6 +44,8 @@ def validate_example(ex: dict) -> None:
     frames, kpts = np.asarray(ex["frames"]), np.asarray(ex["keypoints"])
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    if frames.shape[0] < 1:
+        raise ValueError(f"frames must hold at least one frame, got {frames.shape}")
     if kpts.shape != (frames.shape[0], skeleton.NUM_JOINTS, 3):
         raise ValueError(f"keypoints must be [T={frames.shape[0]}, {skeleton.NUM_JOINTS}, 3], "
                          f"got {kpts.shape}")
@@ -127,10 +129,12 @@ class DatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.abort()
-        elif self._writers:
+        if exc_type is None and self._writers:
             self.close()
+        elif exc_type is not None or os.path.exists(self.tmp):  # raised, or closed nothing
+            self.abort()
+            if exc_type is None:
+                raise ValueError(f"no example was written to {self.path}; nothing was created")
         return False
 
 

@@ -211,6 +211,9 @@ def test_good_report_and_clip_counts(good):
             assert int(ex["motion_id"]) == int(ex["identity_id"]) == ids[v]
             assert ex["shape_params"].shape == (0,)
             assert entry["num_frames"] == CLIP
+            # the source's rate, recorded (clips are not resampled); none for a frame folder
+            fps = {"d_frames": None, "e_gif": 25.0}.get(v, 24.0)
+            assert entry["fps"] == (fps and pytest.approx(fps))
 
 
 @pytest.mark.parametrize("video", ["a_mp4", "b_avi", "c_mkv", "d_frames", "e_gif"])
@@ -511,6 +514,19 @@ def test_dataset_writer_overwrite_replaces_only_datasets(tmp_path):
         w.close()
     w.abort()
     assert os.listdir(out) == ["keep.txt"] and sorted(os.listdir(tmp_path)) == ["out", "src"]
+
+
+def test_dataset_writer_refuses_empty_clips_and_an_empty_dataset(tmp_path):
+    """A clip of 0 frames is refused (its pairs would fail later with a bare numpy message),
+    and a `with` block that adds nothing raises and leaves no temporary directory."""
+    empty = {"frames": np.zeros((0, 8, 8, 3), np.uint8),
+             "keypoints": np.zeros((0, skeleton.NUM_JOINTS, 3), np.float32)}
+    with pytest.raises(ValueError, match=r"at least one frame, got \(0, 8, 8, 3\)"):
+        records.validate_example(empty)
+    with pytest.raises(ValueError, match="no example was written to .*empty; nothing was created"):
+        with records.DatasetWriter(str(tmp_path / "empty"), "x"):
+            pass
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("out,folder", [("v", "videos"), ("v/ds", "videos"), (".", "videos"),

@@ -186,3 +186,28 @@ def test_a_bad_clip_counts_once_however_many_pairs_read_it(faulty, tiny_config):
     touching = np.isin(np.stack([src.driving, src.target, src.reference], -1), list(bad))
     assert touching.any(-1).sum() > len(bad)  # several pairs read the bad clips
     assert count == len(bad)
+
+
+def test_bad_ids_name_records_and_pairs_apart():
+    """A pair that fails for a reason naming no clip is counted as that pair, not as the record
+    with its index (pair 3 and record 3 were one id, and the second was never counted)."""
+    import grain
+
+    from data_pipelines import pairs
+
+    def get(i, rng):
+        if i in (0, 1):  # two pairs reading the bad clip of record 3
+            raise pairs.BadClip(3, "reference", "decode failed")
+        if i == 3:
+            raise ValueError("high <= 0")
+        return {"x": np.float32(i)}
+    read = pipeline._guarded(get, lambda ex: None, lambda ex, rng: ex, kind="pair")
+    assert [read(i, None).get("bad_record") for i in range(4)] == [
+        "record 3", "record 3", None, "pair 3"]
+    ds = grain.MapDataset.range(5).map(lambda i: read(i, None)).to_iter_dataset()
+    it = iter(pipeline._SkipBad(ds, limit=5, where="test", batch_size=1))
+    assert [int(next(it)["bad_records"]) for _ in range(2)] == [1, 2]  # after pairs 0-1, 3
+    state = it.get_state()
+    assert state["bad"] == ["pair 3", "record 3"]
+    it.set_state(dict(state, bad=[3]))  # ids written before they named their kind: records
+    assert it._bad == {"record 3"}
