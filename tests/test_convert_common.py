@@ -255,3 +255,54 @@ def test_wrapper_prefixes_are_dropped_and_skipped_keys_are_counted(tmp_path):
             "1 missing: w (2 source keys were skipped as unused by this model: decoder.b, "
             "decoder.w)")):
         common.convert_file(Keep, str(tmp_path / "dec.pth"), str(tmp_path / "out"), None, "test")
+
+
+def test_containers_are_unwrapped_only_when_unambiguous(tmp_path):
+    """{"state_dict": sd, "step": 5} unwraps (a tensor beside it stopped the unwrapping); two
+    state dicts ({"model", "ema"}: the EMA was dropped without a word) and non-tensor entries
+    inside the state dict (dropped too) are refused, naming them."""
+    w = torch.ones(2)
+    torch.save({"state_dict": {"w": w}, "step": torch.tensor(5)}, tmp_path / "a.pth")
+    assert list(common.load_state_dict(str(tmp_path / "a.pth"))) == ["w"]
+    torch.save({"model": {"w": w}, "ema": {"w": 2 * w}}, tmp_path / "b.pth")
+    with pytest.raises(common.ConversionError, match=r"several state dicts \(model, ema\)"):
+        common.load_state_dict(str(tmp_path / "b.pth"))
+    torch.save({"w": w, "sub": {"x": w}}, tmp_path / "c.pth")
+    with pytest.raises(common.ConversionError, match="entries that are not tensors: sub"):
+        common.load_state_dict(str(tmp_path / "c.pth"))
+
+
+def test_a_shard_key_missing_from_the_index_is_refused(tmp_path):
+    save_file({"a": torch.ones(2), "extra": torch.ones(1)}, str(tmp_path / "m-1.safetensors"))
+    index = {"weight_map": {"a": "m-1.safetensors"}}
+    (tmp_path / "m.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(common.ConversionError, match="not in the index .*: extra"):
+        common.load_state_dict(str(tmp_path / "m.safetensors.index.json"))
+
+
+def test_blocks_in_mixed_precisions_stack_exactly_and_fp8_reads(tmp_path):
+    """A scanned param from blocks saved as bf16 and fp32 (either order) or fp16 and bf16 is
+    float32 with every value exact (a TypeError before); fp8 in a .pth reads as ml_dtypes'."""
+    x = np.array([1.5, -0.375], np.float32)
+    for a, b in ((ml_dtypes.bfloat16, np.float32), (np.float32, ml_dtypes.bfloat16),
+                 (np.float16, ml_dtypes.bfloat16)):
+        out = common.stack({"b.0": x.astype(a), "b.1": 2 * x.astype(b)}, "b.{}", 2)
+        assert out.dtype == np.float32
+        np.testing.assert_array_equal(out, [x, 2 * x])
+    torch.save({"w": torch.tensor([0.5, -2.0]).to(torch.float8_e4m3fn)}, tmp_path / "f8.pth")
+    got = common.load_state_dict(str(tmp_path / "f8.pth"))["w"]
+    assert got.dtype == ml_dtypes.float8_e4m3fn
+    np.testing.assert_array_equal(got.astype(np.float32), [0.5, -2.0])
+
+
+def test_inception_refuses_torchvision_s_imagenet_weights(tmp_path):
+    """Same trunk names and shapes, other weights: a 1000-class classifier and AuxLogits (it
+    converted silently, and FID came from the wrong network)."""
+    from im_anim_jax.convert import inception
+    sd = {"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000),
+          "AuxLogits.fc.bias": torch.zeros(1000)}
+    torch.save(sd, tmp_path / "inception_v3_google.pth")
+    with pytest.raises(common.ConversionError, match=re.escape(
+            "classifier {'fc.weight': (1000, 2048), 'fc.bias': (1000,)} and AuxLogits.*, "
+            "expected {'fc.weight': (1008, 2048), 'fc.bias': (1008,)}: not pytorch-fid's")):
+        inception.load(str(tmp_path / "inception_v3_google.pth"))

@@ -167,10 +167,13 @@ def _load_sharded(index_path: str) -> LazyStateDict:
         with _reading(path):
             tensors = _load_safetensors(path)
         wanted = {k for k, v in weight_map.items() if v == shard}
-        absent = sorted(wanted - tensors.keys())
+        absent, unlisted = sorted(wanted - tensors.keys()), sorted(tensors.keys() - wanted)
         if absent:
             raise ConversionError(f"{path}: keys listed in the index are not in the shard: "
                                   f"{_some(absent)}")
+        if unlisted:  # a loader reading the shards would load them: they must be checked too
+            raise ConversionError(f"{path}: keys in the shard are not in the index "
+                                  f"{os.path.basename(index_path)}: {_some(unlisted)}")
         entries.update(tensors.subset(wanted).entries)
     return LazyStateDict(entries)
 
@@ -183,23 +186,36 @@ def _load_torch(path: str) -> LazyStateDict:
                               f"or convert the file to .safetensors first") from None
     # mmap (zip files, torch >= 1.6): tensors stay on disk until read, one at a time
     obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    while isinstance(obj, dict) and not any(torch.is_tensor(v) for v in obj.values()):
+    while isinstance(obj, dict):  # unwrap {"state_dict": {...}, "step": 5, ...}
         inner = [k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)]
+        if len(inner) > 1:  # e.g. {"model": ..., "ema": ...}: which is meant?
+            raise ConversionError(f"{path}: holds several state dicts ({', '.join(inner)}); "
+                                  f"save the one to convert alone (torch.save(ckpt[key], f))")
         if not inner:
             break
         obj = obj[inner[0]]
     if not isinstance(obj, dict):
         raise ConversionError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    nested = sorted(k for k, v in obj.items() if not torch.is_tensor(v))
+    if nested:  # a module's sub-dict would otherwise be dropped without a word
+        raise ConversionError(f"{path}: the state dict holds entries that are not tensors: "
+                              f"{_some(nested)}; expected a flat {{name: tensor}} dict")
     return LazyStateDict({k: (tuple(v.shape), functools.partial(_torch_to_numpy, v))
-                          for k, v in obj.items() if torch.is_tensor(v)})
+                          for k, v in obj.items()})
 
 
 def _torch_to_numpy(t) -> np.ndarray:
-    """A copy (never a view of the memory-mapped file); bf16 bits reinterpreted, not converted."""
+    """A copy (never a view of the memory-mapped file); bf16 / fp8 bits reinterpreted, not
+    converted."""
     import torch
     t = t.detach().contiguous()
-    if t.dtype == torch.bfloat16:  # numpy has no bf16: reinterpret the bits, no value change
-        return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16).copy()
+    # numpy has no bf16 / fp8: reinterpret the bits as ml_dtypes', no value change
+    bits = {torch.bfloat16: (torch.uint16, ml_dtypes.bfloat16),
+            torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
+            torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2)}
+    if t.dtype in bits:
+        raw, dtype = bits[t.dtype]
+        return t.view(raw).numpy().view(dtype).copy()
     return t.numpy().copy()
 
 
@@ -250,7 +266,12 @@ def stack(sd: Mapping[str, np.ndarray], key: str, n: int, fn=lambda w: w) -> np.
     out = np.empty((n, *first.shape), first.dtype)
     out[0] = first
     for i in range(1, n):
-        np.copyto(out[i], fn(sd[key.format(i)]), casting="safe")  # never a silent narrowing
+        block = np.asarray(fn(sd[key.format(i)]))
+        if block.dtype != out.dtype:  # blocks saved in different precisions: float32 holds
+            # bf16 / fp16 exactly (float64 stays float64): widen, never narrow
+            wide = np.float64 if np.float64 in (out.dtype, block.dtype) else np.float32
+            out = out.astype(wide)
+        np.copyto(out[i], block.astype(out.dtype))
     return out
 
 

@@ -4,7 +4,9 @@ metrics.inception.
   python -m im_anim_jax.convert inception --src pt_inception-2015-12-05-6726825d.pth --dst DIR
 
 The classifier (`fc.*`, 1008 classes; FID uses the pool3 features) and BatchNorm step counters
-are skipped; the architecture is fixed (no config.model entry).
+are skipped, the classifier's shape checked first: torchvision's ImageNet InceptionV3 has the same
+trunk names and shapes but other weights (a 1000-class `fc`, and `AuxLogits.*`), and FID on it is
+not comparable. The architecture is fixed (no config.model entry).
 """
 from __future__ import annotations
 
@@ -13,11 +15,21 @@ from im_anim_jax.metrics import inception
 
 MODEL = None
 STANDARD_FILES = ("pt_inception-2015-12-05-6726825d.pth",)
-SKIPPED_PREFIXES = ("fc.", "AuxLogits.")
+SKIPPED_PREFIXES = ("fc.",)
+CLASSIFIER = {"fc.weight": (1008, 2048), "fc.bias": (1008,)}  # the 2015 TF graph's 1008 classes
 
 
 def load(src: str) -> tuple[dict, dict]:
-    return common.load_state_dict(src), {"net": "pt_inception-2015-12-05"}
+    sd = common.load_state_dict(src)
+    shapes = sd.shapes()
+    found = {k: shapes.get(k) for k in CLASSIFIER}
+    if found != CLASSIFIER:
+        aux = " and AuxLogits.*" if any(k.startswith("AuxLogits.") for k in shapes) else ""
+        raise common.ConversionError(
+            f"{src}: classifier {found}{aux}, expected {CLASSIFIER}: not pytorch-fid's FID "
+            f"InceptionV3 ({STANDARD_FILES[0]}); torchvision's ImageNet weights give other "
+            f"features, so FID on them would not compare with published figures")
+    return sd, {"net": "pt_inception-2015-12-05"}
 
 
 def abstract_params(_) -> dict:
