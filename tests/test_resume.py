@@ -38,7 +38,8 @@ def _step(state, batch):
     return {"w": state["w"] + batch["x"][0]}, {"loss": np.float32(1.0)}
 
 
-def _run(directory, steps, config=CONFIG, allow=False, train_step=_step, log=None):
+def _run(directory, steps, config=CONFIG, allow=False, train_step=_step, log=None,
+         log_every=1):
     """loop.run for `steps` steps on a Grain iterator, a checkpoint every 5; returns the log."""
     lines = [] if log is None else log
     data = iter(grain.MapDataset.range(1000).map(
@@ -51,7 +52,7 @@ def _run(directory, steps, config=CONFIG, allow=False, train_step=_step, log=Non
              train_step=train_step, data_iter=data, mesh=sharding.make_mesh(
                  ml_collections.ConfigDict(dict(shape=dict(data=-1, fsdp=1, context=1,
                                                            tensor=1)))),
-             total_steps=steps, log_every=1, checkpoint_every=5,
+             total_steps=steps, log_every=log_every, checkpoint_every=5,
              ckpt_cfg=ml_collections.ConfigDict(dict(max_to_keep=3, async_save=False,
                                                      allow_config_change=allow)),
              meta=meta, max_nonfinite_in_a_row=2, log=lines.append)
@@ -180,6 +181,24 @@ def test_resume_drops_the_rows_the_abandoned_run_logged(tmp_path):
     assert _steps_in(tmp_path / "metrics.jsonl", lambda r: json.loads(r)["step"]) == \
         list(range(1, 9))
     assert _purge_steps(tmp_path) == [6]  # TensorBoard hides the first run's points after 5
+
+
+def test_rows_hold_each_step_once_when_saves_and_rows_fall_apart(tmp_path):
+    """Rows every 4 steps, saves every 5: a save also writes the steps since the last row, so a
+    run resumed from step 5 logs what an uninterrupted one does (before, step 5 was in no row
+    and the resumed row 8 averaged steps 6-8 alone)."""
+    def step(state, batch):  # loss = the step's record index, step - 1
+        return {"w": state["w"] + batch["x"][0]}, {"loss": batch["x"][0]}
+
+    def rows(directory):
+        return _steps_in(directory / "metrics.jsonl",
+                         lambda r: (json.loads(r)["step"], json.loads(r)["loss"]))
+    _run(tmp_path / "a", 12, train_step=step, log_every=4)
+    _run(tmp_path / "b", 8, train_step=step, log_every=4)
+    shutil.rmtree(tmp_path / "b" / "8")  # as if killed before step 8 was saved
+    _run(tmp_path / "b", 12, train_step=step, log_every=4)
+    assert rows(tmp_path / "a") == rows(tmp_path / "b") == [
+        (4, 1.5), (5, 4.0), (8, 6.0), (10, 8.5), (12, 10.5)]
 
 
 def test_a_run_killed_before_its_first_checkpoint_leaves_no_rows(tmp_path):

@@ -75,6 +75,13 @@ def test_missing_or_different_stage1_is_refused(trained, tmp_path, tiny_dataset)
     other.model.motion_decoder.width = 48
     with pytest.raises(ValueError, match="stage-1 checkpoint .* different architecture"):
         stage2.train_variant(other, str(tmp_path), tiny_dataset, "main", ref)
+    # Same shapes, other maths (it started silently from the tokenizer trained the other way).
+    other = config.copy_and_resolve_references()
+    other.model.quantizer.use_l2_norm = not config.model.quantizer.use_l2_norm
+    with pytest.raises(ValueError, match=r"stage-1 checkpoint .* another model config \(1 keys "
+                                         r"differ: model\.quantizer\.use_l2_norm: "):
+        stage2.train_variant(other, str(tmp_path), tiny_dataset, "main", ref)
+    assert not os.path.exists(tmp_path / "stage2")
     with pytest.raises(ValueError, match="unknown entries \\['typo'\\]"):
         stage2.variants(_config(config, baselines=("typo",)))
 

@@ -139,11 +139,12 @@ def all_steps(directory: str) -> list[int]:
 
 
 def restore_checked_params(stage_dir: str, abstract_params, name: str, hint: str,
-                           step: int | None = None):
+                           step: int | None = None, config=None, sections: tuple = ()):
     """(params, step) of checkpoint `step` (default the newest) in `stage_dir`, read-only, after
-    checking that its recorded param shapes equal those of `abstract_params`. A missing
-    checkpoint or another architecture -> FileNotFoundError / ValueError naming `name` (e.g.
-    "stage-1") and `hint`."""
+    checking that its recorded param shapes equal those of `abstract_params` and, with `config`,
+    that its config equals `config` on `sections` (keys that change the maths but no shape). A
+    missing checkpoint or another architecture -> FileNotFoundError / ValueError naming `name`
+    (e.g. "stage-1") and `hint`."""
     if not os.path.isdir(stage_dir):
         raise FileNotFoundError(f"no {name} checkpoint: {stage_dir} does not exist; {hint}")
     ckpt = Checkpointer(stage_dir, async_save=False)
@@ -156,8 +157,10 @@ def restore_checked_params(stage_dir: str, abstract_params, name: str, hint: str
         elif step not in steps:
             raise FileNotFoundError(f"no {name} checkpoint of step {step} in {stage_dir}; it "
                                     f"holds steps {steps}")
-        check_architecture(ckpt.meta(step), param_shapes(abstract_params),
-                           f"the {name} checkpoint in {stage_dir}")
+        meta, what = ckpt.meta(step), f"the {name} checkpoint in {stage_dir}"
+        check_architecture(meta, param_shapes(abstract_params), what)
+        if config is not None:
+            check_sections(meta, config, sections, what)
         return ckpt.restore_params(step, abstract_params), step
     finally:
         ckpt.close()
@@ -172,6 +175,24 @@ def check_architecture(have: dict, want: dict, what: str, hint: str = ""):
     if diffs:
         raise ValueError(f"{what} has a different architecture than the config ({len(diffs)} "
                          f"params differ), e.g. " + "; ".join(diffs[:3]) + hint)
+
+
+def check_sections(have: dict, config, sections: tuple, what: str):
+    """ValueError listing each key under `sections` (e.g. model.quantizer) whose value in the
+    config of checkpoint meta `have` differs from `config`'s: a model with the same shapes may
+    compute something else (quantizer.use_l2_norm, motion_tokenizer.is_legacy). Keys on one side
+    only (a code change) and a meta without a config are not compared."""
+    if "config" not in have:
+        return
+    old, new = _flat(json.loads(have["config"])), _flat(json.loads(config.to_json_best_effort()))
+    diffs = [_change(k, old, new, "") for k in sorted(old.keys() & new.keys())
+             if old[k] != new[k] and any(k.startswith(p + ".") for p in sections)]
+    if diffs:
+        more = f"; +{len(diffs) - MAX_LISTED} more" if len(diffs) > MAX_LISTED else ""
+        raise ValueError(f"{what} was trained with another model config ({len(diffs)} keys "
+                         "differ: " + "; ".join(diffs[:MAX_LISTED]) + more + "): its params "
+                         "would run under maths they were not trained for. Use the config that "
+                         "trained it, or retrain that stage")
 
 
 def check_trained(have: dict, want, what: str, hint: str = ""):
@@ -190,12 +211,12 @@ def check_trained(have: dict, want, what: str, hint: str = ""):
 # baselines write into WORKDIR/stage2_<name> with their overrides applied, so their section is
 # `stage2` too). A part another stage alone uses (e.g. model.dit for stage 1) may differ.
 TRAJECTORY = ("seed", "data", "model.dtype")
-_STAGE1_MODEL = ("model.motion_tokenizer", "model.quantizer", "model.motion_decoder",
-                 "model.joint_decoder")
+STAGE1_MODEL = ("model.motion_tokenizer", "model.quantizer", "model.motion_decoder",
+                "model.joint_decoder")
 STAGE_SECTIONS = {
-    1: ("stage1", *_STAGE1_MODEL),
+    1: ("stage1", *STAGE1_MODEL),
     "vae": ("vae_training", "model.vae", "model.video_size"),
-    2: ("stage2", *_STAGE1_MODEL, "model.vae", "model.motion_encoder", "model.retargeter",
+    2: ("stage2", *STAGE1_MODEL, "model.vae", "model.motion_encoder", "model.retargeter",
         "model.joint_head", "model.conv_motion_encoder", "model.pose_indicator"),
     3: ("stage3", "model", "text", "sampling.overlap_frames")}
 # May change on resume (logged): how the same computation runs (the mesh and its axis rules are

@@ -271,7 +271,10 @@ def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callabl
                                    f"check the data, then rerun to resume from it")
                         log(message)
                         raise Diverged(step, message)
-                if step % log_every == 0 or step == total_steps:
+                # A save writes the steps since the last row too: a resume drops the rows
+                # after its checkpoint, so with checkpoint_every not a multiple of log_every
+                # those steps were in no row.
+                if step % log_every == 0 or step == total_steps or (saving and pending):
                     last = write_log(step)
                     data_log.flush()
                     pending, t0, s0 = [], time.perf_counter(), step
