@@ -196,7 +196,7 @@ def _unit(x, what: str) -> np.ndarray:
     x = np.asarray(x)
     if x.dtype == np.uint8:
         return x.astype(np.float32) / 255.0
-    if not np.issubdtype(x.dtype, np.floating):
+    if not jnp.issubdtype(x.dtype, jnp.floating):  # bf16 too
         raise ValueError(f"{what} has dtype {x.dtype}; expected uint8 (0-255) or float in [0, 1]")
     x = x.astype(np.float32)
     if x.size and not (np.min(x) >= -1e-3 and np.max(x) <= 1.0 + 1e-3):  # NaN fails too

@@ -191,17 +191,22 @@ def _av(path: str, hw, max_frames):
 
 def declared_fps(path: str) -> float | None:
     """A video file's frame rate as `read_video` reads it (a GIF's from its frame delays),
-    without decoding the frames; None for a folder of frames or a file that declares none."""
+    without decoding the frames; None for a folder of frames, or a file that declares none or
+    whose rate cannot be read."""
     if os.path.isdir(path):
         return None
-    if _ext(path) == ".gif":
-        with Image.open(path) as img:
-            delays = [f.info.get("duration", 0) for f in ImageSequence.Iterator(img)]
-        return 1000.0 / float(np.mean(delays)) if min(delays, default=0) > 0 else None
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        return float(rate) if rate else None
+    try:
+        if _ext(path) == ".gif":
+            with Image.open(path) as img:
+                delays = [f.info.get("duration", 0) for f in ImageSequence.Iterator(img)]
+            return 1000.0 / float(np.mean(delays)) if min(delays, default=0) > 0 else None
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            return float(rate) if rate else None
+    # Pillow's GIF seek reads past a truncated frame header without a check (see _gif)
+    except (av.FFmpegError, OSError, SyntaxError, IndexError, struct.error):
+        return None
 
 
 def read_video(path: str, size, max_frames: int | None = None):

@@ -304,5 +304,8 @@ def test_inception_refuses_torchvision_s_imagenet_weights(tmp_path):
     torch.save(sd, tmp_path / "inception_v3_google.pth")
     with pytest.raises(common.ConversionError, match=re.escape(
             "classifier {'fc.weight': (1000, 2048), 'fc.bias': (1000,)} and AuxLogits.*, "
-            "expected {'fc.weight': (1008, 2048), 'fc.bias': (1008,)}: not pytorch-fid's")):
+            "expected {'fc.weight': (1008, 2048), 'fc.bias': (1008,)} (or none): not "
+            "pytorch-fid's")):
         inception.load(str(tmp_path / "inception_v3_google.pth"))
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1)}, tmp_path / "trunk.pth")
+    assert list(inception.load(str(tmp_path / "trunk.pth"))[0]) == ["Conv2d_1a_3x3.conv.weight"]

@@ -263,3 +263,21 @@ def test_each_stage_compares_its_own_sections(stage, refused):
         allow=True)
     assert [k for k, (_, _, why) in changes.items() if why.startswith("accepted")] == refused
     assert set(changes) - set(refused) == ({"stage2.baselines"} if stage == 2 else set())
+
+
+def test_stage1_loads_compare_the_keys_that_change_its_maths_but_no_shape():
+    """A stage-1 checkpoint under another quantizer.use_l2_norm is refused where stage 2,
+    evaluation and generation load it; a training-only key (restart_threshold) is not compared."""
+    def meta(**quantizer):
+        return {"config": json.dumps({"model": {"quantizer": quantizer,
+                                                "motion_tokenizer": {"is_legacy": False}}})}
+    config = ml_collections.ConfigDict(json.loads(meta(use_l2_norm=True, restart_threshold=0.03)[
+        "config"]))
+    keys = checkpointing.STAGE1_FORWARD
+    checkpointing.check_forward_keys(meta(use_l2_norm=True, restart_threshold=0.0), config, keys,
+                                     "the stage-1 checkpoint")
+    with pytest.raises(ValueError, match=r"the stage-1 checkpoint was trained with another model "
+                                         r"config \(1 keys differ: model\.quantizer\.use_l2_norm: "
+                                         r"false -> true\)"):
+        checkpointing.check_forward_keys(meta(use_l2_norm=False), config, keys,
+                                         "the stage-1 checkpoint")

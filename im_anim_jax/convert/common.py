@@ -268,9 +268,10 @@ def stack(sd: Mapping[str, np.ndarray], key: str, n: int, fn=lambda w: w) -> np.
     for i in range(1, n):
         block = np.asarray(fn(sd[key.format(i)]))
         if block.dtype != out.dtype:  # blocks saved in different precisions: float32 holds
-            # bf16 / fp16 exactly (float64 stays float64): widen, never narrow
+            # bf16 / fp16 exactly (float64 stays float64): widen once, never narrow
             wide = np.float64 if np.float64 in (out.dtype, block.dtype) else np.float32
-            out = out.astype(wide)
+            if out.dtype != wide:
+                out = out.astype(wide)
         np.copyto(out[i], block.astype(out.dtype))
     return out
 

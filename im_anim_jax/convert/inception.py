@@ -22,13 +22,14 @@ CLASSIFIER = {"fc.weight": (1008, 2048), "fc.bias": (1008,)}  # the 2015 TF grap
 def load(src: str) -> tuple[dict, dict]:
     sd = common.load_state_dict(src)
     shapes = sd.shapes()
-    found = {k: shapes.get(k) for k in CLASSIFIER}
-    if found != CLASSIFIER:
-        aux = " and AuxLogits.*" if any(k.startswith("AuxLogits.") for k in shapes) else ""
+    found = {k: shapes[k] for k in CLASSIFIER if k in shapes}  # a trunk-only file has none
+    aux = any(k.startswith("AuxLogits.") for k in shapes)
+    if aux or any(found[k] != CLASSIFIER[k] for k in found):
         raise common.ConversionError(
-            f"{src}: classifier {found}{aux}, expected {CLASSIFIER}: not pytorch-fid's FID "
-            f"InceptionV3 ({STANDARD_FILES[0]}); torchvision's ImageNet weights give other "
-            f"features, so FID on them would not compare with published figures")
+            f"{src}: classifier {found}{' and AuxLogits.*' if aux else ''}, expected "
+            f"{CLASSIFIER} (or none): not pytorch-fid's FID InceptionV3 ({STANDARD_FILES[0]}); "
+            f"torchvision's ImageNet weights give other features, so FID on them would not "
+            f"compare with published figures")
     return sd, {"net": "pt_inception-2015-12-05"}
 
 

@@ -139,11 +139,11 @@ def all_steps(directory: str) -> list[int]:
 
 
 def restore_checked_params(stage_dir: str, abstract_params, name: str, hint: str,
-                           step: int | None = None, config=None, sections: tuple = ()):
+                           step: int | None = None, config=None, forward_keys: tuple = ()):
     """(params, step) of checkpoint `step` (default the newest) in `stage_dir`, read-only, after
     checking that its recorded param shapes equal those of `abstract_params` and, with `config`,
-    that its config equals `config` on `sections` (keys that change the maths but no shape). A
-    missing checkpoint or another architecture -> FileNotFoundError / ValueError naming `name`
+    that its config equals `config` on `forward_keys` (keys that change the maths but no shape).
+    A missing checkpoint or another architecture -> FileNotFoundError / ValueError naming `name`
     (e.g. "stage-1") and `hint`."""
     if not os.path.isdir(stage_dir):
         raise FileNotFoundError(f"no {name} checkpoint: {stage_dir} does not exist; {hint}")
@@ -160,7 +160,7 @@ def restore_checked_params(stage_dir: str, abstract_params, name: str, hint: str
         meta, what = ckpt.meta(step), f"the {name} checkpoint in {stage_dir}"
         check_architecture(meta, param_shapes(abstract_params), what)
         if config is not None:
-            check_sections(meta, config, sections, what)
+            check_forward_keys(meta, config, forward_keys, what)
         return ckpt.restore_params(step, abstract_params), step
     finally:
         ckpt.close()
@@ -177,22 +177,20 @@ def check_architecture(have: dict, want: dict, what: str, hint: str = ""):
                          f"params differ), e.g. " + "; ".join(diffs[:3]) + hint)
 
 
-def check_sections(have: dict, config, sections: tuple, what: str):
-    """ValueError listing each key under `sections` (e.g. model.quantizer) whose value in the
-    config of checkpoint meta `have` differs from `config`'s: a model with the same shapes may
-    compute something else (quantizer.use_l2_norm, motion_tokenizer.is_legacy). Keys on one side
-    only (a code change) and a meta without a config are not compared."""
+def check_forward_keys(have: dict, config, keys: tuple, what: str):
+    """ValueError listing each of `keys` (config keys that change a model's maths but no param
+    shape, e.g. model.quantizer.use_l2_norm) whose value in the config of checkpoint meta `have`
+    differs from `config`'s. A key on one side only (a code change) and a meta without a config
+    are not compared."""
     if "config" not in have:
         return
     old, new = _flat(json.loads(have["config"])), _flat(json.loads(config.to_json_best_effort()))
-    diffs = [_change(k, old, new, "") for k in sorted(old.keys() & new.keys())
-             if old[k] != new[k] and any(k.startswith(p + ".") for p in sections)]
+    diffs = [_change(k, old, new, "") for k in keys if k in old and k in new and old[k] != new[k]]
     if diffs:
-        more = f"; +{len(diffs) - MAX_LISTED} more" if len(diffs) > MAX_LISTED else ""
         raise ValueError(f"{what} was trained with another model config ({len(diffs)} keys "
-                         "differ: " + "; ".join(diffs[:MAX_LISTED]) + more + "): its params "
-                         "would run under maths they were not trained for. Use the config that "
-                         "trained it, or retrain that stage")
+                         "differ: " + "; ".join(diffs) + "): its params would run under maths "
+                         "they were not trained for. Use the config that trained it, or retrain "
+                         "that stage")
 
 
 def check_trained(have: dict, want, what: str, hint: str = ""):
@@ -213,6 +211,9 @@ def check_trained(have: dict, want, what: str, hint: str = ""):
 TRAJECTORY = ("seed", "data", "model.dtype")
 STAGE1_MODEL = ("model.motion_tokenizer", "model.quantizer", "model.motion_decoder",
                 "model.joint_decoder")
+# The stage-1 model keys that change its maths but no param shape (the others are training-only,
+# e.g. quantizer.restart_threshold, or change a shape, which check_architecture names).
+STAGE1_FORWARD = ("model.quantizer.use_l2_norm", "model.motion_tokenizer.is_legacy")
 STAGE_SECTIONS = {
     1: ("stage1", *STAGE1_MODEL),
     "vae": ("vae_training", "model.vae", "model.video_size"),

@@ -124,15 +124,15 @@ def init_state(model: Stage1Model, tx, config, mesh, axis_rules):
 
 def load_params(config, workdir: str):
     """(model, params, step) of the newest checkpoint in WORKDIR/stage1, read-only, checked
-    against config.model (missing -> FileNotFoundError; other param shapes, or another value of
-    any key of stage 1's model sections, e.g. quantizer.use_l2_norm -> ValueError)."""
+    against config.model (missing -> FileNotFoundError; other param shapes, or another
+    quantizer.use_l2_norm / motion_tokenizer.is_legacy -> ValueError)."""
     model = build_stage1(config.model)
     abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
                                        dummy_frames(config.model))["params"])
     params, step = checkpointing.restore_checked_params(
         os.path.join(workdir, "stage1"), abstract, "stage-1",
         "run `python train.py --config ... --workdir ... --stages 1` first", config=config,
-        sections=checkpointing.STAGE1_MODEL)
+        forward_keys=checkpointing.STAGE1_FORWARD)
     return model, params, step
 
 
