@@ -151,8 +151,19 @@ def _gif(path: str, hw, max_frames):
                               f"{e})") from None
 
     def fps():
-        return 1000.0 / np.mean(durations) if min(durations, default=0) > 0 else DEFAULT_FPS
+        return _delay_fps(durations) or DEFAULT_FPS
     return frames(), fps
+
+
+def _delay_fps(delays) -> float | None:
+    """A GIF's frame rate from its frame delays (ms); None when any is missing or 0."""
+    return 1000.0 / float(np.mean(delays)) if min(delays, default=0) > 0 else None
+
+
+def _stream_fps(stream) -> float | None:
+    """A PyAV video stream's declared frame rate, or None."""
+    rate = stream.average_rate or stream.guessed_rate
+    return float(rate) if rate else None
 
 
 def display_frames(container, stream):
@@ -180,8 +191,7 @@ def _av(path: str, hw, max_frames):
         raise MediaError(f"{path} could not be decoded as a video: it has no video stream "
                          f"(FFmpeg read it as '{fmt}')")
     stream = container.streams.video[0]
-    rate = stream.average_rate or stream.guessed_rate
-    fps = float(rate) if rate else DEFAULT_FPS
+    fps = _stream_fps(stream) or DEFAULT_FPS
 
     def frames():
         with container:
@@ -198,12 +208,9 @@ def declared_fps(path: str) -> float | None:
     try:
         if _ext(path) == ".gif":
             with Image.open(path) as img:
-                delays = [f.info.get("duration", 0) for f in ImageSequence.Iterator(img)]
-            return 1000.0 / float(np.mean(delays)) if min(delays, default=0) > 0 else None
+                return _delay_fps([f.info.get("duration", 0) for f in ImageSequence.Iterator(img)])
         with av.open(path) as container:
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            return float(rate) if rate else None
+            return _stream_fps(container.streams.video[0])
     # Pillow's GIF seek reads past a truncated frame header without a check (see _gif)
     except (av.FFmpegError, OSError, SyntaxError, IndexError, struct.error):
         return None

@@ -273,7 +273,8 @@ def test_stage1_loads_compare_the_keys_that_change_its_maths_but_no_shape():
                                                 "motion_tokenizer": {"is_legacy": False}}})}
     config = ml_collections.ConfigDict(json.loads(meta(use_l2_norm=True, restart_threshold=0.03)[
         "config"]))
-    keys = checkpointing.STAGE1_FORWARD
+    from im_anim_jax.training import stage1
+    keys = stage1.forward_keys()
     checkpointing.check_forward_keys(meta(use_l2_norm=True, restart_threshold=0.0), config, keys,
                                      "the stage-1 checkpoint")
     with pytest.raises(ValueError, match=r"the stage-1 checkpoint was trained with another model "

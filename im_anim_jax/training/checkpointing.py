@@ -209,15 +209,12 @@ def check_trained(have: dict, want, what: str, hint: str = ""):
 # baselines write into WORKDIR/stage2_<name> with their overrides applied, so their section is
 # `stage2` too). A part another stage alone uses (e.g. model.dit for stage 1) may differ.
 TRAJECTORY = ("seed", "data", "model.dtype")
-STAGE1_MODEL = ("model.motion_tokenizer", "model.quantizer", "model.motion_decoder",
-                "model.joint_decoder")
-# The stage-1 model keys that change its maths but no param shape (the others are training-only,
-# e.g. quantizer.restart_threshold, or change a shape, which check_architecture names).
-STAGE1_FORWARD = ("model.quantizer.use_l2_norm", "model.motion_tokenizer.is_legacy")
+_STAGE1_MODEL = ("model.motion_tokenizer", "model.quantizer", "model.motion_decoder",
+                 "model.joint_decoder")
 STAGE_SECTIONS = {
-    1: ("stage1", *STAGE1_MODEL),
+    1: ("stage1", *_STAGE1_MODEL),
     "vae": ("vae_training", "model.vae", "model.video_size"),
-    2: ("stage2", *STAGE1_MODEL, "model.vae", "model.motion_encoder", "model.retargeter",
+    2: ("stage2", *_STAGE1_MODEL, "model.vae", "model.motion_encoder", "model.retargeter",
         "model.joint_head", "model.conv_motion_encoder", "model.pose_indicator"),
     3: ("stage3", "model", "text", "sampling.overlap_frames")}
 # May change on resume (logged): how the same computation runs (the mesh and its axis rules are

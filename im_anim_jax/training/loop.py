@@ -274,7 +274,7 @@ def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callabl
                 # A save writes the steps since the last row too: a resume drops the rows
                 # after its checkpoint, so with checkpoint_every not a multiple of log_every
                 # those steps were in no row.
-                if step % log_every == 0 or step == total_steps or (saving and pending):
+                if step % log_every == 0 or step == total_steps or saving:
                     last = write_log(step)
                     data_log.flush()
                     pending, t0, s0 = [], time.perf_counter(), step

@@ -132,8 +132,16 @@ def load_params(config, workdir: str):
     params, step = checkpointing.restore_checked_params(
         os.path.join(workdir, "stage1"), abstract, "stage-1",
         "run `python train.py --config ... --workdir ... --stages 1` first", config=config,
-        forward_keys=checkpointing.STAGE1_FORWARD)
+        forward_keys=forward_keys())
     return model, params, step
+
+
+def forward_keys() -> tuple:
+    """The config.model keys that change stage 1's maths but no param shape (TiTok's
+    is_legacy and use_l2_norm: convert.titok.MATHS_FIELDS); the other keys of its model sections
+    are training-only or change a shape, which the architecture check names."""
+    from im_anim_jax.convert import titok
+    return tuple(f"model.{section}.{key}" for key, section in titok.MATHS_FIELDS.items())
 
 
 def init_from_titok(path: str, params: dict, shardings: dict, model_cfg) -> dict:
