@@ -9,7 +9,8 @@ frames. Both are resized to cover the model's resolution and centre-cropped. Out
 OUT_preview.EXT), driving | reference | generated side by side. Both are written all or nothing:
 if either fails, neither is created and files they would replace are untouched.
 Every flag and input is checked before the model loads. Prints one JSON line
-{"out", "preview", "frames", "fps"}. Exit codes: 0 done, 2 bad input (one `error:` line).
+{"out", "preview", "frames", "fps"}, the last two of what --out holds (a GIF over 50 fps keeps
+every k-th frame). Exit codes: 0 done, 2 bad input (one `error:` line).
 """
 import json
 import os
@@ -99,7 +100,8 @@ def _main(argv):
     except OSError as e:  # e.g. the disk filled up while encoding: nothing was written
         raise ValueError(f"could not write {out} and {preview} (neither was written; existing "
                          f"files are untouched): {e}") from None
-    print(json.dumps({"out": out, "preview": preview, "frames": len(video), "fps": fps}))
+    frames, out_fps = media.stored(out, len(video), fps)
+    print(json.dumps({"out": out, "preview": preview, "frames": frames, "fps": out_fps}))
 
 
 def main(argv):

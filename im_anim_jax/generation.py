@@ -85,6 +85,7 @@ class Animator:
         """reference [H, W, 3], driving [T, H, W, 3] (float [0, 1] or uint8) -> float32
         [T, H, W, 3] in [0, 1]. `keypoints` [T, J, 3] (pixels): the driving keypoints (default:
         read by the stage-1 model); `params`: other stage-3 params (e.g. a baseline's)."""
+        self._check(reference, driving, keypoints, batched=False)  # its own shapes in errors
         out = self.generate(np.asarray(reference)[None], np.asarray(driving)[None], seed=seed,
                             progress=progress,
                             keypoints=None if keypoints is None else np.asarray(keypoints)[None],
@@ -98,14 +99,10 @@ class Animator:
         (callers pass seed + the index of the batch's first clip)."""
         params = self.params if params is None else params
         reference, driving = _unit(reference, "reference image"), _unit(driving, "driving video")
-        self._check(reference, driving)
+        self._check(reference, driving, keypoints)
         t = driving.shape[1]
         if keypoints is not None:
             keypoints = np.asarray(keypoints, np.float32)
-            want = driving.shape[:2] + (self.config.model.joint_decoder.num_joints, 3)
-            if keypoints.shape != want:
-                raise ValueError(f"driving keypoints have shape {keypoints.shape}; expected "
-                                 f"{want}: (x, y, confidence) in pixels per joint and frame")
         padded, starts = windows(t, self.clip_frames, self.overlap)
         driving = np.concatenate([driving, np.repeat(driving[:, -1:], padded - t, 1)], 1)
         if keypoints is None:
@@ -179,16 +176,23 @@ class Animator:
             sampling.guided(velocity, cfg.guidance), noise, sigmas, method=cfg.method,
             clamp=lambda x: jnp.where(mask, clean, x), progress=progress, desc=desc)
 
-    def _check(self, reference, driving):
-        h, w = self.resolution
-        if reference.ndim != 4 or reference.shape[1:] != (h, w, 3):
-            raise ValueError(f"reference images have shape {reference.shape}; expected "
-                             f"(B, {h}, {w}, 3) (the model's resolution)")
-        if driving.ndim != 5 or driving.shape[2:] != (h, w, 3) or driving.shape[1] < 1:
-            raise ValueError(f"driving videos have shape {driving.shape}; expected "
-                             f"(B, T >= 1, {h}, {w}, 3)")
-        if reference.shape[0] != driving.shape[0]:
-            raise ValueError(f"{reference.shape[0]} references for {driving.shape[0]} videos")
+    def _check(self, reference, driving, keypoints, batched: bool = True):
+        """ValueError naming the shape given and the one expected ((B, ...) where `batched`)."""
+        (h, w), lead = self.resolution, 1 if batched else 0
+        b, what = ("B, ", "s") if batched else ("", "")
+        reference, driving = np.shape(reference), np.shape(driving)
+        if len(reference) != 3 + lead or reference[lead:] != (h, w, 3):
+            raise ValueError(f"reference image{what} {'have' if batched else 'has'} shape "
+                             f"{reference}; expected ({b}{h}, {w}, 3) (the model's resolution)")
+        if len(driving) != 4 + lead or driving[lead + 1:] != (h, w, 3) or driving[lead] < 1:
+            raise ValueError(f"driving video{what} {'have' if batched else 'has'} shape "
+                             f"{driving}; expected ({b}T >= 1, {h}, {w}, 3)")
+        if batched and reference[0] != driving[0]:
+            raise ValueError(f"{reference[0]} references for {driving[0]} videos")
+        want = driving[:lead + 1] + (self.config.model.joint_decoder.num_joints, 3)
+        if keypoints is not None and np.shape(keypoints) != want:
+            raise ValueError(f"driving keypoints have shape {np.shape(keypoints)}; expected "
+                             f"{want}: (x, y, confidence) in pixels per joint and frame")
 
 
 def _unit(x, what: str) -> np.ndarray:

@@ -282,13 +282,24 @@ def _write_mp4(path: str, frames: np.ndarray, fps: float) -> None:
         container.mux(stream.encode())
 
 
+def gif_step(fps: float) -> int:
+    """k: a GIF of a clip at `fps` keeps every k-th frame (its rate fps / k is at most 50)."""
+    return max(1, math.ceil(fps / GIF_MAX_FPS - 1e-9))
+
+
+def stored(path: str, frames: int, fps: float) -> tuple[int, float]:
+    """(frames, fps) of what write_videos stores at `path` for a clip of `frames` at `fps`."""
+    step = gif_step(fps) if _ext(path) == ".gif" else 1
+    return -(-frames // step), fps / step
+
+
 def _write_gif(path: str, frames: np.ndarray, fps: float) -> None:
     """Looping GIF. Its delays are whole centiseconds, and players slow delays under 2 cs to
     10 cs, so over 50 fps only every k-th frame is kept (k = ceil(fps / 50)). Each delay is the
     frame's span on the clip's own clock rounded to centiseconds (30 fps: 3, 3, 4, ...), so the
     GIF plays as long as the clip. Pillow merges identical consecutive frames into one longer
     frame."""
-    step = max(1, math.ceil(fps / GIF_MAX_FPS - 1e-9))
+    step = gif_step(fps)
     frames = frames[::step]
     ticks = np.round(np.arange(len(frames) + 1) * (100.0 * step / fps))
     delays = [10 * max(2, int(d)) for d in np.diff(ticks)]  # ms, as Pillow takes them

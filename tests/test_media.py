@@ -127,6 +127,8 @@ def test_gif_delays_keep_the_clip_s_duration(tmp_path, fps, delays):
     media.write_video(path, ramp(7, 20, 20), fps=fps)
     with Image.open(path) as img:
         assert [f.info["duration"] // 10 for f in ImageSequence.Iterator(img)] == delays
+    assert media.stored(path, 7, fps) == (len(delays), {30: 30, 60: 30, 120: 40, 50: 50}[fps])
+    assert media.stored(str(tmp_path / "v.mp4"), 7, fps) == (7, fps)
 
 
 def test_gif_without_durations_is_25_fps(tmp_path):

@@ -39,8 +39,9 @@ def _step(state, batch):
 
 
 def _run(directory, steps, config=CONFIG, allow=False, train_step=_step, log=None,
-         log_every=1):
-    """loop.run for `steps` steps on a Grain iterator, a checkpoint every 5; returns the log."""
+         log_every=1, first_step=0):
+    """loop.run for `steps` steps on a Grain iterator (record i at step i + 1), a checkpoint
+    every 5; returns the log."""
     lines = [] if log is None else log
     data = iter(grain.MapDataset.range(1000).map(
         lambda i: {"x": np.full((1,), i, np.float32), "record": np.full((1,), i, np.int32),
@@ -55,8 +56,15 @@ def _run(directory, steps, config=CONFIG, allow=False, train_step=_step, log=Non
              total_steps=steps, log_every=log_every, checkpoint_every=5,
              ckpt_cfg=ml_collections.ConfigDict(dict(max_to_keep=3, async_save=False,
                                                      allow_config_change=allow)),
-             meta=meta, max_nonfinite_in_a_row=2, log=lines.append)
+             meta=meta, max_nonfinite_in_a_row=2, log=lines.append, first_step=first_step)
     return lines
+
+
+def _damage(checkpoint):
+    """Empties every file of a checkpoint's state (it can no longer be restored)."""
+    for root, _, files in os.walk(checkpoint / "state"):
+        for name in files:
+            open(os.path.join(root, name), "w").close()
 
 
 def _steps_in(path, parse=lambda row: int(row.split()[0])):
@@ -132,10 +140,7 @@ def test_allowed_config_changes_are_logged_and_recorded(tmp_path):
 
 def test_an_unreadable_checkpoint_is_set_aside_for_the_one_before(tmp_path):
     _run(tmp_path, 10)
-    damaged = tmp_path / "10" / "state"
-    for root, _, files in os.walk(damaged):
-        for name in files:
-            open(os.path.join(root, name), "w").close()
+    _damage(tmp_path / "10")
     lines = _run(tmp_path, 10)
     assert lines[0].startswith(f"[toy] warning: the checkpoint of step 10 in {tmp_path} could not "
                                f"be read: ")
@@ -146,13 +151,35 @@ def test_an_unreadable_checkpoint_is_set_aside_for_the_one_before(tmp_path):
     assert _steps_in(tmp_path / "data_log.txt") == list(range(1, 11))
     # Nothing readable left: one line, nothing renamed.
     for step in ("5", "10"):
-        for root, _, files in os.walk(tmp_path / step / "state"):
-            for name in files:
-                open(os.path.join(root, name), "w").close()
+        _damage(tmp_path / step)
     with pytest.raises(ValueError, match=f"none of the 2 checkpoints in {tmp_path} could be read "
                        r"\(.*step 10: .*\): move "):
         _run(tmp_path, 10)
     assert checkpointing.all_steps(str(tmp_path)) == [5, 10]
+
+
+def test_a_phase_after_an_unreadable_phase_end_waits_for_the_phase_before(tmp_path):
+    """Phases of steps 1-7 and 8-10 (as stage 2's self-pair phase and the VAE's frame phase),
+    the checkpoint ending the first unreadable: steps 6-7 train again in the first phase, then
+    the second runs (before, the second phase trained steps 6-10, two of them in its task)."""
+    trained, lines = [], []
+
+    def run_phase(phase, first_step):
+        def step(state, batch):
+            trained.append((phase[1], int(batch["x"][0]) + 1))
+            return _step(state, batch)
+        return _run(tmp_path, phase[0], train_step=step, log=lines, first_step=first_step)
+
+    phases = [(7, "frames"), (10, "clips")]
+    loop.run_phases(str(tmp_path), phases[:1], 7, run_phase)  # stopped after the first phase
+    _damage(tmp_path / "7")
+    trained.clear()
+    loop.run_phases(str(tmp_path), phases, 10, run_phase)
+    assert trained == [("frames", 6), ("frames", 7), ("clips", 8), ("clips", 9), ("clips", 10)]
+    assert ("[toy] the checkpoint at step 5 is before this phase (steps 8-10): training the "
+            "phase before it again") in lines
+    assert _steps_in(tmp_path / "data_log.txt") == list(range(1, 11))
+    assert any(n.startswith("7.unreadable-") for n in os.listdir(tmp_path))
 
 
 def _purge_steps(directory):

@@ -416,11 +416,12 @@ def test_generation_in_windows_and_the_ema(trained):
     calls.clear()
     for bad, message in ((driving.astype(np.uint16), "driving video has dtype uint16"),
                          (driving.astype(np.float32), r"float frames must lie in \[0, 1\]"),
-                         (driving[None], r"driving videos have shape \(1, 1, 11,")):
+                         (driving[None], r"driving video has shape \(1, 11, .*; expected "
+                                         r"\(T >= 1,")):
         with pytest.raises(ValueError, match=message):
             animator(reference, bad, progress=False)
-    with pytest.raises(ValueError, match=r"driving keypoints have shape \(1, 10, 62, 3\); "
-                                         r"expected \(1, 11, 62, 3\)"):
+    with pytest.raises(ValueError, match=r"driving keypoints have shape \(10, 62, 3\); "
+                                         r"expected \(11, 62, 3\)"):
         animator(reference, driving, progress=False, keypoints=np.zeros((10, 62, 3)))
     assert not calls
     animator.config, animator._velocity = config, dit
@@ -458,8 +459,11 @@ def test_generation_in_windows_and_the_ema(trained):
     ckpt.close()
     jax.tree.map(np.testing.assert_array_equal, {k: raw[k] for k in trained},
                  stage3.ema_params(restored.opt_state))
-    with pytest.raises(ValueError, match="driving videos have shape"):
+    with pytest.raises(ValueError, match="driving video has shape"):
         animator(reference, driving[:, :4])
+    with pytest.raises(ValueError, match=rf"driving videos have shape \(1, 11, {s}, 4, 3\); "
+                                         rf"expected \(B, T >= 1, {s}, {s}, 3\)"):
+        animator.generate(reference[None], driving[None, :, :, :4])
 
 
 def test_stage3_report(trained, tiny_dataset):

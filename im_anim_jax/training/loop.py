@@ -172,10 +172,32 @@ def unfinished(stage_dir: str, phases: list, total_steps: int) -> list:
     return [p for p in phases if p[0] >= total_steps or done < p[0]]
 
 
+class _BeforePhase(Exception):
+    """run() resumed from a step before its phase's first: the checkpoint that ended the phase
+    before could not be read and was set aside."""
+
+
+def run_phases(stage_dir: str, phases: list, total_steps: int, run_phase: Callable):
+    """run_phase(phase, first_step) for each phase `unfinished` leaves, where run_phase calls
+    run(..., first_step=first_step) (first_step: the previous phase's last step, 0 for the
+    first); returns the last call's result. A resume that lands before its phase (the newest
+    checkpoint was unreadable) works the phases out again, so that each step trains in its own
+    phase."""
+    firsts = dict(zip(phases, [0] + [p[0] for p in phases[:-1]]))
+    while True:
+        result = None
+        try:
+            for phase in unfinished(stage_dir, phases, total_steps):
+                result = run_phase(phase, firsts[phase])
+            return result
+        except _BeforePhase:
+            continue
+
+
 def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callable,
         data_iter, mesh, total_steps: int, log_every: int, checkpoint_every: int, ckpt_cfg,
         meta: dict, max_nonfinite_in_a_row: int, console_keys=None,
-        log: Callable[[str], None] = print):
+        log: Callable[[str], None] = print, first_step: int = 0):
     """Runs `train_step(state, batch) -> (state, metrics)` until `total_steps`, resuming from the
     newest checkpoint in `stage_dir` (state and data iterator). Returns (state, last metrics).
 
@@ -183,13 +205,18 @@ def run(*, name: str, stage_dir: str, state, abstract_state, train_step: Callabl
     `max_nonfinite_in_a_row` steps the optimizer guard skipped, CheckpointFailed when a
     checkpoint cannot be written. A batch's `bad_records` field (the pipeline's count of skipped
     records) is reported as a metric. A checkpoint of another config (checkpointing.check_config)
-    is a ValueError unless `ckpt_cfg.allow_config_change`."""
+    is a ValueError unless `ckpt_cfg.allow_config_change`. A run that is one phase of a stage
+    (run_phases) starts after `first_step`; resuming from before it raises _BeforePhase."""
     ckpt = Checkpointer(stage_dir, max_to_keep=ckpt_cfg.max_to_keep,
                         async_save=ckpt_cfg.async_save)
     try:
         start, state, meta = _resume(ckpt, name, state, abstract_state, data_iter, meta,
                                      ckpt_cfg.get("allow_config_change", False), total_steps,
                                      log)
+        if start < first_step:
+            log(f"[{name}] the checkpoint at step {start} is before this phase (steps "
+                f"{first_step + 1}-{total_steps}): training the phase before it again")
+            raise _BeforePhase(start)
     except Exception:
         ckpt.close()
         raise

@@ -260,13 +260,14 @@ def train_variant(config, workdir: str, data_path: str, name: str, ref_encoder,
     meta = dict(checkpointing.meta_for(config, STAGE, state.params, trainable(config)),
                 variant=name)
     train_step = make_train_step(model, tx, config, mesh, axis_rules, state_sh, ref_encoder)
-    last = {}
-    for end, self_only in loop.unfinished(directory, phases(cfg), cfg.steps):
+
+    def run_phase(phase, first_step):
+        end, self_only = phase
         if self_only:
             log(f"[{tag}] steps 1-{end}: self pairs alone, un-augmented (the target is the "
                 f"driving pose; stage2.self_pair_steps)")
         # Each phase shuffles its own pairs; phase 2 restores phase 1's iterator position.
-        state, last = loop.run(
+        return loop.run(
             name=tag, stage_dir=directory, state=state, abstract_state=abstract_state,
             train_step=train_step,
             data_iter=iter(train_dataset(config, data_path, log=log, self_only=self_only)),
@@ -274,8 +275,9 @@ def train_variant(config, workdir: str, data_path: str, name: str, ref_encoder,
             checkpoint_every=cfg.checkpoint_every, ckpt_cfg=config.checkpoint,
             max_nonfinite_in_a_row=config.faults.max_nonfinite_in_a_row, meta=meta, log=log,
             console_keys=("loss", "heatmap_loss", "vq_loss", "train_pck@0.1",
-                          "codebook_perplexity"))
-    return last
+                          "codebook_perplexity"), first_step=first_step)[1]
+
+    return loop.run_phases(directory, phases(cfg), cfg.steps, run_phase)
 
 
 def phases(cfg) -> list[tuple[int, bool]]:

@@ -255,8 +255,9 @@ def train(config, workdir: str, data_path: str, log=print) -> dict:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     size = config.model.motion_tokenizer.image_size
     stage_dir = os.path.join(workdir, "vae")
-    last = {}
-    for end, frames, batch_size in loop.unfinished(stage_dir, phases(cfg), cfg.steps):
+
+    def run_phase(phase, first_step):
+        end, frames, batch_size = phase
         # One shuffled order throughout: a phase resumes the previous phase's data position.
         data_iter = iter(pipeline.train_dataset(
             data_path, "train", clip_frames=frames,
@@ -265,12 +266,13 @@ def train(config, workdir: str, data_path: str, log=print) -> dict:
             num_workers=config.data.num_workers, max_bad_records=config.faults.max_bad_records))
         log(f"[vae] {n_params / 1e6:.2f}M params on mesh {dict(mesh.shape)}; up to step {end} of "
             f"{cfg.steps}: batches of {batch_size} x {frames} frame(s) {size}x{size}")
-        state, last = loop.run(
+        return loop.run(
             name="vae", stage_dir=stage_dir, state=state, abstract_state=abstract_state,
             train_step=train_step, data_iter=data_iter, mesh=mesh, total_steps=end,
             log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
             ckpt_cfg=config.checkpoint,
             max_nonfinite_in_a_row=config.faults.max_nonfinite_in_a_row,
             meta=checkpointing.meta_for(config, STAGE, state.params), log=log,
-            console_keys=("loss", "l1", "kl", "psnr"))
-    return last
+            console_keys=("loss", "l1", "kl", "psnr"), first_step=first_step)[1]
+
+    return loop.run_phases(stage_dir, phases(cfg), cfg.steps, run_phase)
