@@ -42,7 +42,8 @@ def _main(argv):
     distributed.initialize()  # multi-host: from the environment, before any other JAX work
     config, workdir = cli.load_config(FLAGS), os.path.abspath(FLAGS.workdir)
     stages = cli.parse_stages(FLAGS.stages, config.stages)
-    config_validation.validate(config, stages, workdir)  # before any data, model or compile
+    # before any data, model or compile
+    config_validation.validate(config, stages, workdir, evaluating=FLAGS.eval)
     os.makedirs(workdir, exist_ok=True)
     data_path = datasets.resolve(config, workdir)
     trainers = {1: stage1.train, 2: stage2.train, 3: stage3.train}

@@ -35,6 +35,10 @@ def _is_number(x) -> bool:
 def _mesh(config, num_devices: int, num_processes: int, out: list) -> int | None:
     """Problems of mesh.shape / mesh.rules; returns data x fsdp (None if the shape is bad)."""
     for name, axes in config.mesh.rules:
+        if name not in sharding.LOGICAL_AXES:
+            out.append(f"mesh.rules names the logical axis {name!r}, which nothing carries (a "
+                       f"rule it was meant as would be missing: its arrays left unsharded); "
+                       f"the logical axes are {sharding.LOGICAL_AXES}")
         named = [axes] if isinstance(axes, str) else list(axes or ())
         unknown = [a for a in named if a not in sharding.MESH_AXES]
         if unknown:
@@ -251,6 +255,24 @@ def _pairs(config, stages, out: list) -> None:
                        f"each) train stage 1 only")
 
 
+def _splits(config, evaluating: bool, out: list) -> None:
+    """A dataset at data.path holds the split training reads ("train") and, where the run
+    evaluates, eval.split (ingest puts videos there with --test-fraction > 0)."""
+    from data_pipelines import records
+    path = config.data.path
+    if not path or not records.is_dataset(path):
+        return  # rendered by the run, or refused when it is read
+    have = sorted(records.read_index(path)["splits"])
+    if "train" not in have:
+        out.append(f"data.path={path} has no 'train' split to train on (it has {have}); ingest "
+                   f"with --test-fraction below 1")
+    if evaluating and config.eval.split not in have:
+        out.append(f"eval.split={config.eval.split!r} is not in data.path={path} (it has {have}), "
+                   f"so the evaluation after each stage would fail once it has trained: ingest "
+                   f"with --test-fraction > 0 (whole videos held out), set --config.eval.split, "
+                   f"or pass --noeval")
+
+
 def _targets(config, out: list) -> None:
     """The heatmap targets every stage trains on: a Gaussian needs a width, and a joint counts
     as visible from a confidence in (0, 1] (0 would count joints off the frame, above 1 none)."""
@@ -293,6 +315,12 @@ def _frozen(config, stages, out: list) -> None:
             out.append(f"model.expression.every={every!r} must be an integer >= 1 that divides "
                        f"model.dit.num_layers={layers} (an expression block after every k DiT "
                        f"blocks; stage 3 always drives the DiT with expression tokens)")
+        prediction = config.model.dit_prediction
+        if config.model.dit.init_from and prediction != "velocity":
+            out.append(f"model.dit_prediction={prediction!r} with model.dit.init_from: the "
+                       f"converted Wan2.2 DiT's head predicts the velocity, which would be read "
+                       f"as {'x0' if prediction == 'x0' else 'a change from z_ref'}; use "
+                       f"'velocity' to start from it")
         for check in (lambda: stage3.frozen(config),
                       lambda: stage3.stage3_model.check_prediction(config.model),
                       lambda: stage3.check_loss_weighting(config.stage3.loss_weighting)):
@@ -356,8 +384,9 @@ def evaluation_problems(config, stage: int) -> list[str]:
 
 
 def problems(config, stages, workdir: str, num_devices: int | None = None,
-             num_processes: int | None = None) -> list[str]:
-    """Every problem of `config` for running `stages` in `workdir` (empty: none)."""
+             num_processes: int | None = None, evaluating: bool = False) -> list[str]:
+    """Every problem of `config` for running `stages` in `workdir` (empty: none); `evaluating`:
+    each stage is evaluated after it trains (train.py without --noeval)."""
     num_devices = jax.device_count() if num_devices is None else num_devices
     num_processes = jax.process_count() if num_processes is None else num_processes
     out: list[str] = []
@@ -370,6 +399,7 @@ def problems(config, stages, workdir: str, num_devices: int | None = None,
     _frames_and_sizes(config, stages, out)
     _prerequisites(config, stages, workdir, out)
     _dependents(config, stages, workdir, out)
+    _splits(config, evaluating, out)
     _pairs(config, stages, out)
     _augment(config, stages, out)
     _frozen(config, stages, out)

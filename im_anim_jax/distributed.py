@@ -71,6 +71,11 @@ def initialize(env: Mapping[str, str] | None = None) -> bool:
     if _cluster_size(env) > 1:
         jax.distributed.initialize()
         return True
+    if env.get(ENV_COUNT, "1").strip() not in ("", "1") or env.get(ENV_ID, "0").strip() not in (
+            "", "0"):  # each host would train alone, on the same workdir
+        raise ValueError(f"{ENV_COUNT}={env.get(ENV_COUNT)!r} / {ENV_ID}={env.get(ENV_ID)!r} "
+                         f"describe a multi-host run, but {ENV_ADDRESS} is not set: set it to "
+                         f"process 0's host:port on every process")
     return False
 
 

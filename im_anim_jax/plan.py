@@ -234,8 +234,10 @@ def _arrays(text: str) -> list[int]:
 
 def _group_size(line: str, num_devices: int) -> int:
     """Devices per replica group: iota form [groups,size]<=[...], explicit {{0,1,..},..}, or the
-    mesh form mesh['axis_0'=16,'axis_1'=4] {'axis_1'} (the product of the named axes)."""
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    mesh form mesh['axis_0'=16,'axis_1'=4] {'axis_1'} (the product of the named axes), which
+    may carry a device order between the two: ..., device_ids=([2,2]T(1,0)) {'axis_1'}."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\S+)?\s*"
+                  r"\{([^}]*)\}", line)
     if m:
         sizes = {a: int(n) for a, n in re.findall(r"'(\w+)'=(\d+)", m.group(1))}
         return math.prod(sizes[a] for a in re.findall(r"'(\w+)'", m.group(2)))
@@ -390,12 +392,30 @@ def trained_params(config, stage: int, params: dict) -> dict:
     return params
 
 
+# The stage-2 path in the order data flows through it: a frozen prefix of it (no trained group at
+# or before it) needs no backward pass, since nothing before it takes a gradient.
+_PATH = ("motion_encoder", "quantize", "retargeter", "joint_head", "joint_decoder")
+
+
+def backward_groups(params: dict, trained: dict) -> set:
+    """Top-level param groups the backward pass runs through: those of `_PATH` from its first
+    trained group on, and every group outside it (the DiT, the expression encoder, stage 1's
+    decoders)."""
+    out, reached = set(params) - set(_PATH), False
+    for group in _PATH:
+        reached = reached or group in trained
+        if reached and group in params:
+            out.add(group)
+    return out
+
+
 def ideal_collectives(config, stage: int, state, mesh, args) -> dict:
     """Bytes per device per step that ideal ZeRO-3 / data / tensor / context parallelism moves.
 
     Parameters (exact, from their shardings; n = group size, shard = the device's slice):
-      all-gather      each fsdp-sharded param twice (forward, and again in the backward pass):
-                      2 shard (F - 1);
+      all-gather      each fsdp-sharded param twice (forward, and again in the backward pass),
+                      once where the backward pass skips its group (backward_groups: e.g. a
+                      frozen motion encoder): 2 shard (F - 1) or shard (F - 1);
       reduce-scatter  each trained fsdp-sharded gradient over fsdp: shard (F - 1);
       all-reduce      each trained gradient over the batch/sequence axes (data, fsdp, context)
                       that do not shard it: 2 shard (n - 1) / n.
@@ -403,7 +423,8 @@ def ideal_collectives(config, stage: int, state, mesh, args) -> dict:
     in the compute dtype, K = its k (or v) [B/(data fsdp), L/context, width/tensor]):
       all-reduce      tensor (Megatron): per block the outputs of its attention(s) and MLP forward
                       and their input gradients backward, 2 A (T - 1) / T each: 4 per block of
-                      the motion encoder (every stage; T frames x its tokens), 6 per DiT block
+                      the motion encoder (every stage; T frames x its tokens; 2 where the
+                      backward pass skips it), 6 per DiT block
                       (stage 3: self- and cross-attention, FFN);
       all-gather      context (stage 3): the DiT's k and v gathered over the sequence,
                       2 K (C - 1) per block;
@@ -413,11 +434,13 @@ def ideal_collectives(config, stage: int, state, mesh, args) -> dict:
     """
     m = dict(mesh.shape)
     out = dict.fromkeys(KINDS, 0.0)
-    trained = {id(x) for x in jax.tree.leaves(trained_params(config, stage, state.params))}
-    for x in jax.tree.leaves(state.params):
+    trained_groups = trained_params(config, stage, state.params)
+    trained = {id(x) for x in jax.tree.leaves(trained_groups)}
+    backward = backward_groups(state.params, trained_groups)
+    for group, x in ((g, x) for g, tree in state.params.items() for x in jax.tree.leaves(tree)):
         axes, shard = _axes(x), _shard_bytes(x)
         if "fsdp" in axes and m["fsdp"] > 1:
-            out["all-gather"] += 2 * shard * (m["fsdp"] - 1)
+            out["all-gather"] += (2 if group in backward else 1) * shard * (m["fsdp"] - 1)
         if id(x) not in trained:
             continue
         if "fsdp" in axes:
@@ -430,7 +453,8 @@ def ideal_collectives(config, stage: int, state, mesh, args) -> dict:
     mt = config.model.motion_tokenizer
     tokens = (mt.image_size // mt.patch_size) ** 2 + 1 + mt.num_latent_tokens
     act = per_device * frames * math.ceil(tokens / c) * mt.width * isz
-    out["all-reduce"] += mt.depth * 4 * 2 * act * (tp - 1) / tp
+    per_block = 4 if "motion_encoder" in backward else 2
+    out["all-reduce"] += mt.depth * per_block * 2 * act * (tp - 1) / tp
     if stage == 3:  # args = (state, batch, z_ref, x0 [B, F, h, w, z])
         d = config.model.dit
         f, h, w = args[3].shape[1:4]

@@ -17,6 +17,11 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# The logical axis names params and activations carry (mesh.rules maps them; Flax leaves a name
+# without a rule unsharded, so a misspelt rule would silently replicate what it names).
+LOGICAL_AXES = ("act_batch", "act_frames", "act_length", "act_embed", "act_heads", "layers",
+                "layer_groups", "embed", "mlp", "heads", "head_dim", "joints", "codebook",
+                "conv_in", "conv_out")
 
 
 def mesh_shape(shape_cfg, num_devices: int) -> tuple[int, ...]:
@@ -41,12 +46,15 @@ def mesh_shape(shape_cfg, num_devices: int) -> tuple[int, ...]:
 def parse_mesh(text: str) -> dict[str, int]:
     """"fsdp=16,tensor=4" -> {'data': 1, 'fsdp': 16, 'context': 1, 'tensor': 4} (axes not named
     are 1; one size may be -1). ValueError with one line for anything else."""
-    sizes = dict.fromkeys(MESH_AXES, 1)
+    sizes, named = dict.fromkeys(MESH_AXES, 1), set()
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, eq, value = part.partition("=")
         if not eq or name.strip() not in MESH_AXES:
             raise ValueError(f"--mesh {text!r}: {part!r} is not AXIS=SIZE with AXIS one of "
                              f"{', '.join(MESH_AXES)}")
+        if name.strip() in named:
+            raise ValueError(f"--mesh {text!r}: {name.strip()} is given twice")
+        named.add(name.strip())
         try:
             sizes[name.strip()] = int(value)
         except ValueError:

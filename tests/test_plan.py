@@ -18,7 +18,7 @@ def test_parse_mesh_and_its_errors():
     assert sharding.parse_mesh("data=-1, context=2")["data"] == -1
     for bad, words in (("fsdp=4,model=2", "AXIS=SIZE"), ("fsdp", "AXIS=SIZE"),
                        ("fsdp=x", "not an integer"), ("fsdp=-1,data=-1", "at most one -1"),
-                       ("tensor=0", "positive")):
+                       ("tensor=0", "positive"), ("fsdp=2,fsdp=4", "fsdp is given twice")):
         with pytest.raises(ValueError, match=words) as e:
             sharding.parse_mesh(bad)
         assert "\n" not in str(e.value)
@@ -76,6 +76,7 @@ ENTRY %main.3 (a: f32[8,4]) -> f32[] {
   %rs = f32[2,4]{1,0} reduce-scatter(f32[8,4]{1,0} %a), replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}, to_apply=%add
   %ar = f32[16]{0} all-reduce(f32[16]{0} %b), replica_groups={}, to_apply=%add
   %am = (f32[1,8]{1,0}, f32[1,8]{1,0}) all-reduce(%c, %d), channel_id=40, replica_groups=mesh['axis_0'=2,'axis_1'=1,'axis_2'=4] {'axis_2'}, use_global_device_ids=true, to_apply=%add
+  %an = f32[16]{0} all-reduce(%e), channel_id=41, replica_groups=mesh['axis_0'=2,'axis_1'=1,'axis_2'=4], device_ids=([4,2]T(1,0)) {'axis_0'}, use_global_device_ids=true, to_apply=%add
   ROOT %r = f32[] constant(0)
 }
 """
@@ -86,14 +87,31 @@ def test_collective_bytes_counts_loop_iterations_and_group_sizes():
     assert out["all-gather"]["ops"] == 30 and out["all-gather"]["static_ops"] == 1
     assert out["all-gather"]["bytes"] == pytest.approx(30 * 128 * 3 / 4)  # n = 4 per group
     assert out["reduce-scatter"]["bytes"] == pytest.approx(32 * 3)  # result 32 B x (n - 1)
-    # all 8 devices; then two [1, 8] floats over the mesh form's axis_2 (4 devices)
-    assert out["all-reduce"]["bytes"] == pytest.approx(2 * 64 * 7 / 8 + 2 * 64 * 3 / 4)
+    # all 8 devices; then two [1, 8] floats over the mesh form's axis_2 (4 devices); then
+    # [16] over axis_0 (2 devices) in the form with a device order (it counted all 8 before)
+    assert out["all-reduce"]["bytes"] == pytest.approx(2 * 64 * 7 / 8 + 2 * 64 * 3 / 4
+                                                       + 2 * 64 * 1 / 2)
     assert out["unknown_trip_counts"] == 0
     assert out["by_scope"] == {  # (kind, group size, module scope): bytes; no metadata: no name
         ("all-gather", 4, "encoder/blocks"): pytest.approx(30 * 128 * 3 / 4),
         ("reduce-scatter", 4, "(no HLO name)"): pytest.approx(32 * 3),
         ("all-reduce", 8, "(no HLO name)"): pytest.approx(2 * 64 * 7 / 8),
-        ("all-reduce", 4, "(no HLO name)"): pytest.approx(2 * 64 * 3 / 4)}
+        ("all-reduce", 4, "(no HLO name)"): pytest.approx(2 * 64 * 3 / 4),
+        ("all-reduce", 2, "(no HLO name)"): pytest.approx(2 * 64 * 1 / 2)}
+
+
+def test_the_backward_pass_skips_a_frozen_prefix_of_the_stage2_path():
+    """Ideal collectives: a frozen group before every trained one of the stage-2 path takes no
+    input gradient, so its fsdp params are gathered once and the motion encoder's tensor-parallel
+    all-reduces run forward only (the demo's stage 3 counted both twice: 1.7x its ideal)."""
+    groups = ("motion_encoder", "quantize", "retargeter", "joint_head", "joint_decoder", "dit",
+              "expression_encoder")
+    params = dict.fromkeys(groups, {})
+    demo3 = plan.backward_groups(params, dict.fromkeys(("dit", "expression_encoder")))
+    assert demo3 == {"dit", "expression_encoder"}
+    demo2 = plan.backward_groups(params, dict.fromkeys(("retargeter", "joint_head")))
+    assert demo2 == {"retargeter", "joint_head", "joint_decoder", "dit", "expression_encoder"}
+    assert plan.backward_groups(params, dict.fromkeys(("motion_encoder",))) == set(groups)
 
 
 def _plan(*args):

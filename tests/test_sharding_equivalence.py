@@ -116,6 +116,14 @@ def test_cluster_launches_are_told_from_single_processes(monkeypatch):
     assert distributed._cluster_size({"OMPI_COMM_WORLD_SIZE": "3"}) == 1  # no mpirun URI
     assert distributed._cluster_size({"OMPI_COMM_WORLD_SIZE": "3",
                                       "OMPI_MCA_orte_hnp_uri": "1.0;tcp://h:1"}) == 3
+    # A process count without the coordinator: each host would have trained alone, on the same
+    # workdir (before: a single process, silently).
+    for env in ({"JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"},
+                {"JAX_COORDINATOR_ADDRESS": "", "JAX_NUM_PROCESSES": "4"}):
+        with pytest.raises(ValueError, match="describe a multi-host run, but "
+                                             "JAX_COORDINATOR_ADDRESS is not set"):
+            distributed.initialize(env)
+    assert distributed.initialize({"JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}) is False
     monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match="pip install kubernetes"):
         distributed.initialize({"KUBERNETES_SERVICE_HOST": "h", "JOB_COMPLETION_INDEX": "0"})

@@ -436,17 +436,21 @@ def test_generation_in_windows_and_the_ema(trained):
     alone = [animator.generate(refs[i:i + 1], drvs[i:i + 1], seed=3 + i)[0] for i in range(2)]
     np.testing.assert_allclose(batched, np.stack(alone), atol=1e-4)
     # The EMA (ema_decay 0.9) is what generation uses, and it differs from the raw params.
+    # Generation follows the checkpoint: its EMA under a config without one too.
+    from im_anim_jax.training import checkpointing
     raw = stage3.load_params(config.copy_and_resolve_references(), workdir,
                              animator.encoder)[1]
     config_no_ema = config.copy_and_resolve_references()
     config_no_ema.stage3.ema_decay = 0.0
-    plain = stage3.load_params(config_no_ema, workdir, animator.encoder)[1]
+    jax.tree.map(np.testing.assert_array_equal, raw,
+                 stage3.load_params(config_no_ema, workdir, animator.encoder)[1])
+    abstract = stage3.abstract_params(animator.model, config, animator.encoder.dim)
+    plain = checkpointing.restore_checked_params(stage3.stage_dir(workdir), abstract, "stage-3",
+                                                 "")[0]
     diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), raw["dit"], plain["dit"])
     assert max(jax.tree.leaves(diff)) > 0
     # Read alone (not the Adam moments beside it), the EMA is the one in the whole train state.
-    from im_anim_jax.training import checkpointing
     from im_anim_jax.training import state as train_state
-    abstract = stage3.abstract_params(animator.model, config, animator.encoder.dim)
     trained = stage3._trained(abstract, config)
     tx = stage3.make_optimizer(config.stage3, trained)
     whole = train_state.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract,
@@ -599,6 +603,53 @@ def test_ema_is_read_alone_from_either_optimizer_state_layout(tmp_path, layout):
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     got = stage3._restore_ema(str(tmp_path), 1, abstract, abstract, tx)
     jax.tree.map(np.testing.assert_array_equal, got, stage3.ema_params(opt))
+
+
+def test_generation_loads_under_the_maths_and_the_ema_that_trained(tiny_config, tmp_path):
+    """A checkpoint of dit_prediction="x0" is refused under "velocity" (its output would be read
+    as a velocity), and its EMA is what generation uses whatever this config's ema_decay (before,
+    ema_decay=0 silently gave the raw params, and an EMA asked of a run without one a TypeError
+    traceback)."""
+    import types
+
+    from im_anim_jax.training import checkpointing
+    from im_anim_jax.training import state as train_state
+
+    def save(config, workdir, ema_value):
+        h, w = stage3.latent_size(config)
+        ref = types.SimpleNamespace(grid=(h // 2, w // 2), dim=4 * config.model.vae.z_dim)
+        abstract = stage3.abstract_params(stage3.build(config, ref), config, ref.dim)
+        params = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), abstract)
+        trained = stage3._trained(params, config)
+        opt = stage3.make_optimizer(config.stage3, trained).init(trained)
+        if config.stage3.ema_decay:
+            inner = list(opt.inner_state)
+            at = [i for i, s in enumerate(inner) if isinstance(s, stage3.EmaState)][0]
+            inner[at] = stage3.EmaState(jax.tree.map(lambda x: x * 0 + ema_value, inner[at].ema))
+            opt = opt._replace(inner_state=tuple(inner))
+        ckpt = checkpointing.Checkpointer(stage3.stage_dir(str(workdir)), async_save=False)
+        ckpt.save(5, train_state.TrainState(step=jnp.asarray(5), params=params, opt_state=opt,
+                                            rng=jax.random.key_data(jax.random.key(0))),
+                  None, checkpointing.meta_for(config, 3, params, trained))
+        ckpt.close()
+        return ref
+
+    config = tiny_config.copy_and_resolve_references()
+    config.model.dit_prediction, config.stage3.ema_decay = "x0", 0.9
+    ref = save(config, tmp_path / "a", 7.0)
+    other = tiny_config.copy_and_resolve_references()
+    other.model.dit_prediction, other.stage3.ema_decay = "velocity", 0.0
+    with pytest.raises(ValueError, match=r"another model config \(1 keys differ: "
+                                         r'model.dit_prediction: "x0" -> "velocity"\)'):
+        stage3.load_params(other, str(tmp_path / "a"), ref)
+    other.model.dit_prediction = "x0"
+    _, params, _ = stage3.load_params(other, str(tmp_path / "a"), ref)
+    assert {float(np.max(x)) for x in jax.tree.leaves(params["dit"])} == {7.0}  # the EMA
+    config.stage3.ema_decay = 0.0
+    save(config, tmp_path / "b", 0.0)
+    other.stage3.ema_decay = 0.9
+    _, params, _ = stage3.load_params(other, str(tmp_path / "b"), ref)
+    assert {float(np.max(x)) for x in jax.tree.leaves(params["dit"])} == {1.0}  # no EMA kept
 
 
 def test_keypoint_reader_decodes_as_configured(tiny_config):

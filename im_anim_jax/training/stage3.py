@@ -23,6 +23,7 @@ EMA of the trained params (used for generation) inside the optimizer state.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import NamedTuple
 
@@ -365,24 +366,43 @@ def train(config, workdir: str, data_path: str, log=print) -> dict:
     return last
 
 
+def forward_keys() -> tuple:
+    """The config keys that change stage 3's maths but no param shape: what the DiT's output
+    means, its LayerNorm epsilon, and stage 1's (its motion encoder and quantizer run here)."""
+    return ("model.dit_prediction", "model.dit.eps") + stage1_training.forward_keys()
+
+
 def load_params(config, workdir: str, ref_encoder, step: int | None = None):
-    """(model, params for generation (EMA where kept), step) of WORKDIR/stage3 checkpoint `step`
-    (default the newest), checked against the config."""
+    """(model, params for generation, step) of WORKDIR/stage3 checkpoint `step` (default the
+    newest), checked against the config (architecture and forward_keys). Where the run that
+    wrote it kept an EMA (its stage3.ema_decay > 0), the EMA of its trained groups replaces
+    them, whatever this config's ema_decay."""
     model = build(config, ref_encoder)
     abstract = abstract_params(model, config, ref_encoder.dim)
-    trained = _trained(abstract, config)
-    tx = make_optimizer(config.stage3, trained)
     ckpt_dir = stage_dir(workdir)
-    params, step = checkpointing.restore_checked_params(ckpt_dir, abstract, "stage-3",
-                                                        MISSING_HINT, step)
-    if config.stage3.ema_decay:
-        params = {**params, **_restore_ema(ckpt_dir, step, abstract, trained, tx)}
+    params, step = checkpointing.restore_checked_params(
+        ckpt_dir, abstract, "stage-3", MISSING_HINT, step, config=config,
+        forward_keys=forward_keys())
+    ckpt = checkpointing.Checkpointer(ckpt_dir, async_save=False)
+    try:
+        meta = ckpt.meta(step)
+    finally:
+        ckpt.close()
+    trained_cfg = json.loads(meta["config"])["stage3"] if "config" in meta else config.stage3
+    if trained_cfg["ema_decay"]:
+        groups = meta.get("trained_groups") or sorted(_trained(abstract, config))
+        trained = {k: abstract[k] for k in groups}
+        cfg = config.stage3.copy_and_resolve_references()
+        cfg.ema_decay = trained_cfg["ema_decay"]
+        params = {**params, **_restore_ema(ckpt_dir, step, abstract, trained,
+                                           make_optimizer(cfg, trained))}
     return model, params, step
 
 
 def _restore_ema(directory: str, step: int, abstract: dict, trained: dict, tx) -> dict:
     """The EMA params in the optimizer state of checkpoint `step`, read alone (host arrays, as
-    restore_params gives): not the Adam moments beside them, 3x the params' bytes."""
+    restore_params gives): not the Adam moments beside them, 3x the params' bytes. ValueError
+    where the checkpoint holds none that fits."""
     inner = jax.eval_shape(tx.init, trained).inner_state  # the guard's chain
     at = [i for i, s in enumerate(inner) if isinstance(s, EmaState)][0]
     ema = {k: abstract[k] for k in trained}
@@ -392,8 +412,12 @@ def _restore_ema(directory: str, step: int, abstract: dict, trained: dict, tx) -
         try:
             part = ckpt.restore_part(step, {"opt_state": target})["opt_state"]
             return (part["inner_state"] if isinstance(part, dict) else part)[at]["ema"]
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError) as e:
             if target is chain:
-                raise
+                raise ValueError(
+                    f"the stage-3 checkpoint of step {step} in {directory} holds no EMA of the "
+                    f"param groups {sorted(trained)} ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200]}); it was written by another version of "
+                    f"the code or another stage3.frozen") from None
         finally:
             ckpt.close()

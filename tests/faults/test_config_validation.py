@@ -11,6 +11,8 @@ from im_anim_jax import config_validation
 
 @pytest.mark.parametrize("overrides, stages, expected", [
     ({"mesh.shape.data": 3}, (1,), "needs 3 devices, but 1 are available"),
+    ({"mesh.rules": (("embeds", "fsdp"),)}, (1,),
+     "mesh.rules names the logical axis 'embeds', which nothing carries"),
     ({"mesh.shape.fsdp": -1, "mesh.shape.data": -1}, (1,), "at most one -1"),
     ({"stage3.clip_frames": 4}, (1, 2, 3), "stage3.clip_frames=4: the VAE compresses time 4x, "
                                            "so clips need 1 + 4k frames (e.g. 5)"),
@@ -40,6 +42,9 @@ from im_anim_jax import config_validation
      "config.stage3.frozen has unknown param groups ['motion_encoders']"),
     ({"model.dit_prediction": "eps"}, (1, 2, 3),
      "model.dit_prediction must be 'velocity' (Wan2.2's), 'x0' or 'x0_residual', got 'eps'"),
+    ({"model.dit_prediction": "x0_residual", "model.dit.init_from": "wan_dit"}, (1, 2, 3),
+     "model.dit_prediction='x0_residual' with model.dit.init_from: the converted Wan2.2 DiT's "
+     "head predicts the velocity, which would be read as a change from z_ref"),
     ({"stage3.loss_weighting": "snr"}, (1, 2, 3),
      "stage3.loss_weighting must be 'velocity' (Wan2.2's) or 'x0', got 'snr'"),
     ({"sampling.method": "ddim"}, (1, 2, 3),
@@ -98,6 +103,15 @@ def test_each_violation_is_named(tiny_config, tmp_path, overrides, stages, expec
                                        "batch" in expected else 1, num_processes=1)
     assert any(expected in p for p in found), found
     assert len(found) == 1 or not overrides, found  # nothing else is blamed
+
+
+def test_the_default_rules_name_every_logical_axis_once():
+    sys.path.insert(0, os.path.join(faultrun.ROOT, "configs"))
+    import im_animation
+
+    from im_anim_jax import sharding
+    names = [name for name, _ in im_animation.MESH_RULES]
+    assert sorted(names) == sorted(set(sharding.LOGICAL_AXES))
 
 
 def test_batch_axes_must_span_the_processes(tiny_config, tmp_path):
@@ -162,6 +176,33 @@ def test_data_without_pairs_is_refused_for_stages_2_and_3(tiny_config, tiny_data
     config.data.path = tiny_dataset  # the synthetic set has pairs
     assert config_validation.problems(config, (1, 2, 3), str(tmp_path), num_devices=1,
                                       num_processes=1) == []
+
+
+def test_data_without_the_evaluated_split_is_refused_before_training(tiny_config, tiny_dataset,
+                                                                     tmp_path):
+    """Ingested with the default --test-fraction 0, a dataset has no 'test' split: the README's
+    ingest-then-train commands trained stage 1 and then failed in its evaluation (exit 2 after
+    minutes); validation names it at once where the run evaluates."""
+    import json
+    import shutil
+    data = tmp_path / "ingested"
+    shutil.copytree(tiny_dataset, data)
+    with open(data / "index.json") as f:
+        index = json.load(f)
+    del index["splits"]["test"]
+    with open(data / "index.json", "w") as f:
+        json.dump(index, f)
+    config = tiny_config.copy_and_resolve_references()
+    config.data.path = str(data)
+    kwargs = dict(num_devices=1, num_processes=1)
+    assert not config_validation.problems(config, (1,), str(tmp_path), **kwargs)  # --noeval
+    found = config_validation.problems(config, (1,), str(tmp_path), evaluating=True, **kwargs)
+    assert found == [f"eval.split='test' is not in data.path={data} (it has ['train']), so the "
+                     f"evaluation after each stage would fail once it has trained: ingest with "
+                     f"--test-fraction > 0 (whole videos held out), set --config.eval.split, or "
+                     f"pass --noeval"], found
+    config.eval.split = "train"
+    assert not config_validation.problems(config, (1,), str(tmp_path), evaluating=True, **kwargs)
 
 
 def test_a_stage_may_not_train_on_under_later_stages(tiny_config, tmp_path):
