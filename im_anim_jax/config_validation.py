@@ -273,6 +273,25 @@ def _splits(config, evaluating: bool, out: list) -> None:
                    f"or pass --noeval")
 
 
+def _quantizer(config, stages, out: list) -> None:
+    """The codebook's size, and the dead-code restart stage 1 runs: a usage EMA (decay in
+    [0, 1); 1 never moves it) against a threshold in [0, 1) (0 turns the restart off; a restarted
+    code's EMA starts at 1, so a threshold of 1 or more restarts every code every step)."""
+    q = config.model.quantizer
+    if not _is_int(q.codebook_size, 1):
+        out.append(f"model.quantizer.codebook_size={q.codebook_size!r} must be an integer >= 1")
+    if 1 not in stages:
+        return
+    if not (_is_number(q.restart_threshold) and 0 <= q.restart_threshold < 1):
+        out.append(f"model.quantizer.restart_threshold={q.restart_threshold!r} must be a number "
+                   f"in [0, 1) (0: no dead-code restart)")
+    elif q.restart_threshold > 0 and not (_is_number(q.restart_decay)
+                                          and 0 <= q.restart_decay < 1):
+        out.append(f"model.quantizer.restart_decay={q.restart_decay!r} must be a number in "
+                   f"[0, 1) (the usage EMA's decay; 1 would never move it, so no code would "
+                   f"restart)")
+
+
 def _targets(config, out: list) -> None:
     """The heatmap targets every stage trains on: a Gaussian needs a width, and a joint counts
     as visible from a confidence in (0, 1] (0 would count joints off the frame, above 1 none)."""
@@ -403,6 +422,7 @@ def problems(config, stages, workdir: str, num_devices: int | None = None,
     _pairs(config, stages, out)
     _augment(config, stages, out)
     _frozen(config, stages, out)
+    _quantizer(config, stages, out)
     _targets(config, out)
     _faults(config, out)
     _eval(config, out)

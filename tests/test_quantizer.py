@@ -97,3 +97,27 @@ def test_dead_code_restart_replaces_only_unused_codes_with_encoder_outputs():
     np.testing.assert_allclose(np.asarray(new_usage)[dead], 1.0)
     np.testing.assert_allclose(float(new_usage[3]), 0.525, rtol=1e-6)
     np.testing.assert_allclose(float(new_usage[0]), 0.5 + 0.5 * 2)
+
+
+def test_dead_code_restart_gives_each_code_its_own_encoder_output():
+    """Drawn with replacement, several codes landed on one output (512 outputs and 4095 dead
+    codes: at most 512 distinct rows, 172 of 200 for 200 dead); tied rows never win argmin, so
+    the copies stayed dead. Now each restarted code gets a different output, and codes beyond
+    the batch's outputs restart at the next steps."""
+    from im_anim_jax.models.quantizer import restart_dead_codes
+    k, n, c = 64, 8, 4
+    z = jax.random.normal(jax.random.key(1), (n, c))
+    book, usage = jnp.zeros((k, c)), jnp.zeros((k,))
+    indices = jnp.zeros((n,), jnp.int32)  # everything on code 0: the rest are dead
+    for step in range(8):
+        book, usage, restarted = restart_dead_codes(book, usage, indices, z,
+                                                    jax.random.key(step), decay=0.9,
+                                                    threshold=0.03)
+        fresh = np.arange(1 + n * step, min(k, 1 + n * (step + 1)))
+        assert int(restarted) == len(fresh)
+        rows = {tuple(np.asarray(book[i])) for i in fresh}
+        assert len(rows) == len(fresh)  # distinct
+        assert rows <= {tuple(np.asarray(r)) for r in z}
+        np.testing.assert_array_equal(np.asarray(usage)[fresh], 1.0)
+    assert int(restart_dead_codes(book, usage, indices, z, jax.random.key(9), decay=0.9,
+                                  threshold=0.03)[2]) == 0  # all 63 restarted within 8 steps

@@ -70,14 +70,20 @@ def restart_dead_codes(codebook, usage, indices, z, key, *, decay: float, thresh
     """Jukebox/SoundStream-style dead-code restart (a training-time remedy for codebook collapse).
 
     usage [K] is an EMA of how often each code is picked per batch; codes whose EMA falls below
-    `threshold` are replaced by randomly chosen encoder outputs z [..., C] of this batch and their
-    EMA reset to 1. Returns (codebook, usage, number restarted).
+    `threshold` are replaced by encoder outputs z [..., C] of this batch, each by a different one
+    (drawn without replacement), and their EMA reset to 1. With more dead codes than the batch's
+    N outputs, the first N (by index) restart now and the rest at the next steps: two codes on one
+    output would tie, and argmin would never pick the second. Returns (codebook, usage, number
+    restarted).
     """
     k = codebook.shape[0]
     counts = jnp.bincount(indices.reshape(-1), length=k).astype(jnp.float32)
     usage = decay * usage + (1 - decay) * counts
     dead = usage < threshold
     flat = jax.lax.stop_gradient(z).reshape(-1, z.shape[-1])
-    pick = jax.random.randint(key, (k,), 0, flat.shape[0])
-    codebook = jnp.where(dead[:, None], flat[pick].astype(codebook.dtype), codebook)
-    return codebook, jnp.where(dead, 1.0, usage), jnp.sum(dead)
+    n = flat.shape[0]
+    rank = jnp.cumsum(dead) - 1                                   # [K] place among the dead
+    restart = dead & (rank < n)
+    pick = jax.random.permutation(key, n)[jnp.clip(rank, 0, n - 1)]
+    codebook = jnp.where(restart[:, None], flat[pick].astype(codebook.dtype), codebook)
+    return codebook, jnp.where(restart, 1.0, usage), jnp.sum(restart)
