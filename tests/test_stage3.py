@@ -552,7 +552,7 @@ def test_converted_dit_loads_as_float32_and_a_missing_param_is_named(tmp_path, t
     import orbax.checkpoint as ocp
 
     from im_anim_jax.convert import wan_dit
-    config = tiny_config
+    config = tiny_config.copy_and_resolve_references()  # it sets dit.init_from: not the shared one
     rng = np.random.default_rng(0)
     base = jax.tree.map(lambda x: (0.1 * rng.normal(size=x.shape)).astype(ml_dtypes.bfloat16),
                         wan_dit.abstract_params(config.model.dit))
