@@ -139,8 +139,10 @@ def all_steps(directory: str) -> list[int]:
 
 
 def restore_checked_params(stage_dir: str, abstract_params, name: str, hint: str,
-                           step: int | None = None, config=None, forward_keys: tuple = ()):
-    """(params, step) of checkpoint `step` (default the newest) in `stage_dir`, read-only, after
+                           step: int | None = None, config=None, forward_keys: tuple = (),
+                           with_meta: bool = False):
+    """(params, step) (and its meta, `with_meta`) of checkpoint `step` (default the newest) in
+    `stage_dir`, read-only, after
     checking that its recorded param shapes equal those of `abstract_params` and, with `config`,
     that its config equals `config` on `forward_keys` (keys that change the maths but no shape).
     A missing checkpoint or another architecture -> FileNotFoundError / ValueError naming `name`
@@ -161,7 +163,8 @@ def restore_checked_params(stage_dir: str, abstract_params, name: str, hint: str
         check_architecture(meta, param_shapes(abstract_params), what)
         if config is not None:
             check_forward_keys(meta, config, forward_keys, what)
-        return ckpt.restore_params(step, abstract_params), step
+        params = ckpt.restore_params(step, abstract_params)
+        return (params, step, meta) if with_meta else (params, step)
     finally:
         ckpt.close()
 

@@ -385,16 +385,11 @@ def load_params(config, workdir: str, ref_encoder, step: int | None = None):
     model = build(config, ref_encoder)
     abstract = abstract_params(model, config, ref_encoder.dim)
     ckpt_dir = stage_dir(workdir)
-    params, step = checkpointing.restore_checked_params(
+    params, step, meta = checkpointing.restore_checked_params(
         ckpt_dir, abstract, "stage-3", MISSING_HINT, step, config=config,
-        forward_keys=forward_keys())
-    ckpt = checkpointing.Checkpointer(ckpt_dir, async_save=False)
-    try:
-        meta = ckpt.meta(step)
-    finally:
-        ckpt.close()
+        forward_keys=forward_keys(), with_meta=True)
     trained_cfg = json.loads(meta["config"])["stage3"] if "config" in meta else config.stage3
-    if trained_cfg["ema_decay"]:
+    if trained_cfg.get("ema_decay"):
         groups = meta.get("trained_groups") or sorted(_trained(abstract, config))
         trained = {k: abstract[k] for k in groups}
         cfg = config.stage3.copy_and_resolve_references()
